@@ -1,0 +1,137 @@
+"""``hookproxy serve | check | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from proxy.config import Config, ConfigError, available_providers, load_config
+
+log = structlog.get_logger("hookproxy")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"hookproxy: error: {message}", file=sys.stderr)
+    return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.server import Gateway, create_app
+
+    try:
+        config = load_config(args.config)
+        gateway = Gateway(config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    for name, why in gateway.skipped.items():
+        log.warning("provider skipped", provider=name, reason=why)
+    log.info("hookproxy listening", url=f"http://{host}:{port}", config=config.source,
+             providers=sorted(gateway.providers), models=gateway.router.model_names(),
+             plugins=sorted(gateway.host.enabled),
+             classifiers=sorted(gateway.host.enabled_classifiers))
+    uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning",
+                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    from proxy.plugins import PluginHost
+
+    try:
+        config = load_config(args.config)
+        host = PluginHost()
+        host.discover()
+        host.enable(config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    usable, skipped = available_providers(config)
+    print(f"{config.source}: OK")
+    print("providers:")
+    for name, provider in config.providers.items():
+        state = f"skipped ({skipped[name]})" if name in skipped else "ready"
+        where = provider.base_url or "local"
+        print(f"  {name:<14} {provider.type:<10} {where:<36} {state}")
+    print("models:")
+    for model in config.models:
+        state = "" if model.provider in usable else "  (provider skipped)"
+        print(f"  {model.name:<24} -> {model.provider}/{model.model}{state}")
+    print(f"plugins enabled: {', '.join(sorted(host.enabled)) or 'none'}")
+    print(f"classifiers enabled: {', '.join(sorted(host.enabled_classifiers)) or 'none'}")
+    return 0
+
+
+def plugins(args: argparse.Namespace) -> int:
+    from proxy.plugins import PluginHost
+
+    config: Config | None = None
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hookproxy: warning: {exc}; showing what is installed", file=sys.stderr)
+    host = PluginHost()
+    host.discover()
+    problem = None
+    if config is not None:
+        try:
+            host.enable(config)
+        except ConfigError as exc:
+            problem = str(exc)
+    print(f"{'name':<16} {'kind':<11} {'package':<22} {'version':<9} {'enabled':<8} hooks")
+    for info in sorted(host.installed.values(), key=lambda i: (i.kind, i.name)):
+        enabled = "error" if info.error else ("yes" if info.enabled else "no")
+        print(f"{info.name:<16} {info.kind:<11} {info.package:<22} {info.version:<9} "
+              f"{enabled:<8} {', '.join(info.hooks)}")
+        if info.error:
+            print(f"{'':<16} error: {info.error}")
+    if problem:
+        return _fail(problem)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hookproxy", description="An LLM gateway with "
+                                     "pluggy plugins, for OpenAI and Anthropic clients.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the proxy")
+    serve_cmd.add_argument("--host", help="address to bind (default: [server].host)")
+    serve_cmd.add_argument("--port", type=int, help="port (default: [server].port)")
+    serve_cmd.set_defaults(run=serve)
+    check_cmd = commands.add_parser("check", help="validate a config and show what it serves")
+    check_cmd.set_defaults(run=check)
+    plugins_cmd = commands.add_parser("plugins", help="list installed plugins and classifiers")
+    plugins_cmd.set_defaults(run=plugins)
+    for command in (serve_cmd, check_cmd, plugins_cmd):
+        command.add_argument("--config", default="config.toml",
+                             help="config file (default: ./config.toml)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""config.toml, decoded into msgspec Structs that refuse unknown keys.
+
+Every problem is a ``ConfigError`` whose message names the file and the key, so that
+``hookproxy check`` and ``hookproxy serve`` can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+ProviderType = Literal["openai", "anthropic", "mock"]
+
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "mock": "",
+}
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file and key."""
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Request bodies larger than this get a 413.
+    max_body_bytes: int = 20 * 1024 * 1024
+    # Seconds an async plugin hook may take before it counts as failed.
+    plugin_timeout: float = 10.0
+    # Seconds each classifier may take; a slow one only loses its own tags.
+    classifier_timeout: float = 1.0
+
+
+class ProviderConfig(_Strict):
+    type: ProviderType
+    # Defaults to the vendor's public API for openai and anthropic.
+    base_url: str = ""
+    # Name of the environment variable holding the key; never the key itself.
+    api_key_env: str | None = None
+    # Seconds for the whole upstream call (a stream: until its last byte).
+    timeout: float = 120.0
+    # Anthropic requires max_tokens; requests that do not say get this.
+    default_max_tokens: int = 4096
+    headers: dict[str, str] = {}
+    enabled: bool = True
+    # mock only: seconds to wait before each streamed chunk.
+    chunk_delay: float = 0.0
+
+
+class ModelConfig(_Strict):
+    # The name clients ask for.
+    name: str
+    provider: str
+    # The provider's own name for the model; defaults to ``name``.
+    model: str = ""
+
+
+class LogConfig(_Strict):
+    # JSONL request log; "" turns it off.
+    path: str = "logs/requests.jsonl"
+
+
+class Config(_Strict):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    providers: dict[str, ProviderConfig] = {}
+    models: list[ModelConfig] = []
+    # [plugins.NAME] and [classifiers.NAME]: ``enabled`` plus the plugin's own settings.
+    plugins: dict[str, dict[str, Any]] = {}
+    classifiers: dict[str, dict[str, Any]] = {}
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    # Where this config was read from, for messages.
+    source: str = "<config>"
+
+
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def _explain(exc: msgspec.ValidationError, source: str) -> str:
+    message = str(exc)
+    match = _AT.search(message)
+    if not match:
+        return f"{source}: {message}"
+    where = match.group(1) or "(top level)"
+    return f"{source}: {message[: match.start()]} (at key `{where}`)"
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+    config.source = source
+    for name, provider in config.providers.items():
+        provider.base_url = (provider.base_url or DEFAULT_BASE_URLS[provider.type]).rstrip("/")
+        if provider.type != "mock" and not provider.base_url:
+            raise ConfigError(f"{source}: providers.{name}.base_url is required")
+        if provider.timeout <= 0:
+            raise ConfigError(f"{source}: providers.{name}.timeout must be positive")
+        if "/" in name:
+            raise ConfigError(f"{source}: provider name {name!r} must not contain '/'")
+    seen: set[str] = set()
+    for i, model in enumerate(config.models):
+        if model.provider not in config.providers:
+            raise ConfigError(
+                f"{source}: models[{i}].provider names {model.provider!r}, "
+                f"which is not in [providers] (known: {', '.join(config.providers) or 'none'})"
+            )
+        if model.name in seen:
+            raise ConfigError(f"{source}: models[{i}].name {model.name!r} is defined twice")
+        seen.add(model.name)
+        model.model = model.model or model.name
+    for section in ("plugins", "classifiers"):
+        for name, settings in getattr(config, section).items():
+            if not isinstance(settings.get("enabled", True), bool):
+                raise ConfigError(f"{source}: {section}.{name}.enabled must be true or false")
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_config(data, source)
+
+
+def available_providers(config: Config, environ: os._Environ[str] | dict[str, str] | None = None
+                        ) -> tuple[dict[str, ProviderConfig], dict[str, str]]:
+    """Splits the configured providers into usable ones and skipped ones (name -> why)."""
+    env = os.environ if environ is None else environ
+    usable: dict[str, ProviderConfig] = {}
+    skipped: dict[str, str] = {}
+    for name, provider in config.providers.items():
+        if not provider.enabled:
+            skipped[name] = "enabled = false"
+        elif provider.api_key_env and not env.get(provider.api_key_env):
+            skipped[name] = f"environment variable {provider.api_key_env} is not set"
+        else:
+            usable[name] = provider
+    return usable, skipped

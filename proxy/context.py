@@ -1,0 +1,96 @@
+"""What every hook receives: one RequestContext per request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from proxy.canonical import Request, Response
+from proxy.errors import ProxyError
+
+
+class Reject(ProxyError):
+    """Raised by a plugin to refuse a request with a status and a message, which the
+    client receives in its own error format."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, code=code, stage="plugin", headers=headers)
+
+
+class PipelineError(msgspec.Struct, omit_defaults=True):
+    """One failure, as observers and the log see it."""
+
+    stage: str
+    message: str
+    status: int = 500
+    plugin: str | None = None
+    type: str = ""
+    exception: BaseException | None = None
+
+
+class Attempt(msgspec.Struct, omit_defaults=True):
+    """One call to a provider."""
+
+    provider: str
+    model: str
+    status: int = 0
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+class RequestContext:
+    """The request's state as it moves through the stages.
+
+    ``request`` is the canonical request and may be changed in place; ``response`` is set
+    once there is one. ``tags`` come from the classifiers. ``scratch`` is a per-request
+    dict plugins share among their hooks. ``timings`` maps stage names to seconds.
+    """
+
+    def __init__(self, request: Request, *, request_id: str, endpoint: str,
+                 client_format: str, caller: str | None = None,
+                 headers: dict[str, str] | None = None,
+                 plugin_settings: dict[str, dict[str, Any]] | None = None,
+                 classifier_settings: dict[str, dict[str, Any]] | None = None) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.client_format = client_format
+        self.requested_model = request.model
+        self.caller = caller
+        self.headers = headers or {}
+        self.response: Response | None = None
+        self.tags: list[str] = []
+        self.scratch: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.force_provider: str | None = None
+        self.force_model: str | None = None
+        # The plugins taking part in this request -> their settings for it.
+        self.plugin_settings: dict[str, dict[str, Any]] = plugin_settings or {}
+        self.classifier_settings: dict[str, dict[str, Any]] = classifier_settings or {}
+        # plugin name -> what it did: modified, short_circuit, rejected, failed
+        self.plugin_actions: dict[str, str] = {}
+        self.classifier_errors: dict[str, str] = {}
+        self.errors: list[PipelineError] = []
+        self.attempts: list[Attempt] = []
+        self.provider: str | None = None
+        self.model: str | None = None
+        self.provider_format: str | None = None
+        self.short_circuited_by: str | None = None
+        self.status = 200
+        self.error: PipelineError | None = None
+        self.stream_chunks = 0
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+    @property
+    def same_format(self) -> bool:
+        return self.provider_format == self.client_format
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0

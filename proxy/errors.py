@@ -1,0 +1,77 @@
+"""The one exception type the pipeline turns into an error in the client's own format."""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status for the client.
+
+    ``stage`` says where it happened (``request``, ``start``, ``route``, ``upstream``...)
+    and ``plugin`` names the plugin responsible, when one is.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        stage: str = "request",
+        plugin: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.stage = stage
+        self.plugin = plugin
+        self.headers = headers or {}
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.status}, {self.message!r}, stage={self.stage!r})"
+
+
+class BadRequest(ProxyError):
+    def __init__(self, message: str, *, code: str | None = "invalid_request") -> None:
+        super().__init__(400, message, code=code, stage="request")
+
+
+class UpstreamError(ProxyError):
+    """A provider failed. ``upstream_status`` is what the provider said (0: no answer)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        upstream_status: int = 0,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, message, code=code, stage="upstream", headers=headers)
+        self.upstream_status = upstream_status
+
+
+def upstream_error(upstream_status: int, message: str,
+                   retry_after: str | None = None) -> UpstreamError:
+    """Maps a provider's HTTP error onto what the client sees: a 4xx keeps its status,
+    anything else becomes 502."""
+    headers = {"retry-after": retry_after} if retry_after else None
+    status = upstream_status if 400 <= upstream_status < 500 else 502
+    return UpstreamError(status, message, upstream_status=upstream_status, headers=headers)
+
+
+def error_type(status: int) -> str:
+    """The error ``type`` both OpenAI and Anthropic use for a status."""
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        415: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        504: "timeout_error",
+    }.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")

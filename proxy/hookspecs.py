@@ -1,0 +1,98 @@
+"""Every hook a hookproxy plugin can implement.
+
+A hook implementation may take any subset of the arguments named here, and may be a plain
+function or ``async def``. ``settings`` is always the plugin's own settings: its
+``[plugins.NAME]`` (or ``[classifiers.NAME]``) table from config.toml, merged with what the
+request asked for itself under the ``hookproxy`` field.
+
+Stages run in this order: request_start, classify, pre_routing, (provider call,
+stream_chunk per chunk), post_response, request_end. on_error sees every failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("hookproxy")
+hookimpl = pluggy.HookimplMarker("hookproxy")
+
+
+@hookspec
+def request_start(ctx: Any, settings: dict[str, Any]) -> Any:
+    """Start: the request is decoded and nothing else has happened.
+
+    May change ``ctx.request`` in place. Return a ``Response`` to answer the request
+    yourself (short-circuit: routing and the provider call are skipped, post_response and
+    request_end still run; a streaming request receives it as a stream). Raise
+    ``Reject(status, message)`` to refuse it. Return ``None`` to let it go on.
+    Sync or awaitable.
+    """
+
+
+@hookspec
+def classify(ctx: Any, settings: dict[str, Any]) -> Any:
+    """Tagging: return an iterable of tags (strings) for this request, or ``None``.
+
+    Classifiers run side by side after request_start; their tags are merged into
+    ``ctx.tags``. Must not change the request. A classifier that raises or runs past its
+    time bound only loses its own tags. Sync or awaitable.
+    """
+
+
+@hookspec
+def pre_routing(ctx: Any, settings: dict[str, Any]) -> Any:
+    """PreRouting: the tags are known, the provider is not chosen yet.
+
+    May change ``ctx.request``; may set ``ctx.force_provider`` and/or ``ctx.force_model``
+    to choose the target. Return a ``Response`` to short-circuit, raise ``Reject`` to
+    refuse, ``None`` to go on. Sync or awaitable.
+    """
+
+
+@hookspec
+def stream_chunk(ctx: Any, event: Any, settings: dict[str, Any]) -> Any:
+    """Each stream event on its way to the client (streaming requests only).
+
+    Return a replacement event, ``DROP`` to drop this event, or ``None`` to leave it.
+    ``StreamStart`` and ``StreamEnd`` cannot be dropped. Errors are logged and the stream
+    goes on. Sync or awaitable.
+    """
+
+
+@hookspec
+def post_response(ctx: Any, response: Any, settings: dict[str, Any]) -> Any:
+    """PostResponse: the whole response is known (for a stream: assembled after its end).
+
+    May change ``response`` in place or return a replacement ``Response`` (for a stream,
+    the change reaches the log and later hooks, not the bytes already sent). Errors are
+    logged and the response still goes out. Sync or awaitable.
+    """
+
+
+@hookspec
+def request_end(ctx: Any, settings: dict[str, Any]) -> Any:
+    """End: always runs once per request, answered, rejected or failed.
+
+    Observe only: ``ctx.response``, ``ctx.error``, ``ctx.status``, ``ctx.timings``.
+    Errors are logged. Sync or awaitable.
+    """
+
+
+@hookspec
+def on_error(ctx: Any, error: Any, settings: dict[str, Any]) -> Any:
+    """Observes every failure: a plugin's exception, a rejection, an upstream error or
+    timeout. ``error`` is a ``PipelineError`` (stage, plugin, status, message,
+    exception). Errors raised here are logged and ignored. Sync or awaitable.
+    """
+
+
+@hookspec
+def validate_settings(settings: dict[str, Any]) -> Any:
+    """Checked once at startup for each enabled plugin and classifier, and again when a
+    request overrides its settings.
+
+    Return ``None`` if ``settings`` are usable, or a message saying what is wrong (or raise
+    ``ValueError`` with it); serve then refuses to start, naming the plugin. Sync only.
+    """

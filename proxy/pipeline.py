@@ -1,0 +1,343 @@
+"""The request pipeline: every stage a request goes through, in one place.
+
+    request_start -> classify -> pre_routing -> route + provider call
+        -> (stream_chunk per event) -> post_response -> request_end
+
+Start and PreRouting failures fail the request; everything after the answer exists is
+best effort: errors are reported to on_error observers and the answer still goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from proxy.canonical import (
+    Response,
+    StreamAccumulator,
+    StreamEnd,
+    StreamEvent,
+    StreamStart,
+    response_events,
+)
+from proxy.context import Attempt, PipelineError, RequestContext
+from proxy.dispatch import HookFailed, call_impl, implementations
+from proxy.errors import ProxyError, UpstreamError
+from proxy.plugins import PluginHost
+from proxy.providers import Provider
+from proxy.routing import Router
+
+log = structlog.get_logger("hookproxy.pipeline")
+_fingerprint = msgspec.json.Encoder().encode
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP: Any = _Drop()
+"""Returned by a stream_chunk hook to drop the event."""
+
+
+class Pipeline:
+    def __init__(self, host: PluginHost, router: Router, providers: dict[str, Provider], *,
+                 plugin_timeout: float = 10.0, classifier_timeout: float = 1.0,
+                 on_finish: Callable[[RequestContext], None] | None = None) -> None:
+        self.pm = host.pm
+        self.router = router
+        self.providers = providers
+        self.plugin_timeout = plugin_timeout
+        self.classifier_timeout = classifier_timeout
+        self.on_finish = on_finish
+
+    # --- entry points -------------------------------------------------------------------
+
+    async def run(self, ctx: RequestContext) -> Response:
+        """Runs a non-streaming request to its answer, or raises ``ProxyError``."""
+        try:
+            response = await self._before_provider(ctx)
+            if response is None:
+                response = await self._call_provider(ctx)
+            return await self._post_response(ctx, response)
+        except ProxyError as exc:
+            await self._fail(ctx, exc)
+            raise
+        finally:
+            await self._end(ctx)
+
+    async def open_stream(self, ctx: RequestContext) -> AsyncIterator[StreamEvent]:
+        """Runs a streaming request up to its first event and returns the whole stream.
+
+        Anything that fails before the first event raises here, while the client can still
+        get an error status; a failure later raises from the iterator.
+        """
+        try:
+            response = await self._before_provider(ctx)
+            if response is not None:
+                events: AsyncIterator[StreamEvent] = _replay(response)
+            else:
+                events = await self._open_provider_stream(ctx)
+            first = await anext(events)
+        except ProxyError as exc:
+            await self._fail(ctx, exc)
+            await self._end(ctx)
+            raise
+        except BaseException:
+            await self._end(ctx)
+            raise
+        return self._stream(ctx, first, events)
+
+    # --- stages -------------------------------------------------------------------------
+
+    async def _before_provider(self, ctx: RequestContext) -> Response | None:
+        started = time.perf_counter()
+        response = await self._stage(ctx, "request_start")
+        if response is None:
+            await self._classify(ctx)
+            response = await self._stage(ctx, "pre_routing")
+        ctx.timings["plugins_before"] = time.perf_counter() - started
+        if response is not None:
+            ctx.provider, ctx.model = "plugin", ctx.short_circuited_by
+        return response
+
+    async def _stage(self, ctx: RequestContext, hook: str) -> Response | None:
+        """Start or PreRouting: a plugin may change the request, answer it or reject it."""
+        for name, impl in implementations(self.pm, hook, ctx.plugin_settings):
+            before = _fingerprint(ctx.request)
+            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            try:
+                result = await call_impl(name, hook, impl, arguments, self.plugin_timeout)
+            except ProxyError as exc:
+                ctx.plugin_actions[name] = "rejected"
+                exc.stage = hook
+                raise
+            except HookFailed as exc:
+                ctx.plugin_actions[name] = "failed"
+                raise ProxyError(500, f"Plugin {name!r} failed in {hook}: "
+                                      f"{_describe(exc.error)}",
+                                 code="plugin_error", stage=hook, plugin=name) from exc.error
+            if isinstance(result, Response):
+                ctx.plugin_actions[name] = "short_circuit"
+                ctx.short_circuited_by = name
+                return result
+            if _fingerprint(ctx.request) != before:
+                ctx.plugin_actions.setdefault(name, "modified")
+        return None
+
+    async def _classify(self, ctx: RequestContext) -> None:
+        impls = implementations(self.pm, "classify", ctx.classifier_settings)
+        if not impls:
+            return
+        started = time.perf_counter()
+
+        async def run_one(name: str, impl: Any) -> Iterable[str]:
+            arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
+            try:
+                return await call_impl(name, "classify", impl, arguments,
+                                       self.classifier_timeout) or ()
+            except (HookFailed, ProxyError) as exc:
+                error = exc.error if isinstance(exc, HookFailed) else exc
+                ctx.classifier_errors[name] = _describe(error)
+                await self._report(ctx, PipelineError(
+                    stage="classify", plugin=name, message=_describe(error),
+                    type=type(error).__name__, exception=error))
+                return ()
+
+        results = await asyncio.gather(*(run_one(name, impl) for name, impl in impls))
+        for tags in results:
+            for tag in tags:
+                if tag not in ctx.tags:
+                    ctx.tags.append(str(tag))
+        ctx.timings["classify"] = time.perf_counter() - started
+
+    async def _call_provider(self, ctx: RequestContext) -> Response:
+        target = self.router.route_targets(ctx)[0]
+        provider = self.providers[target.provider]
+        ctx.provider, ctx.model = target.provider, target.model
+        ctx.provider_format = provider.format
+        started = time.perf_counter()
+        try:
+            response = await provider.complete(ctx.request, target.model, ctx.client_format)
+        except UpstreamError as exc:
+            self._attempt(ctx, started, exc)
+            raise
+        self._attempt(ctx, started)
+        return response
+
+    async def _open_provider_stream(self, ctx: RequestContext) -> AsyncIterator[StreamEvent]:
+        target = self.router.route_targets(ctx)[0]
+        provider = self.providers[target.provider]
+        ctx.provider, ctx.model = target.provider, target.model
+        ctx.provider_format = provider.format
+        started = time.perf_counter()
+        events = provider.stream(ctx.request, target.model, ctx.client_format)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            error = UpstreamError(502, f"Provider {target.provider} sent an empty stream")
+            self._attempt(ctx, started, error)
+            raise error from None
+        except UpstreamError as exc:
+            self._attempt(ctx, started, exc)
+            raise
+        self._attempt(ctx, started)
+        ctx.timings["first_token"] = time.perf_counter() - ctx.started
+        return _prepend(first, events)
+
+    @staticmethod
+    def _attempt(ctx: RequestContext, started: float, error: UpstreamError | None = None) -> None:
+        elapsed = time.perf_counter() - started
+        ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
+        ctx.attempts.append(Attempt(
+            provider=ctx.provider or "", model=ctx.model or "",
+            status=(error.upstream_status or error.status) if error else 200,
+            error=error.message if error else None,
+            latency_ms=round(elapsed * 1000, 3)))
+
+    async def _stream(self, ctx: RequestContext, first: StreamEvent,
+                      events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        accumulator = StreamAccumulator()
+        chunk_impls = implementations(self.pm, "stream_chunk", ctx.plugin_settings)
+        event: StreamEvent | None = first
+        try:
+            while True:
+                if chunk_impls and event is not None:
+                    event = await self._chunk(ctx, chunk_impls, event)
+                if event is not None:
+                    accumulator.add(event)
+                    ctx.stream_chunks += 1
+                    yield event
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+            response = accumulator.response
+            response.model = response.model or (ctx.model or "")
+            await self._post_response(ctx, response)
+        except ProxyError as exc:
+            ctx.response = accumulator.response
+            await self._fail(ctx, exc)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            ctx.response = accumulator.response
+            ctx.status = 499
+            ctx.error = PipelineError(stage="stream", status=499, type="client_disconnected",
+                                      message="The client left before the stream ended")
+            raise
+        finally:
+            # The client may have left and this task may be cancelled: finish regardless.
+            with anyio.CancelScope(shield=True):
+                await _aclose(events)
+                await self._end(ctx)
+
+    async def _chunk(self, ctx: RequestContext, impls: list[tuple[str, Any]],
+                     event: StreamEvent) -> StreamEvent | None:
+        for name, impl in impls:
+            arguments = {"ctx": ctx, "event": event, "settings": ctx.plugin_settings[name]}
+            try:
+                result = await call_impl(name, "stream_chunk", impl, arguments,
+                                         self.plugin_timeout)
+            except (HookFailed, ProxyError) as exc:
+                await self._report_hook_error(ctx, "stream_chunk", name, exc)
+                continue
+            if result is DROP:
+                if isinstance(event, StreamStart | StreamEnd):
+                    continue
+                ctx.plugin_actions.setdefault(name, "modified")
+                return None
+            if result is not None and result is not event:
+                ctx.plugin_actions.setdefault(name, "modified")
+                event = result
+        return event
+
+    async def _post_response(self, ctx: RequestContext, response: Response) -> Response:
+        ctx.response = response
+        for name, impl in implementations(self.pm, "post_response", ctx.plugin_settings):
+            before = _fingerprint(response)
+            arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
+            try:
+                result = await call_impl(name, "post_response", impl, arguments,
+                                         self.plugin_timeout)
+            except (HookFailed, ProxyError) as exc:
+                await self._report_hook_error(ctx, "post_response", name, exc)
+                continue
+            if isinstance(result, Response):
+                response = ctx.response = result
+                ctx.plugin_actions.setdefault(name, "modified")
+            elif _fingerprint(response) != before:
+                ctx.plugin_actions.setdefault(name, "modified")
+        return response
+
+    async def _end(self, ctx: RequestContext) -> None:
+        for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
+            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            try:
+                await call_impl(name, "request_end", impl, arguments, self.plugin_timeout)
+            except (HookFailed, ProxyError) as exc:
+                await self._report_hook_error(ctx, "request_end", name, exc)
+        ctx.timings["total"] = time.perf_counter() - ctx.started
+        if self.on_finish is not None:
+            self.on_finish(ctx)
+
+    # --- errors -------------------------------------------------------------------------
+
+    async def _fail(self, ctx: RequestContext, exc: ProxyError) -> None:
+        """The request failed with ``exc``: record it and tell the observers."""
+        ctx.status = exc.status
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        ctx.error = PipelineError(stage=exc.stage, plugin=exc.plugin, status=exc.status,
+                                  message=exc.message, type=exc.code or type(exc).__name__,
+                                  exception=cause)
+        await self._report(ctx, ctx.error)
+
+    async def _report_hook_error(self, ctx: RequestContext, hook: str, plugin: str,
+                                 exc: HookFailed | ProxyError) -> None:
+        error = exc.error if isinstance(exc, HookFailed) else exc
+        ctx.plugin_actions[plugin] = "failed"
+        await self._report(ctx, PipelineError(stage=hook, plugin=plugin, message=_describe(error),
+                                              type=type(error).__name__, exception=error))
+
+    async def _report(self, ctx: RequestContext, error: PipelineError) -> None:
+        ctx.errors.append(error)
+        log.warning("request_error", request_id=ctx.request_id, stage=error.stage,
+                    plugin=error.plugin, status=error.status, error=error.message)
+        for name, impl in implementations(self.pm, "on_error", ctx.plugin_settings):
+            arguments = {"ctx": ctx, "error": error, "settings": ctx.plugin_settings[name]}
+            try:
+                await call_impl(name, "on_error", impl, arguments, self.plugin_timeout)
+            except (HookFailed, ProxyError) as exc:
+                log.warning("on_error_failed", plugin=name, error=str(exc))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return f"{type(error).__name__}: {error}"
+
+
+async def _replay(response: Response) -> AsyncIterator[StreamEvent]:
+    for event in response_events(response):
+        yield event
+
+
+async def _prepend(first: StreamEvent, rest: AsyncIterator[StreamEvent]
+                   ) -> AsyncIterator[StreamEvent]:
+    yield first
+    try:
+        async for event in rest:
+            yield event
+    finally:
+        await _aclose(rest)
+
+
+async def _aclose(events: AsyncIterator[StreamEvent]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()

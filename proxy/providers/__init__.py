@@ -1,0 +1,38 @@
+"""Providers answer canonical requests: over HTTP in a wire format, or locally (mock)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import aiohttp
+
+from proxy.canonical import Request, Response, StreamEvent
+from proxy.config import ProviderConfig
+
+
+class Provider(Protocol):
+    name: str
+    # The wire format it speaks ("openai", "anthropic"), or "mock".
+    format: str
+
+    async def complete(self, request: Request, model: str, client_format: str) -> Response:
+        """Answers a whole request; raises ``UpstreamError`` on failure."""
+        ...
+
+    def stream(self, request: Request, model: str, client_format: str
+               ) -> AsyncIterator[StreamEvent]:
+        """Yields the answer as stream events. Failures before the first event are raised
+        by the first ``__anext__``, so the caller can still answer with an error status."""
+        ...
+
+
+def build_provider(name: str, config: ProviderConfig,
+                   session: Callable[[], aiohttp.ClientSession]) -> Provider:
+    if config.type == "mock":
+        from proxy.providers.mock import MockProvider
+
+        return MockProvider(name, config)
+    from proxy.providers.http import HttpProvider
+
+    return HttpProvider(name, config, session)

@@ -1,0 +1,104 @@
+"""A local, deterministic provider: no network, no key. It answers, streams and calls tools
+so that a fresh install works end to end with either SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from proxy.canonical import (
+    Request,
+    Response,
+    StreamEvent,
+    TextDelta,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    Usage,
+    response_events,
+)
+from proxy.config import ProviderConfig
+
+_WORDS = re.compile(r"\S+\s*")
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _placeholder(schema: dict[str, Any]) -> object:
+    kind = schema.get("type")
+    if schema.get("enum"):
+        return schema["enum"][0]
+    return {"string": "mock", "integer": 1, "number": 1, "boolean": True,
+            "array": [], "object": {}}.get(kind if isinstance(kind, str) else "")
+
+
+class MockProvider:
+    format = "mock"
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.chunk_delay = config.chunk_delay
+
+    def answer(self, request: Request, model: str) -> Response:
+        prompt = request.prompt_text()
+        digest = hashlib.sha256(f"{model}\n{prompt}".encode()).hexdigest()[:24]
+        last = request.messages[-1] if request.messages else None
+        answered_tool = last is not None and any(
+            isinstance(p, ToolResultPart) for p in last.content)
+        choice = request.tool_choice
+        content: list[TextPart | ToolCallPart]
+        if request.tools and not answered_tool and (choice is None or choice.mode != "none"):
+            tool = request.tools[0]
+            if choice is not None and choice.mode == "tool":
+                tool = next((t for t in request.tools if t.name == choice.name), tool)
+            properties = tool.parameters.get("properties") or {}
+            arguments = {name: _placeholder(properties.get(name) or {})
+                         for name in tool.parameters.get("required") or ()}
+            content = [ToolCallPart(id=f"call_{digest[:16]}", name=tool.name,
+                                    arguments=msgspec.json.encode(arguments).decode())]
+            finish = "tool_calls"
+        else:
+            said = last.text if last is not None else ""
+            if answered_tool and last is not None:
+                said = " ".join(p.text for r in last.content if isinstance(r, ToolResultPart)
+                                for p in r.content if isinstance(p, TextPart))
+                text = f"The tool returned: {said[:200]}"
+            else:
+                text = f"Mock answer from {model}. You said: {said[:200]}"
+            content = [TextPart(text=text)]
+            finish = "stop"
+        if request.max_tokens is not None and isinstance(content[0], TextPart):
+            words = _WORDS.findall(content[0].text)
+            if len(words) > request.max_tokens:
+                content = [TextPart(text="".join(words[: request.max_tokens]).rstrip())]
+                finish = "length"
+        output = sum(estimate_tokens(p.text if isinstance(p, TextPart) else p.arguments)
+                     for p in content)
+        return Response(
+            id=f"mock-{digest}",
+            model=model,
+            content=content,
+            finish_reason=finish,  # type: ignore[arg-type]
+            usage=Usage(input_tokens=estimate_tokens(prompt), output_tokens=output),
+        )
+
+    async def complete(self, request: Request, model: str, client_format: str) -> Response:
+        return self.answer(request, model)
+
+    async def stream(self, request: Request, model: str, client_format: str
+                     ) -> AsyncIterator[StreamEvent]:
+        for event in response_events(self.answer(request, model)):
+            if isinstance(event, TextDelta):
+                for word in _WORDS.findall(event.text) or [event.text]:
+                    if self.chunk_delay:
+                        await asyncio.sleep(self.chunk_delay)
+                    yield TextDelta(index=event.index, text=word)
+            else:
+                yield event

@@ -1,0 +1,211 @@
+"""The HTTP side: starlette routes that decode a wire format, run the pipeline and encode
+the answer (or the error) in the client's own format."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import anyio
+import msgspec
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from proxy.canonical import StreamEvent
+from proxy.config import Config, available_providers
+from proxy.context import RequestContext
+from proxy.errors import ProxyError
+from proxy.formats import anthropic as anthropic_format
+from proxy.formats import openai as openai_format
+from proxy.pipeline import Pipeline
+from proxy.plugins import PluginHost
+from proxy.providers import Provider, build_provider
+from proxy.routing import Router
+
+log = structlog.get_logger("hookproxy.server")
+_encode = msgspec.json.Encoder().encode
+JSON = "application/json"
+
+
+class Gateway:
+    """Everything one running proxy holds: config, providers, router, plugins, pipeline."""
+
+    def __init__(self, config: Config, host: PluginHost | None = None,
+                 on_finish: Callable[[RequestContext], None] | None = None) -> None:
+        self.config = config
+        usable, self.skipped = available_providers(config)
+        self._session: aiohttp.ClientSession | None = None
+        self.providers: dict[str, Provider] = {
+            name: build_provider(name, provider, self.session)
+            for name, provider in usable.items()
+        }
+        self.router = Router(config, set(self.providers), self.skipped)
+        if host is None:
+            host = PluginHost()
+            host.discover()
+        host.enable(config)
+        self.host = host
+        self.pipeline = Pipeline(host, self.router, self.providers,
+                                 plugin_timeout=config.server.plugin_timeout,
+                                 classifier_timeout=config.server.classifier_timeout,
+                                 on_finish=on_finish)
+
+    def session(self) -> aiohttp.ClientSession:
+        """The process's one pooled HTTP client session."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
+                                             keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # --- endpoints ----------------------------------------------------------------------
+
+    async def chat_completions(self, http: HttpRequest) -> HttpResponse:
+        return await self._handle(http, openai_format)
+
+    async def messages(self, http: HttpRequest) -> HttpResponse:
+        return await self._handle(http, anthropic_format)
+
+    async def models(self, http: HttpRequest) -> HttpResponse:
+        names = self.router.model_names()
+        if "anthropic-version" in http.headers:
+            data: list[dict[str, Any]] = [
+                {"type": "model", "id": n, "display_name": n,
+                 "created_at": "1970-01-01T00:00:00Z"} for n in names]
+            body: dict[str, Any] = {"data": data, "has_more": False,
+                                    "first_id": names[0] if names else None,
+                                    "last_id": names[-1] if names else None}
+        else:
+            owners = self.router.models
+            body = {"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": owners[n].provider}
+                for n in names]}
+        return HttpResponse(_encode(body), media_type=JSON)
+
+    async def health(self, http: HttpRequest) -> HttpResponse:
+        return HttpResponse(_encode({
+            "status": "ok",
+            "providers": sorted(self.providers),
+            "skipped_providers": self.skipped,
+            "models": self.router.model_names(),
+        }), media_type=JSON)
+
+    # --- the request path ---------------------------------------------------------------
+
+    async def _handle(self, http: HttpRequest, wire: ModuleType) -> HttpResponse:
+        request_id = uuid.uuid4().hex
+        ctx: RequestContext | None = None
+        try:
+            body = await self._read_body(http)
+            request = wire.decode_request(body)
+            plugins, classifiers = self.host.for_request(request.extra.pop("hookproxy", None))
+            ctx = RequestContext(
+                request, request_id=request_id, endpoint=http.url.path,
+                client_format=wire.NAME, headers=dict(http.headers),
+                plugin_settings=plugins, classifier_settings=classifiers)
+            if request.stream:
+                events = await self.pipeline.open_stream(ctx)
+                return StreamingResponse(self._stream_body(ctx, wire, events),
+                                         media_type="text/event-stream",
+                                         headers=_headers(ctx, request_id))
+            response = await self.pipeline.run(ctx)
+            return HttpResponse(wire.encode_response(response, same_format=ctx.same_format),
+                                media_type=JSON, headers=_headers(ctx, request_id))
+        except ProxyError as exc:
+            if ctx is None:
+                log.warning("bad_request", request_id=request_id, endpoint=http.url.path,
+                            status=exc.status, error=exc.message)
+            return _error_response(wire, exc, ctx, request_id)
+        except Exception as exc:
+            log.exception("internal_error", request_id=request_id)
+            error = ProxyError(500, f"Internal error in hookproxy: {type(exc).__name__}",
+                               stage="proxy")
+            return _error_response(wire, error, ctx, request_id)
+
+    async def _read_body(self, http: HttpRequest) -> bytes:
+        content_type = http.headers.get("content-type", JSON)
+        if "json" not in content_type.split(";", 1)[0]:
+            raise ProxyError(415, f"Unsupported content type {content_type!r}: send "
+                                  "application/json", code="unsupported_media_type")
+        limit = self.config.server.max_body_bytes
+        too_large = ProxyError(413, f"Request body is larger than {limit} bytes",
+                               code="request_too_large")
+        length = http.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _stream_body(self, ctx: RequestContext, wire: ModuleType,
+                           events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+        encoder = wire.StreamEncoder(ctx.request)
+        try:
+            async for event in events:
+                yield encoder.encode(event)
+        except ProxyError as exc:
+            log.warning("stream_failed", request_id=ctx.request_id, status=exc.status,
+                        error=exc.message, chunks=ctx.stream_chunks)
+            yield encoder.encode_error(exc)
+        except Exception as exc:
+            log.exception("internal_error", request_id=ctx.request_id)
+            yield encoder.encode_error(ProxyError(500, f"Internal error in hookproxy: "
+                                                       f"{type(exc).__name__}"))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
+
+
+def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if ctx.provider:
+        headers["x-hookproxy-provider"] = ctx.provider
+    if ctx.model:
+        headers["x-hookproxy-model"] = ctx.model
+    if ctx.tags:
+        headers["x-hookproxy-tags"] = ",".join(ctx.tags)
+    return headers
+
+
+def _error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | None,
+                    request_id: str) -> HttpResponse:
+    headers = {**error.headers, **(_headers(ctx, request_id) if ctx else
+                                   {"x-request-id": request_id})}
+    return HttpResponse(wire.encode_error(error), status_code=error.status, media_type=JSON,
+                        headers=headers)
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    routes = [
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/messages", gateway.messages, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/models", gateway.models, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
