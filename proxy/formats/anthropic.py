@@ -444,7 +444,7 @@ class StreamDecoder:
 
     def close(self) -> list[StreamEvent]:
         if not self.ended:
-            raise UpstreamError(502, "Provider stream ended before message_stop")
+            raise UpstreamError(502, "Provider stream ended before the answer was complete")
         return []
 
 

@@ -67,10 +67,13 @@ class HttpProvider:
                 default_max_tokens=self.config.default_max_tokens)
         return self._wire.encode_request(request, model, same_format=same)
 
-    def _failure(self, exc: BaseException) -> UpstreamError:
+    def _failure(self, exc: BaseException, answering: bool = False) -> UpstreamError:
         if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
             return UpstreamError(504, f"Provider {self.name} timed out after "
                                       f"{self.config.timeout:g}s", code="upstream_timeout")
+        if answering:
+            return UpstreamError(502, f"Provider {self.name} ended the answer before it was "
+                                      f"complete: {exc}", code="upstream_cut")
         return UpstreamError(502, f"Provider {self.name} is unreachable: {exc}",
                              code="upstream_unreachable")
 
@@ -98,10 +101,12 @@ class HttpProvider:
                      ) -> AsyncIterator[StreamEvent]:
         body = self._body(request, model, client_format)
         decoder: Any = self._wire.StreamDecoder()
+        answering = False
         try:
             async with self._session().post(self.url, data=body, headers=self.headers,
                                             timeout=self.stream_timeout) as response:
                 await self._raise_for_status(response)
+                answering = True
                 async for event, data in iter_sse(response.content.iter_any()):
                     for item in decoder.feed(event, data):
                         yield item

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import ProxyServer, upstream_config
+from tests.upstreams import FakeUpstream
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: FakeUpstream) -> Iterator[ProxyServer]:
+    with ProxyServer(upstream_config(upstream)) as server:
+        yield server

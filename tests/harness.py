@@ -1,0 +1,83 @@
+"""Running the proxy as a real uvicorn server on a free loopback port, in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+from proxy.config import parse_config
+from proxy.context import RequestContext
+from proxy.plugins import PluginHost
+from proxy.server import Gateway, create_app
+
+
+class ProxyServer:
+    def __init__(self, config: dict[str, Any], host: PluginHost | None = None,
+                 on_finish: Callable[[RequestContext], None] | None = None) -> None:
+        self.config = parse_config(config, "test-config.toml")
+        self.gateway = Gateway(self.config, host=host, on_finish=on_finish)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        server_config = uvicorn.Config(create_app(self.gateway), log_level="warning",
+                                       access_log=False, lifespan="on")
+        self.server = uvicorn.Server(server_config)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ProxyServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def openai(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test-key", max_retries=0,
+                             **kwargs)
+
+    def anthropic(self, **kwargs: Any) -> Any:
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key="test-key", max_retries=0,
+                                   **kwargs)
+
+
+def upstream_config(upstream: Any, **extra: Any) -> dict[str, Any]:
+    """A config with an OpenAI and an Anthropic provider on the fake upstream, a mock,
+    and models named after the behaviour they trigger there."""
+    config: dict[str, Any] = {
+        "providers": {
+            "oai": {"type": "openai", "base_url": upstream.openai_url, "timeout": 1.5},
+            "ant": {"type": "anthropic", "base_url": upstream.anthropic_url, "timeout": 1.5},
+            "mock": {"type": "mock"},
+        },
+        "models": [
+            {"name": "gpt-test", "provider": "oai"},
+            {"name": "claude-test", "provider": "ant"},
+            {"name": "mock-1", "provider": "mock"},
+        ],
+        "log": {"path": ""},
+    }
+    for key, value in extra.items():
+        config[key] = value
+    return config
