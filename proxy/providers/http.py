@@ -115,6 +115,6 @@ class HttpProvider:
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc) from None
+            raise self._failure(exc, answering) from None
         for item in decoder.close():
             yield item
