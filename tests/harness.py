@@ -81,3 +81,20 @@ def upstream_config(upstream: Any, **extra: Any) -> dict[str, Any]:
     for key, value in extra.items():
         config[key] = value
     return config
+
+
+def post_raw(url: str, body: bytes, headers: dict[str, str] | None = None
+             ) -> tuple[int, dict[str, str], Any]:
+    """POSTs bytes as they are; returns (status, headers, decoded JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"content-type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())

@@ -26,9 +26,10 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
         if message.get("role") != "user":
             continue
         content = message.get("content")
-        if isinstance(content, str):
-            return content
-        return "".join(b.get("text", "") for b in content if b.get("type") == "text")
+        text = content if isinstance(content, str) else "".join(
+            b.get("text", "") for b in content if b.get("type") == "text")
+        if text:
+            return text
     return ""
 
 
@@ -181,7 +182,7 @@ class FakeUpstream:
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                 "content": content, "stop_reason": "tool_use" if tool else "end_turn",
                 "stop_sequence": None, "usage": {"input_tokens": 13, "output_tokens": 5},
-                "container": None})
+                "x_fake_extra": "kept"})
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
 
