@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import structlog
+import uvicorn
 
 from proxy.config import Config, ConfigError, available_providers, load_config
 
@@ -32,8 +36,25 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after a graceful shutdown, so the process would die by the
+    signal; a proxy that drained cleanly should exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from proxy.server import Gateway, create_app
 
@@ -50,9 +71,12 @@ def serve(args: argparse.Namespace) -> int:
              providers=sorted(gateway.providers), models=gateway.router.model_names(),
              plugins=sorted(gateway.host.enabled),
              classifiers=sorted(gateway.host.enabled_classifiers))
-    uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning",
-                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-    return 0
+    server_config = uvicorn.Config(create_app(gateway), host=host, port=port,
+                                   log_level="warning", access_log=False, lifespan="on",
+                                   timeout_graceful_shutdown=10)
+    server = _Server(server_config)
+    server.run()
+    return 0 if server.started else 1
 
 
 def check(args: argparse.Namespace) -> int:

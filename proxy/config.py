@@ -86,16 +86,25 @@ class Config(_Strict):
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 
 
-def _explain(exc: msgspec.ValidationError, source: str) -> str:
+def _explain(exc: msgspec.ValidationError, source: str, prefix: str = "") -> str:
     message = str(exc)
     match = _AT.search(message)
     if not match:
-        return f"{source}: {message}"
-    where = match.group(1) or "(top level)"
+        return f"{source}: {message}" + (f" (at key `{prefix}`)" if prefix else "")
+    where = ".".join(p for p in (prefix, match.group(1)) if p) or "(top level)"
     return f"{source}: {message[: match.start()]} (at key `{where}`)"
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    # Tables keyed by name are checked one by one so that an error can name the table
+    # (msgspec reports a dict value's path as `providers[...]`).
+    providers = data.get("providers")
+    if isinstance(providers, dict):
+        for name, table in providers.items():
+            try:
+                msgspec.convert(table, ProviderConfig)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(_explain(exc, source, f"providers.{name}")) from None
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:

@@ -1,0 +1,139 @@
+"""The ``hookproxy`` command as a user runs it, on the shipped config.toml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKPROXY = [sys.executable, "-m", "proxy.cli"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HOOKPROXY, *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`hookproxy serve` on a copy of the shipped config.toml, as a subprocess."""
+    workdir = tmp_path_factory.mktemp("serve")
+    shutil.copy(ROOT / "config.toml", workdir / "config.toml")
+    port = _free_port()
+    process = subprocess.Popen([*HOOKPROXY, "serve", "--port", str(port)], cwd=workdir,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"serve did not start: {process.communicate()[0]}") from None
+            time.sleep(0.1)
+    yield url, str(workdir)
+    process.terminate()
+    output = process.communicate(timeout=20)[0]
+    assert process.returncode == 0, output
+
+
+def test_shipped_config_serves_openai_sdk(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+    result = client.chat.completions.create(
+        model="mock-1", messages=[{"role": "user", "content": "Hello proxy"}])
+    assert "Hello proxy" in result.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="mock-1", messages=[{"role": "user", "content": "Hello proxy"}], stream=True)
+    assert "Hello proxy" in "".join(c.choices[0].delta.content or "" for c in stream)
+    assert [m.id for m in client.models.list()] == ["mock-1", "llama3.2"]
+
+
+def test_shipped_config_serves_anthropic_sdk(served):
+    url, _ = served
+    client = anthropic.Anthropic(base_url=url, api_key="anything", max_retries=0)
+    message = client.messages.create(
+        model="mock-1", max_tokens=100, messages=[{"role": "user", "content": "Hi there"}])
+    assert "Hi there" in message.content[0].text
+    with client.messages.stream(model="mock-1", max_tokens=100,
+                                messages=[{"role": "user", "content": "Hi there"}]) as stream:
+        assert "Hi there" in "".join(stream.text_stream)
+
+
+def test_mock_calls_tools(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+    result = client.chat.completions.create(
+        model="mock-1", messages=[{"role": "user", "content": "weather?"}],
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}},
+            "required": ["city"]}}}])
+    call = result.choices[0].message.tool_calls[0]
+    assert call.function.name == "weather" and call.function.arguments == '{"city":"mock"}'
+
+
+def test_unset_key_provider_is_a_clear_404(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="OPENAI_API_KEY is not set"):
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "hi"}])
+
+
+def test_check_shipped_config():
+    result = run("check")
+    assert result.returncode == 0, result.stderr
+    assert "config.toml: OK" in result.stdout
+    assert "OPENAI_API_KEY is not set" in result.stdout
+    assert "mock-1" in result.stdout
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[providers.mock]\ntype = "mock"\ntiemout = 3\n', "unknown field `tiemout`"),
+    ('[providers.mock]\ntype = "mock"\ntiemout = 3\n', "providers.mock"),
+    ('[providers.x]\ntype = "nope"\n', "providers.x.type"),
+    ('[[models]]\nname = "a"\nprovider = "ghost"\n', "models[0].provider"),
+    ('[server]\nport = "eighty"\n', "server.port"),
+    ("[server\n", "invalid TOML"),
+    ('[plugins.not_installed]\n', "no plugin named 'not_installed'"),
+])
+def test_check_names_file_and_key(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for command in ("check", "serve"):
+        result = run(command, "--config", str(path))
+        assert result.returncode == 2
+        assert str(path) in result.stderr and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_missing_file(tmp_path):
+    result = run("check", "--config", str(tmp_path / "none.toml"))
+    assert result.returncode == 2 and "file not found" in result.stderr
