@@ -205,15 +205,14 @@ class Pipeline:
                       events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
         accumulator = StreamAccumulator()
         chunk_impls = implementations(self.pm, "stream_chunk", ctx.plugin_settings)
-        event: StreamEvent | None = first
+        event = first
         try:
             while True:
-                if chunk_impls and event is not None:
-                    event = await self._chunk(ctx, chunk_impls, event)
-                if event is not None:
-                    accumulator.add(event)
+                batch = await self._chunk(ctx, chunk_impls, event) if chunk_impls else (event,)
+                for item in batch:
+                    accumulator.add(item)
                     ctx.stream_chunks += 1
-                    yield event
+                    yield item
                 try:
                     event = await anext(events)
                 except StopAsyncIteration:
@@ -238,24 +237,31 @@ class Pipeline:
                 await self._end(ctx)
 
     async def _chunk(self, ctx: RequestContext, impls: list[tuple[str, Any]],
-                     event: StreamEvent) -> StreamEvent | None:
+                     event: StreamEvent) -> list[StreamEvent]:
+        """Runs the stream_chunk hooks over one event; each may keep, replace, drop or
+        expand (return a list) what the hooks before it produced."""
+        events = [event]
         for name, impl in impls:
-            arguments = {"ctx": ctx, "event": event, "settings": ctx.plugin_settings[name]}
-            try:
-                result = await call_impl(name, "stream_chunk", impl, arguments,
-                                         self.plugin_timeout)
-            except (HookFailed, ProxyError) as exc:
-                await self._report_hook_error(ctx, "stream_chunk", name, exc)
-                continue
-            if result is DROP:
-                if isinstance(event, StreamStart | StreamEnd):
+            produced: list[StreamEvent] = []
+            for item in events:
+                arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
+                try:
+                    result = await call_impl(name, "stream_chunk", impl, arguments,
+                                             self.plugin_timeout)
+                except (HookFailed, ProxyError) as exc:
+                    await self._report_hook_error(ctx, "stream_chunk", name, exc)
+                    result = None
+                if result is None or result is item or (
+                        result is DROP and isinstance(item, StreamStart | StreamEnd)):
+                    produced.append(item)
                     continue
                 ctx.plugin_actions.setdefault(name, "modified")
-                return None
-            if result is not None and result is not event:
-                ctx.plugin_actions.setdefault(name, "modified")
-                event = result
-        return event
+                if isinstance(result, list):
+                    produced.extend(result)
+                elif result is not DROP:
+                    produced.append(result)
+            events = produced
+        return events
 
     async def _post_response(self, ctx: RequestContext, response: Response) -> Response:
         ctx.response = response

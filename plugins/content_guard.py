@@ -1,0 +1,58 @@
+"""content_guard: refuses requests whose prompt matches configured patterns.
+
+    [plugins.content_guard]
+    patterns = ["(?i)\\bcredit card number\\b", "(?i)ignore (all )?previous instructions"]
+    action = "reject"          # "reject": an error with `status`; "refuse": a canned answer
+    status = 400
+    message = "This request is not allowed by the proxy's content policy."
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from proxy import Reject, RequestContext, Response, TextPart, hookimpl
+from proxy.settings import settings_as, settings_error
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True):
+    patterns: list[str]
+    action: Literal["reject", "refuse"] = "reject"
+    status: int = 400
+    message: str = "This request is not allowed by the proxy's content policy."
+
+
+_compiled: dict[tuple[str, ...], re.Pattern[str]] = {}
+
+
+def _pattern(patterns: list[str]) -> re.Pattern[str]:
+    key = tuple(patterns)
+    if key not in _compiled:
+        _compiled[key] = re.compile("|".join(f"(?:{p})" for p in patterns))
+    return _compiled[key]
+
+
+@hookimpl
+def validate_settings(settings: dict[str, Any]) -> str | None:
+    problem = settings_error(settings, Settings)
+    if problem is None:
+        for pattern in settings["patterns"]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return f"patterns: {pattern!r} is not a valid regular expression: {exc}"
+    return problem
+
+
+@hookimpl(trylast=True)
+def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
+    config = settings_as(settings, Settings)
+    if not config.patterns or not _pattern(config.patterns).search(ctx.request.prompt_text()):
+        return None
+    if config.action == "reject":
+        raise Reject(config.status, config.message, code="content_policy")
+    return Response(id=f"guard-{ctx.request_id}", model=ctx.request.model,
+                    content=[TextPart(text=config.message)], finish_reason="content_filter")

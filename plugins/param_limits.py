@@ -1,0 +1,68 @@
+"""param_limits: defaults and caps for sampling parameters, optionally per model.
+
+    [plugins.param_limits]
+    max_tokens = 4096                  # ceiling on max_tokens
+    temperature_min = 0.0              # clamp range for temperature
+    temperature_max = 1.0
+    defaults = { max_tokens = 1024 }   # set when the request does not say
+    [plugins.param_limits.models."gpt-4o*"]   # glob on the requested model; these win
+    max_tokens = 2048
+    defaults = { temperature = 0.2 }
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import msgspec
+
+from proxy import RequestContext, hookimpl
+from proxy.settings import settings_as, settings_error
+
+
+class Defaults(msgspec.Struct, forbid_unknown_fields=True):
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    max_tokens: int | None = None
+    temperature_min: float | None = None
+    temperature_max: float | None = None
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+
+
+class Settings(Limits, forbid_unknown_fields=True):
+    models: dict[str, Limits] = {}
+
+
+@hookimpl
+def validate_settings(settings: dict[str, Any]) -> str | None:
+    return settings_error(settings, Settings)
+
+
+def _apply(ctx: RequestContext, limits: Limits) -> None:
+    request = ctx.request
+    for name in ("max_tokens", "temperature", "top_p"):
+        default = getattr(limits.defaults, name)
+        if default is not None and getattr(request, name) is None:
+            setattr(request, name, default)
+    if limits.max_tokens is not None and request.max_tokens is not None:
+        request.max_tokens = min(request.max_tokens, limits.max_tokens)
+    if request.temperature is not None:
+        if limits.temperature_min is not None:
+            request.temperature = max(request.temperature, limits.temperature_min)
+        if limits.temperature_max is not None:
+            request.temperature = min(request.temperature, limits.temperature_max)
+
+
+@hookimpl(trylast=True)
+def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
+    config = settings_as(settings, Settings)
+    # Model-specific limits go first so that their defaults win over the general ones.
+    for pattern, limits in config.models.items():
+        if fnmatch.fnmatchcase(ctx.request.model, pattern):
+            _apply(ctx, limits)
+    _apply(ctx, config)

@@ -1,0 +1,145 @@
+"""redact: masks e-mail addresses, phone numbers and secret-looking tokens before the
+provider sees them, and (``restore = true``) puts them back in the answer, streamed or not.
+
+    [plugins.redact]
+    kinds = ["email", "phone", "secret"]
+    restore = true
+
+The provider sees ``[EMAIL_1]``, ``[PHONE_1]``, ``[SECRET_1]``...; one value keeps one
+placeholder throughout a request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+
+from proxy import (
+    DROP,
+    RequestContext,
+    Response,
+    StreamEvent,
+    TextDelta,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    hookimpl,
+)
+from proxy.settings import settings_as, settings_error
+
+Kind = Literal["email", "phone", "secret"]
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True):
+    kinds: list[Kind] = msgspec.field(default_factory=lambda: ["email", "phone", "secret"])
+    restore: bool = True
+
+
+PATTERNS: dict[str, re.Pattern[str]] = {
+    "secret": re.compile(
+        r"\b(?:sk-(?:ant-|proj-)?[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}"
+        r"|xox[baprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}"
+        r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"),
+    "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
+    "phone": re.compile(r"(?<![\w+])\+?(?:\d[\s().-]{0,2}){8,14}\d(?!\w)"),
+}
+PLACEHOLDER = re.compile(r"\[(?:EMAIL|PHONE|SECRET)_\d+\]")
+_LONGEST_PLACEHOLDER = 16
+
+
+class _Masker:
+    def __init__(self, kinds: list[Kind]) -> None:
+        self.kinds = [k for k in PATTERNS if k in kinds]  # secrets before the rest
+        self.originals: dict[str, str] = {}  # placeholder -> original
+        self.placeholders: dict[str, str] = {}  # original -> placeholder
+
+    def mask(self, text: str) -> str:
+        for kind in self.kinds:
+            text = PATTERNS[kind].sub(self._replacer(kind), text)
+        return text
+
+    def _replacer(self, kind: str) -> Callable[[re.Match[str]], str]:
+        return lambda match: self._placeholder(kind, match.group())
+
+    def _placeholder(self, kind: str, value: str) -> str:
+        if value not in self.placeholders:
+            count = sum(1 for p in self.originals if p.startswith(f"[{kind.upper()}_"))
+            placeholder = f"[{kind.upper()}_{count + 1}]"
+            self.placeholders[value] = placeholder
+            self.originals[placeholder] = value
+        return self.placeholders[value]
+
+    def restore(self, text: str) -> str:
+        if "[" not in text:
+            return text
+        return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(), m.group()), text)
+
+
+@hookimpl
+def validate_settings(settings: dict[str, Any]) -> str | None:
+    return settings_error(settings, Settings)
+
+
+@hookimpl(trylast=True)
+def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
+    masker = _Masker(settings_as(settings, Settings).kinds)
+    request = ctx.request
+    for part in request.system:
+        part.text = masker.mask(part.text)
+    for message in request.messages:
+        for item in message.content:
+            if isinstance(item, TextPart):
+                item.text = masker.mask(item.text)
+            elif isinstance(item, ToolCallPart):
+                item.arguments = masker.mask(item.arguments)
+            elif isinstance(item, ToolResultPart):
+                for inner in item.content:
+                    if isinstance(inner, TextPart):
+                        inner.text = masker.mask(inner.text)
+    if masker.originals:
+        ctx.scratch["redact"] = masker
+        ctx.scratch["redacted"] = len(masker.originals)
+
+
+def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:
+    masker: _Masker | None = ctx.scratch.get("redact")
+    if masker is None or not settings_as(settings, Settings).restore:
+        return None
+    return masker
+
+
+@hookimpl(trylast=True)
+def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
+    masker = _masker(ctx, settings)
+    if masker is None or ctx.stream:
+        return  # a stream was restored chunk by chunk
+    for part in response.content:
+        if isinstance(part, TextPart):
+            part.text = masker.restore(part.text)
+        else:
+            part.arguments = masker.restore(part.arguments)
+
+
+@hookimpl(trylast=True)
+def stream_chunk(ctx: RequestContext, event: StreamEvent, settings: dict[str, Any]) -> Any:
+    masker = _masker(ctx, settings)
+    if masker is None:
+        return None
+    # A placeholder may be split across chunks: hold back an unfinished "[..." until the
+    # next chunk completes it.
+    carry: tuple[int, str] | None = ctx.scratch.get("redact_carry")
+    if isinstance(event, TextDelta):
+        text = (carry[1] if carry else "") + event.text
+        cut = text.rfind("[")
+        held = ""
+        if cut >= 0 and "]" not in text[cut:] and len(text) - cut < _LONGEST_PLACEHOLDER:
+            text, held = text[:cut], text[cut:]
+        ctx.scratch["redact_carry"] = (event.index, held) if held else None
+        return TextDelta(index=event.index, text=masker.restore(text)) if text else DROP
+    if carry:
+        ctx.scratch["redact_carry"] = None
+        return [TextDelta(index=carry[0], text=masker.restore(carry[1])), event]
+    return None

@@ -1,0 +1,35 @@
+"""Typed plugin settings: a plugin describes its settings as a msgspec Struct and gets
+validation (naming the bad key) and conversion from these two helpers."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+_converted: OrderedDict[tuple[int, type], tuple[dict[str, Any], Any]] = OrderedDict()
+_KEEP = 256
+
+
+def settings_error(settings: dict[str, Any], kind: type) -> str | None:
+    """What is wrong with ``settings`` for the Struct ``kind``, or None."""
+    try:
+        msgspec.convert(settings, kind)
+    except msgspec.ValidationError as exc:
+        return str(exc).replace("`$.", "`")
+    return None
+
+
+def settings_as(settings: dict[str, Any], kind: type[T]) -> T:
+    """``settings`` converted to ``kind``; converted once per settings dict."""
+    key = (id(settings), kind)
+    hit: tuple[dict[str, Any], T] | None = _converted.get(key)
+    if hit is not None and hit[0] is settings:
+        return hit[1]
+    value = msgspec.convert(settings, kind)
+    _converted[key] = (settings, value)
+    if len(_converted) > _KEEP:
+        _converted.popitem(last=False)
+    return value
