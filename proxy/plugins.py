@@ -64,9 +64,10 @@ class PluginHost:
                 if ep.name not in chosen or (ep.dist and ep.dist.name != SELF):
                     chosen[ep.name] = ep
             for ep in chosen.values():
-                self._load(ep, kind)
+                self.load(ep, kind)
 
-    def _load(self, ep: md.EntryPoint, kind: str) -> None:
+    def load(self, ep: md.EntryPoint, kind: str) -> None:
+        """Imports one entry point and registers it; a failure is kept on its PluginInfo."""
         package = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
         info = PluginInfo(name=ep.name, kind=kind, package=package, version=version)
