@@ -25,14 +25,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     message: str = "This request is not allowed by the proxy's content policy."
 
 
-_compiled: dict[tuple[str, ...], re.Pattern[str]] = {}
-
-
-def _pattern(patterns: list[str]) -> re.Pattern[str]:
-    key = tuple(patterns)
-    if key not in _compiled:
-        _compiled[key] = re.compile("|".join(f"(?:{p})" for p in patterns))
-    return _compiled[key]
+def _matches(patterns: list[str], text: str) -> bool:
+    # re caches compiled patterns; each is compiled on its own so that each may carry
+    # its own flags, such as (?i).
+    return any(re.search(pattern, text) for pattern in patterns)
 
 
 @hookimpl
@@ -50,7 +46,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(trylast=True)
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
-    if not config.patterns or not _pattern(config.patterns).search(ctx.request.prompt_text()):
+    if not config.patterns or not _matches(config.patterns, ctx.request.prompt_text()):
         return None
     if config.action == "reject":
         raise Reject(config.status, config.message, code="content_policy")

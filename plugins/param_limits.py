@@ -43,12 +43,15 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
     return settings_error(settings, Settings)
 
 
-def _apply(ctx: RequestContext, limits: Limits) -> None:
-    request = ctx.request
+def _defaults(ctx: RequestContext, limits: Limits) -> None:
     for name in ("max_tokens", "temperature", "top_p"):
         default = getattr(limits.defaults, name)
-        if default is not None and getattr(request, name) is None:
-            setattr(request, name, default)
+        if default is not None and getattr(ctx.request, name) is None:
+            setattr(ctx.request, name, default)
+
+
+def _caps(ctx: RequestContext, limits: Limits) -> None:
+    request = ctx.request
     if limits.max_tokens is not None and request.max_tokens is not None:
         request.max_tokens = min(request.max_tokens, limits.max_tokens)
     if request.temperature is not None:
@@ -61,8 +64,12 @@ def _apply(ctx: RequestContext, limits: Limits) -> None:
 @hookimpl(trylast=True)
 def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
-    # Model-specific limits go first so that their defaults win over the general ones.
-    for pattern, limits in config.models.items():
-        if fnmatch.fnmatchcase(ctx.request.model, pattern):
-            _apply(ctx, limits)
-    _apply(ctx, config)
+    # Model-specific limits come first so that their defaults win over the general ones;
+    # every cap that applies is then enforced.
+    chosen = [limits for pattern, limits in config.models.items()
+              if fnmatch.fnmatchcase(ctx.request.model, pattern)]
+    chosen.append(config)
+    for limits in chosen:
+        _defaults(ctx, limits)
+    for limits in chosen:
+        _caps(ctx, limits)

@@ -386,9 +386,9 @@ class Wrapper:
 
 def test_a_hook_that_matches_no_spec_is_refused_by_name():
     host = PluginHost()
-    with pytest.raises(ConfigError, match="plugin 'typo'.*request_strat"):
+    with pytest.raises(ConfigError, match=r"plugin 'typo'.*request_strat"):
         host.add(Typo(), "typo")
-    with pytest.raises(ConfigError, match="plugin 'wrap'.*wrapper"):
+    with pytest.raises(ConfigError, match=r"plugin 'wrap'.*wrapper"):
         host.add(Wrapper(), "wrap")
     assert not host.pm.has_plugin("typo") and not host.pm.has_plugin("wrap")
 
