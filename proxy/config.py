@@ -58,12 +58,63 @@ class ProviderConfig(_Strict):
     chunk_delay: float = 0.0
 
 
+Strategy = Literal["fallback", "round_robin", "weighted", "least_latency", "cheapest"]
+
+
+class TargetConfig(_Strict):
+    provider: str
+    # The provider's own name for the model; defaults to the group's ``name``.
+    model: str = ""
+    # Relative share of traffic under the ``weighted`` strategy.
+    weight: float = 1.0
+    # Prices in currency units per million tokens, for ``cheapest`` and for cost in the log.
+    input_price: float = 0.0
+    output_price: float = 0.0
+    # Context window in tokens (0: unknown); a context-length error falls back to a
+    # target with a larger one.
+    context: int = 0
+
+
 class ModelConfig(_Strict):
     # The name clients ask for.
     name: str
-    provider: str
-    # The provider's own name for the model; defaults to ``name``.
+    # Shorthand for a single target: provider (+ model, prices, context).
+    provider: str = ""
     model: str = ""
+    input_price: float = 0.0
+    output_price: float = 0.0
+    context: int = 0
+    # Or several targets, tried in the order the strategy gives.
+    targets: list[TargetConfig] = []
+    strategy: Strategy = "fallback"
+
+
+class RouteConfig(_Strict):
+    """A routing rule: when everything given matches, the request goes to model ``to``."""
+
+    to: str
+    tags_all: list[str] = []
+    tags_any: list[str] = []
+    # Globs on the requested model and on the caller's key name.
+    model: str = ""
+    caller: str = ""
+
+
+class RoutingConfig(_Strict):
+    # Retries per target on transient failures (429, 5xx, connection errors, timeouts).
+    retries: int = 2
+    # First retry delay in seconds; doubles each retry, with jitter, up to backoff_max.
+    backoff: float = 0.25
+    backoff_max: float = 5.0
+    # A provider's Retry-After is honoured up to this many seconds.
+    retry_after_max: float = 10.0
+    # A target failing this many times within cooldown_window seconds is skipped for
+    # cooldown seconds.
+    cooldown_failures: int = 3
+    cooldown_window: float = 60.0
+    cooldown: float = 30.0
+    # Seed for the weighted strategy's choices (None: random).
+    seed: int | None = None
 
 
 class LogConfig(_Strict):
@@ -75,6 +126,8 @@ class Config(_Strict):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     providers: dict[str, ProviderConfig] = {}
     models: list[ModelConfig] = []
+    routes: list[RouteConfig] = []
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     # [plugins.NAME] and [classifiers.NAME]: ``enabled`` plus the plugin's own settings.
     plugins: dict[str, dict[str, Any]] = {}
     classifiers: dict[str, dict[str, Any]] = {}
@@ -120,20 +173,46 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: provider name {name!r} must not contain '/'")
     seen: set[str] = set()
     for i, model in enumerate(config.models):
-        if model.provider not in config.providers:
-            raise ConfigError(
-                f"{source}: models[{i}].provider names {model.provider!r}, "
-                f"which is not in [providers] (known: {', '.join(config.providers) or 'none'})"
-            )
+        _check_model(model, f"{source}: models[{i}]", config)
         if model.name in seen:
             raise ConfigError(f"{source}: models[{i}].name {model.name!r} is defined twice")
         seen.add(model.name)
-        model.model = model.model or model.name
+    for i, route in enumerate(config.routes):
+        if route.to not in seen:
+            raise ConfigError(f"{source}: routes[{i}].to names {route.to!r}, which is not a "
+                              f"[[models]] name (known: {', '.join(sorted(seen)) or 'none'})")
+    routing = config.routing
+    if routing.retries < 0 or routing.cooldown_failures < 1:
+        raise ConfigError(f"{source}: routing.retries must be >= 0 and "
+                          "routing.cooldown_failures >= 1")
     for section in ("plugins", "classifiers"):
         for name, settings in getattr(config, section).items():
             if not isinstance(settings.get("enabled", True), bool):
                 raise ConfigError(f"{source}: {section}.{name}.enabled must be true or false")
     return config
+
+
+def _check_model(model: ModelConfig, where: str, config: Config) -> None:
+    if model.provider and model.targets:
+        raise ConfigError(f"{where}: give either provider or targets, not both")
+    if model.provider:
+        model.targets = [TargetConfig(provider=model.provider, model=model.model,
+                                      input_price=model.input_price,
+                                      output_price=model.output_price, context=model.context)]
+    if not model.targets:
+        raise ConfigError(f"{where}: needs a provider or a list of targets")
+    for j, target in enumerate(model.targets):
+        key = f"{where}.provider" if model.provider else f"{where}.targets[{j}].provider"
+        if target.provider not in config.providers:
+            known = ", ".join(config.providers) or "none"
+            raise ConfigError(f"{key} names {target.provider!r}, which is not in [providers] "
+                              f"(known: {known})")
+        if target.weight <= 0:
+            raise ConfigError(f"{where}.targets[{j}].weight must be a positive number, "
+                              f"not {target.weight:g}")
+        if min(target.input_price, target.output_price, target.context) < 0:
+            raise ConfigError(f"{where}.targets[{j}]: prices and context must not be negative")
+        target.model = target.model or model.name
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

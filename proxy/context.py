@@ -68,6 +68,9 @@ class RequestContext:
         self.started = time.perf_counter()
         self.force_provider: str | None = None
         self.force_model: str | None = None
+        # The route rule's target and the model group routing settled on.
+        self.route: str | None = None
+        self.model_group: str | None = None
         # The plugins taking part in this request -> their settings for it.
         self.plugin_settings: dict[str, dict[str, Any]] = plugin_settings or {}
         self.classifier_settings: dict[str, dict[str, Any]] = classifier_settings or {}
@@ -83,6 +86,8 @@ class RequestContext:
         self.status = 200
         self.error: PipelineError | None = None
         self.stream_chunks = 0
+        # For a stream that broke after it began: how many chunks had gone out.
+        self.failed_at_chunk: int | None = None
 
     @property
     def stream(self) -> bool:

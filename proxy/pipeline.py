@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -26,14 +26,16 @@ from proxy.canonical import (
     StreamStart,
     response_events,
 )
+from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import HookFailed, call_impl, implementations
 from proxy.errors import ProxyError, UpstreamError
 from proxy.plugins import PluginHost
 from proxy.providers import Provider
-from proxy.routing import Router
+from proxy.routing import Router, Target, is_context_length, is_transient
 
 log = structlog.get_logger("hookproxy.pipeline")
+T = TypeVar("T")
 _fingerprint = msgspec.json.Encoder().encode
 
 
@@ -48,11 +50,13 @@ DROP: Any = _Drop()
 
 class Pipeline:
     def __init__(self, host: PluginHost, router: Router, providers: dict[str, Provider], *,
-                 plugin_timeout: float = 10.0, classifier_timeout: float = 1.0,
+                 routing: RoutingConfig | None = None, plugin_timeout: float = 10.0,
+                 classifier_timeout: float = 1.0,
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.pm = host.pm
         self.router = router
         self.providers = providers
+        self.routing = routing or RoutingConfig()
         self.plugin_timeout = plugin_timeout
         self.classifier_timeout = classifier_timeout
         self.on_finish = on_finish
@@ -158,38 +162,65 @@ class Pipeline:
         ctx.timings["classify"] = time.perf_counter() - started
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
-        target = self.router.route_targets(ctx)[0]
-        provider = self.providers[target.provider]
-        ctx.provider, ctx.model = target.provider, target.model
-        ctx.provider_format = provider.format
-        started = time.perf_counter()
-        try:
-            response = await provider.complete(ctx.request, target.model, ctx.client_format)
-        except UpstreamError as exc:
-            self._attempt(ctx, started, exc)
-            raise
-        self._attempt(ctx, started)
-        return response
+        async def complete(provider: Provider, target: Target) -> Response:
+            return await provider.complete(ctx.request, target.model, ctx.client_format)
+
+        return await self._with_fallback(ctx, complete)
 
     async def _open_provider_stream(self, ctx: RequestContext) -> AsyncIterator[StreamEvent]:
-        target = self.router.route_targets(ctx)[0]
-        provider = self.providers[target.provider]
-        ctx.provider, ctx.model = target.provider, target.model
-        ctx.provider_format = provider.format
-        started = time.perf_counter()
-        events = provider.stream(ctx.request, target.model, ctx.client_format)
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            error = UpstreamError(502, f"Provider {target.provider} sent an empty stream")
-            self._attempt(ctx, started, error)
-            raise error from None
-        except UpstreamError as exc:
-            self._attempt(ctx, started, exc)
-            raise
-        self._attempt(ctx, started)
+        async def open_stream(provider: Provider, target: Target
+                              ) -> AsyncIterator[StreamEvent]:
+            events = provider.stream(ctx.request, target.model, ctx.client_format)
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                raise UpstreamError(502, f"Provider {target.provider} sent an empty stream",
+                                    code="upstream_empty") from None
+            except BaseException:
+                await _aclose(events)
+                raise
+            return _prepend(first, events)
+
+        events = await self._with_fallback(ctx, open_stream)
         ctx.timings["first_token"] = time.perf_counter() - ctx.started
-        return _prepend(first, events)
+        return events
+
+    async def _with_fallback(self, ctx: RequestContext,
+                             call: Callable[[Provider, Target], Awaitable[T]]) -> T:
+        """Tries the routed targets in order: transient failures are retried with backoff,
+        then the next target is tried; other errors end the request at once, except a
+        context-length error, which moves on to a target with a larger context. For a
+        stream, all of this happens before its first byte reaches the client."""
+        last_error: UpstreamError | None = None
+        context_floor: int | None = None
+        for target in self.router.route_targets(ctx):
+            if context_floor is not None and target.context <= context_floor:
+                continue
+            provider = self.providers[target.provider]
+            for retry in range(self.routing.retries + 1):
+                ctx.provider, ctx.model = target.provider, target.model
+                ctx.provider_format = provider.format
+                started = time.perf_counter()
+                try:
+                    result = await call(provider, target)
+                except UpstreamError as exc:
+                    self._attempt(ctx, started, exc)
+                    last_error = exc
+                    if is_context_length(exc):
+                        context_floor = target.context
+                        break
+                    if not is_transient(exc):
+                        raise
+                    self.router.record_failure(target)
+                    if retry == self.routing.retries or self.router.cooling(target):
+                        break
+                    await asyncio.sleep(self.router.backoff(retry, exc))
+                    continue
+                self._attempt(ctx, started)
+                self.router.record_success(target, time.perf_counter() - started)
+                return result
+        assert last_error is not None
+        raise last_error
 
     @staticmethod
     def _attempt(ctx: RequestContext, started: float, error: UpstreamError | None = None) -> None:
@@ -222,6 +253,7 @@ class Pipeline:
             await self._post_response(ctx, response)
         except ProxyError as exc:
             ctx.response = accumulator.response
+            ctx.failed_at_chunk = ctx.stream_chunks
             await self._fail(ctx, exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):

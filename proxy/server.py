@@ -54,6 +54,7 @@ class Gateway:
         host.enable(config)
         self.host = host
         self.pipeline = Pipeline(host, self.router, self.providers,
+                                 routing=config.routing,
                                  plugin_timeout=config.server.plugin_timeout,
                                  classifier_timeout=config.server.classifier_timeout,
                                  on_finish=on_finish)
@@ -88,9 +89,8 @@ class Gateway:
                                     "first_id": names[0] if names else None,
                                     "last_id": names[-1] if names else None}
         else:
-            owners = self.router.models
             body = {"object": "list", "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": owners[n].provider}
+                {"id": n, "object": "model", "created": 0, "owned_by": self.router.owner(n)}
                 for n in names]}
         return HttpResponse(_encode(body), media_type=JSON)
 
@@ -181,6 +181,11 @@ def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
         headers["x-hookproxy-model"] = ctx.model
     if ctx.tags:
         headers["x-hookproxy-tags"] = ",".join(ctx.tags)
+    # What the proxy itself added so far: everything but the time spent waiting upstream.
+    overhead = ctx.elapsed_ms() - ctx.timings.get("upstream", 0.0) * 1000
+    headers["x-hookproxy-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
+    if ctx.attempts:
+        headers["x-hookproxy-attempts"] = str(len(ctx.attempts))
     return headers
 
 

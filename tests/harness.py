@@ -77,6 +77,8 @@ def upstream_config(upstream: Any, **extra: Any) -> dict[str, Any]:
             {"name": "mock-1", "provider": "mock"},
         ],
         "log": {"path": ""},
+        # Errors surface at once here; tests/test_routing.py covers retries and cooldown.
+        "routing": {"retries": 0, "cooldown_failures": 1000},
     }
     for key, value in extra.items():
         config[key] = value
