@@ -32,7 +32,7 @@ class PipelineError(msgspec.Struct, omit_defaults=True):
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
-    """One call to a provider."""
+    """One call to a provider; ``status`` 0 means it gave no HTTP answer."""
 
     provider: str
     model: str

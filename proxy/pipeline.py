@@ -228,7 +228,8 @@ class Pipeline:
         ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
         ctx.attempts.append(Attempt(
             provider=ctx.provider or "", model=ctx.model or "",
-            status=(error.upstream_status or error.status) if error else 200,
+            # 0: the provider gave no HTTP answer (connection failed, timed out).
+            status=error.upstream_status if error else 200,
             error=error.message if error else None,
             latency_ms=round(elapsed * 1000, 3)))
 

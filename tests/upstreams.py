@@ -4,7 +4,12 @@ formats, streaming included, that record what reached them.
 Behaviour is picked by the model name the proxy sends:
   ``*-status-NNN``   answers with HTTP status NNN and an error body in the API's format
   ``*-slow``         waits 3 s before answering (for timeouts)
+  ``*-delay-NNN``    waits NNN milliseconds before answering
   ``*-cut``          streams a little, then drops the connection
+  a script           ``upstream.script(model, [503, "drop", (429, "0.2"), "ok"])``: the next
+                     requests for that model fail with a status (and a Retry-After for
+                     429, a message otherwise), drop
+                     the connection, or go on as usual, one entry per request
   anything else      answers ``echo: <last user text>``, or calls the first tool if the
                      request has tools and its last message is not a tool result
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
@@ -50,6 +56,8 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.times: list[float] = []
+        self.scripts: dict[str, list[Any]] = {}
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()
@@ -92,6 +100,16 @@ class FakeUpstream:
     def last(self) -> dict[str, Any]:
         return self.received[-1]
 
+    def script(self, model: str, steps: list[Any]) -> None:
+        self.scripts[model] = list(steps)
+
+    def count(self, model: str) -> int:
+        return sum(1 for body in self.received if body.get("model") == model)
+
+    def times_for(self, model: str) -> list[float]:
+        return [t for t, body in zip(self.times, self.received, strict=True)
+                if body.get("model") == model]
+
     # --- shared behaviour ---------------------------------------------------------------
 
     async def _common(self, request: web.Request, fmt: str
@@ -99,17 +117,30 @@ class FakeUpstream:
         body = await request.json()
         self.received.append(body)
         self.headers.append(dict(request.headers))
+        self.times.append(time.monotonic())
         model = str(body.get("model", ""))
-        if "-status-" in model:
+        steps = self.scripts.get(model)
+        step = steps.pop(0) if steps else "ok"
+        if step == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return body, web.Response(status=500)
+        status, retry_after = (step if isinstance(step, tuple) else (step, None))
+        if status == "ok" and "-status-" in model:
             status = int(model.rsplit("-", 1)[1])
+        if isinstance(status, int):
             message = f"fake upstream says {status}"
+            if retry_after and status != 429:
+                message, retry_after = f"{message}: {retry_after}", None
             payload = ({"error": {"message": message, "type": "test_error", "code": None}}
                        if fmt == "openai" else
                        {"type": "error", "error": {"type": "test_error", "message": message}})
-            headers = {"retry-after": "1"} if status == 429 else {}
+            headers = {"retry-after": retry_after or "1"} if status == 429 else {}
             return body, web.json_response(payload, status=status, headers=headers)
         if model.endswith("-slow"):
             await asyncio.sleep(3)
+        if "-delay-" in model:
+            await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
         return body, None
 
     # --- OpenAI -------------------------------------------------------------------------
