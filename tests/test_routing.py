@@ -181,7 +181,8 @@ def test_weighted_follows_the_weights(upstream):
 
 def test_least_latency_prefers_the_faster_target_after_warm_up(upstream):
     models = [{"name": "ll", "strategy": "least_latency", "targets": [
-        {"provider": "oai", "model": "r10-delay-150"}, {"provider": "oai", "model": "r10-delay-1"}]}]
+        {"provider": "oai", "model": "r10-delay-150"},
+        {"provider": "oai", "model": "r10-delay-1"}]}]
     with serving(upstream, models) as (proxy, _):
         client = proxy.openai()
         for _ in range(12):
