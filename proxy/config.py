@@ -118,8 +118,24 @@ class RoutingConfig(_Strict):
 
 
 class LogConfig(_Strict):
-    # JSONL request log; "" turns it off.
+    # JSONL request log, relative to the config file's folder; "" turns it off.
     path: str = "logs/requests.jsonl"
+    # Request and response bodies in the record: "none", "truncated" or "full".
+    bodies: Literal["none", "truncated", "full"] = "truncated"
+    # With bodies = "truncated": strings longer than this are cut.
+    truncate_chars: int = 2000
+    # Rotate the file past this size, keeping this many old files (requests.jsonl.1 ...).
+    max_bytes: int = 50 * 1024 * 1024
+    keep: int = 5
+    # Lines waiting to be written; past this they are dropped and counted, not waited for.
+    queue_size: int = 10_000
+
+
+class DashboardConfig(_Strict):
+    # Recent records held in memory for new and reconnecting dashboard subscribers.
+    held: int = 1000
+    # Seconds between keep-alive comments on an idle /dashboard/events stream.
+    keepalive: float = 15.0
 
 
 class Config(_Strict):
@@ -132,6 +148,7 @@ class Config(_Strict):
     plugins: dict[str, dict[str, Any]] = {}
     classifiers: dict[str, dict[str, Any]] = {}
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     # Where this config was read from, for messages.
     source: str = "<config>"
 
@@ -227,7 +244,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return parse_config(data, source)
+    config = parse_config(data, source)
+    if config.log.path and not Path(config.log.path).is_absolute():
+        config.log.path = str(Path(path).parent / config.log.path)
+    return config
 
 
 def available_providers(config: Config, environ: os._Environ[str] | dict[str, str] | None = None

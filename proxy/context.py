@@ -66,6 +66,7 @@ class RequestContext:
         self.scratch: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
+        self.started_wall = time.time()
         self.force_provider: str | None = None
         self.force_model: str | None = None
         # The route rule's target and the model group routing settled on.

@@ -3,7 +3,9 @@ the answer (or the error) in the client's own format."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
@@ -22,9 +24,11 @@ from starlette.routing import Route
 from proxy.canonical import StreamEvent
 from proxy.config import Config, available_providers
 from proxy.context import RequestContext
+from proxy.dashboard import dashboard_routes
 from proxy.errors import ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
+from proxy.observe import Observer
 from proxy.pipeline import Pipeline
 from proxy.plugins import PluginHost
 from proxy.providers import Provider, build_provider
@@ -41,6 +45,8 @@ class Gateway:
     def __init__(self, config: Config, host: PluginHost | None = None,
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.config = config
+        self.observer = Observer(config, prices=_prices(config))
+        self._extra_finish = on_finish
         usable, self.skipped = available_providers(config)
         self._session: aiohttp.ClientSession | None = None
         self.providers: dict[str, Provider] = {
@@ -57,7 +63,12 @@ class Gateway:
                                  routing=config.routing,
                                  plugin_timeout=config.server.plugin_timeout,
                                  classifier_timeout=config.server.classifier_timeout,
-                                 on_finish=on_finish)
+                                 on_finish=self._finished)
+
+    def _finished(self, ctx: RequestContext) -> None:
+        self.observer.finished(ctx)
+        if self._extra_finish is not None:
+            self._extra_finish(ctx)
 
     def session(self) -> aiohttp.ClientSession:
         """The process's one pooled HTTP client session."""
@@ -67,9 +78,13 @@ class Gateway:
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
+    async def start(self) -> None:
+        self.observer.start()
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await asyncio.to_thread(self.observer.close)
 
     # --- endpoints ----------------------------------------------------------------------
 
@@ -106,6 +121,7 @@ class Gateway:
 
     async def _handle(self, http: HttpRequest, wire: ModuleType) -> HttpResponse:
         request_id = uuid.uuid4().hex
+        started, started_wall = time.perf_counter(), time.time()
         ctx: RequestContext | None = None
         try:
             body = await self._read_body(http)
@@ -127,11 +143,16 @@ class Gateway:
             if ctx is None:
                 log.warning("bad_request", request_id=request_id, endpoint=http.url.path,
                             status=exc.status, error=exc.message)
+                self.observer.rejected(request_id, http.url.path, wire.NAME, exc,
+                                       started_wall, started)
             return _error_response(wire, exc, ctx, request_id)
         except Exception as exc:
             log.exception("internal_error", request_id=request_id)
             error = ProxyError(500, f"Internal error in hookproxy: {type(exc).__name__}",
                                stage="proxy")
+            if ctx is None:
+                self.observer.rejected(request_id, http.url.path, wire.NAME, error,
+                                       started_wall, started)
             return _error_response(wire, error, ctx, request_id)
 
     async def _read_body(self, http: HttpRequest) -> bytes:
@@ -197,9 +218,21 @@ def _error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | N
                         headers=headers)
 
 
+def _prices(config: Config) -> dict[tuple[str, str], tuple[float, float]]:
+    """(provider, provider model) -> (input, output) price per million tokens."""
+    prices: dict[tuple[str, str], tuple[float, float]] = {}
+    for model in config.models:
+        for target in model.targets:
+            if target.input_price or target.output_price:
+                prices[(target.provider, target.model)] = (target.input_price,
+                                                           target.output_price)
+    return prices
+
+
 def create_app(gateway: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
         try:
             yield
         finally:
@@ -212,5 +245,6 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/models", gateway.models, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
+        *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

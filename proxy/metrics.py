@@ -1,0 +1,68 @@
+"""Prometheus metrics for ``GET /metrics``, counted from the request records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from proxy.record import Record
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model", "provider")
+        self.requests = Counter("hookproxy_requests", "Requests handled",
+                                (*labels, "status"), registry=self.registry)
+        self.latency = Histogram("hookproxy_request_duration_seconds", "Total request time",
+                                 labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("hookproxy_time_to_first_chunk_seconds",
+                              "Streams: time to the first chunk", labels,
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.overhead = Histogram("hookproxy_overhead_seconds", "Time the proxy added",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.5), registry=self.registry)
+        self.tokens = Counter("hookproxy_tokens", "Tokens", (*labels, "direction"),
+                              registry=self.registry)
+        self.cost = Counter("hookproxy_cost", "Cost from the configured prices", labels,
+                            registry=self.registry)
+        self.upstream_errors = Counter("hookproxy_upstream_errors", "Failed provider calls",
+                                       ("provider", "status"), registry=self.registry)
+        self.registry.register(_Dropped(dropped))
+
+    def observe(self, record: Record) -> None:
+        model, provider = record.model or "-", record.provider or "-"
+        self.requests.labels(model, provider, str(record.status)).inc()
+        self.latency.labels(model, provider).observe(record.duration_ms / 1000)
+        self.overhead.observe(record.overhead_ms / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(model, provider).observe(record.ttft_ms / 1000)
+        if record.input_tokens:
+            self.tokens.labels(model, provider, "input").inc(record.input_tokens)
+        if record.output_tokens:
+            self.tokens.labels(model, provider, "output").inc(record.output_tokens)
+        if record.cost:
+            self.cost.labels(model, provider).inc(record.cost)
+        for attempt in record.attempts:
+            if attempt.error is not None:
+                self.upstream_errors.labels(attempt.provider, str(attempt.status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Dropped:
+    """Reads the log writer's drop count when scraped."""
+
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self.dropped = dropped
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily("hookproxy_log_entries_dropped",
+                                     "Log entries dropped because the log queue was full")
+        family.add_metric([], self.dropped())
+        return [family]
