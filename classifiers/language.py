@@ -32,7 +32,7 @@ _SCRIPTS = [
     (0x0E00, 0x0E7F, "th"),
 ]
 _COMMON_WORDS = {
-    "en": "the and is are you what how this that with for of to in it please can i my we us"
+    "en": "the a an and is are you what how this that with for of to in it please can i my we us"
           " me be do not on at your let",
     "es": "el la los las que de y es por para con una como qué está hola gracias mi",
     "fr": "le la les et est que une des pour avec vous je pas ce dans bonjour merci",
