@@ -133,6 +133,29 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def tail_log(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.tail import Filters, tail
+
+    if args.file:
+        path = Path(args.file)
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(str(exc))
+        if not config.log.path:
+            return _fail(f"{config.source}: [log].path is empty: there is no log to follow")
+        path = Path(config.log.path)
+    if not path.exists() and not args.follow:
+        return _fail(f"{path}: no such log file")
+    filters = Filters(model=args.model, provider=args.provider, tag=args.tag,
+                      status=args.status, grep=args.grep)
+    colour = {"always": True, "never": False}.get(args.color)
+    return tail(path, filters, last=args.lines, follow=args.follow, colour=colour)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookproxy", description="An LLM gateway with "
                                      "pluggy plugins, for OpenAI and Anthropic clients.")
@@ -145,7 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.set_defaults(run=check)
     plugins_cmd = commands.add_parser("plugins", help="list installed plugins and classifiers")
     plugins_cmd.set_defaults(run=plugins)
-    for command in (serve_cmd, check_cmd, plugins_cmd):
+    tail_cmd = commands.add_parser("tail", help="follow the JSONL request log")
+    tail_cmd.add_argument("--file", help="log file (default: [log].path of the config)")
+    tail_cmd.add_argument("-n", "--lines", type=int, default=10,
+                          help="show this many earlier requests first (default 10)")
+    tail_cmd.add_argument("--no-follow", dest="follow", action="store_false",
+                          help="print and exit instead of following")
+    tail_cmd.add_argument("--model", default="", help="requested or answering model contains")
+    tail_cmd.add_argument("--provider", default="", help="provider contains")
+    tail_cmd.add_argument("--tag", default="", help="a tag contains")
+    tail_cmd.add_argument("--status", default="", help="ok, error, 4xx, 5xx or a status code")
+    tail_cmd.add_argument("--grep", default="", help="the record contains this text")
+    tail_cmd.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    tail_cmd.set_defaults(run=tail_log)
+    for command in (serve_cmd, check_cmd, plugins_cmd, tail_cmd):
         command.add_argument("--config", default="config.toml",
                              help="config file (default: ./config.toml)")
     return parser

@@ -136,6 +136,9 @@ class DashboardConfig(_Strict):
     held: int = 1000
     # Seconds between keep-alive comments on an idle /dashboard/events stream.
     keepalive: float = 15.0
+    # Records a subscriber may fall behind by before it is dropped (it then reconnects
+    # and resumes from what is held).
+    subscriber_queue: int = 1000
 
 
 class Config(_Strict):

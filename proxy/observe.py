@@ -26,7 +26,8 @@ class Observer:
         log = config.log
         self.writer = (LogWriter(log.path, max_bytes=log.max_bytes, keep=log.keep,
                                  queue_size=log.queue_size) if log.path else None)
-        self.feed = Feed(held=config.dashboard.held)
+        self.feed = Feed(held=config.dashboard.held,
+                         subscriber_queue=config.dashboard.subscriber_queue)
         self.metrics = Metrics(lambda: self.writer.dropped if self.writer else 0)
 
     def start(self) -> None:

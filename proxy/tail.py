@@ -1,0 +1,137 @@
+"""``hookproxy tail``: follows the JSONL request log, one readable line per request."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+_decode = msgspec.json.Decoder().decode
+COLOURS = {"ok": "\033[32m", "client": "\033[33m", "server": "\033[31m", "dim": "\033[2m",
+           "bold": "\033[1m", "reset": "\033[0m"}
+
+
+@dataclass
+class Filters:
+    model: str = ""
+    provider: str = ""
+    tag: str = ""
+    status: str = ""  # ok, error, 4xx, 5xx or a status code
+    grep: str = ""
+
+    def match(self, record: dict[str, Any], line: str) -> bool:
+        models = f"{record.get('model', '')} {record.get('provider_model') or ''}".lower()
+        if self.model and self.model.lower() not in models:
+            return False
+        if self.provider and self.provider.lower() not in (record.get("provider") or "").lower():
+            return False
+        if self.tag and not any(self.tag.lower() in t.lower() for t in record.get("tags", [])):
+            return False
+        if self.status and not _status_matches(int(record.get("status", 0)), self.status):
+            return False
+        return not self.grep or self.grep.lower() in line.lower()
+
+
+def _status_matches(status: int, wanted: str) -> bool:
+    if wanted == "ok":
+        return status < 400
+    if wanted == "error":
+        return status >= 400
+    if wanted in ("4xx", "5xx"):
+        return status // 100 == int(wanted[0])
+    return str(status) == wanted
+
+
+def format_record(record: dict[str, Any], colour: bool) -> str:
+    def paint(text: str, name: str) -> str:
+        return f"{COLOURS[name]}{text}{COLOURS['reset']}" if colour else text
+
+    status = int(record.get("status", 0))
+    kind = "ok" if status < 400 else "client" if status < 500 else "server"
+    model = record.get("model") or "-"
+    answered = record.get("provider") or "-"
+    if record.get("provider_model"):
+        answered += f"/{record['provider_model']}"
+    parts = [
+        paint(str(record.get("time", ""))[11:23], "dim"),
+        paint(f"{status:3d}", kind),
+        f"{model} -> {answered}",
+        f"{record.get('duration_ms', 0):.1f}ms",
+        f"{record.get('input_tokens', 0)}/{record.get('output_tokens', 0)} tok",
+    ]
+    if record.get("cost"):
+        parts.append(f"${record['cost']:.6f}")
+    if record.get("stream"):
+        parts.append(f"stream:{record.get('chunks', 0)}")
+    if record.get("tags"):
+        parts.append("[" + ",".join(record["tags"]) + "]")
+    if record.get("plugins"):
+        parts.append("{" + ",".join(f"{k}:{v}" for k, v in record["plugins"].items()) + "}")
+    if record.get("cache_hit"):
+        parts.append("cache-hit")
+    attempts = record.get("attempts") or []
+    if len(attempts) > 1:
+        parts.append(f"attempts:{len(attempts)}")
+    if record.get("error"):
+        error = record["error"]
+        parts.append(paint(f"{error.get('stage', '')}: {error.get('message', '')}", kind))
+    return "  ".join(parts)
+
+
+def _lines(path: Path, last: int, follow: bool, poll: float) -> Iterator[str]:
+    """The last ``last`` lines, then (following) new ones, across rotations."""
+    while follow and not path.exists():
+        time.sleep(poll)
+    if not path.exists():
+        return
+    handle = path.open("r", encoding="utf-8")
+    try:
+        yield from deque(handle, maxlen=last) if last else ()
+        if not last:
+            handle.seek(0, os.SEEK_END)
+        pending = ""
+        while follow:
+            chunk = handle.readline()
+            if chunk:
+                pending += chunk
+                if pending.endswith("\n"):
+                    yield pending
+                    pending = ""
+                continue
+            try:
+                rotated = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
+                shrunk = path.stat().st_size < handle.tell()
+            except FileNotFoundError:
+                rotated = shrunk = False
+            if rotated or shrunk:
+                handle.close()
+                handle = path.open("r", encoding="utf-8")
+                continue
+            time.sleep(poll)
+    finally:
+        handle.close()
+
+
+def tail(path: Path, filters: Filters, *, last: int = 10, follow: bool = True,
+         colour: bool | None = None, out: TextIO | None = None, poll: float = 0.2) -> int:
+    out = out or sys.stdout
+    colour = out.isatty() if colour is None else colour
+    try:
+        for line in _lines(path, last, follow, poll):
+            try:
+                record = _decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(record, dict) and filters.match(record, line):
+                out.write(format_record(record, colour) + "\n")
+                out.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
