@@ -41,7 +41,8 @@ def test_dashboard_shows_traffic_live(upstream, browser, tmp_path):
         expect(page.locator("#c-total")).to_have_text("1")
 
         # A request sent through the proxy appears within a second, newest first.
-        hostile = "hello, what is this? <img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>"
+        hostile = ('hello, what is this? <img src=x onerror="window.__xss=1">'
+                   "<script>window.__xss=2</script>")
         raw = client.chat.completions.with_raw_response.create(
             model="claude-test", messages=[{"role": "user", "content": hostile}])
         request_id = raw.headers["x-request-id"]

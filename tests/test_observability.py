@@ -263,7 +263,7 @@ def test_two_subscribers_and_a_stalled_one(upstream, tmp_path):
     async def scenario(url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         # The stalled one asks for the feed and never reads a byte.
-        reader, writer = await asyncio.open_connection(host, int(port))
+        _, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /dashboard/events HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
         async with aiohttp.ClientSession() as session:
