@@ -98,8 +98,11 @@ def check(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {provider.type:<10} {where:<36} {state}")
     print("models:")
     for model in config.models:
-        state = "" if model.provider in usable else "  (provider skipped)"
-        print(f"  {model.name:<24} -> {model.provider}/{model.model}{state}")
+        targets = ", ".join(f"{t.provider}/{t.model}" + ("" if t.provider in usable
+                                                          else " (provider skipped)")
+                            for t in model.targets)
+        strategy = f"{model.strategy}: " if len(model.targets) > 1 else ""
+        print(f"  {model.name:<24} -> {strategy}{targets}")
     print(f"plugins enabled: {', '.join(sorted(host.enabled)) or 'none'}")
     print(f"classifiers enabled: {', '.join(sorted(host.enabled_classifiers)) or 'none'}")
     return 0

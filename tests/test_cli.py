@@ -112,7 +112,8 @@ def test_check_shipped_config():
     assert result.returncode == 0, result.stderr
     assert "config.toml: OK" in result.stdout
     assert "OPENAI_API_KEY is not set" in result.stdout
-    assert "mock-1" in result.stdout
+    assert "mock-1                   -> mock/mock-1" in result.stdout
+    assert "llama3.2                 -> local/llama3.2" in result.stdout
 
 
 @pytest.mark.parametrize(("text", "expected"), [
