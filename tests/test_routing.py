@@ -263,3 +263,36 @@ def test_route_to_an_unknown_model_is_a_config_error(upstream):
     config = upstream_config(upstream, routes=[{"tags_all": ["x"], "to": "nowhere"}])
     with pytest.raises(ConfigError, match=r"routes\[0\].to names 'nowhere'"):
         parse_config(config, "r.toml")
+
+
+def test_a_failing_upstream_never_reaches_the_client_and_the_log_shows_attempts(
+        upstream, tmp_path):
+    import json
+
+    models = [{"name": "duo", "targets": [{"provider": "oai", "model": "r13-status-503"},
+                                          {"provider": "ant", "model": "r13-backup"}]}]
+    routing = {"retries": 1, "cooldown_failures": 4, "cooldown": 0.3}
+    log = {"path": str(tmp_path / "requests.jsonl")}
+    with serving(upstream, models, routing, log=log) as (proxy, _):
+        oai, ant = proxy.openai(), proxy.anthropic()
+        for i in range(12):
+            if i % 4 == 0:
+                assert oai.chat.completions.create(model="duo", messages=HI).choices
+            elif i % 4 == 1:
+                assert "".join(c.choices[0].delta.content or "" for c in
+                               oai.chat.completions.create(model="duo", messages=HI,
+                                                           stream=True))
+            elif i % 4 == 2:
+                assert ant.messages.create(model="duo", max_tokens=9, messages=HI).content
+            else:
+                with ant.messages.stream(model="duo", max_tokens=9, messages=HI) as stream:
+                    assert "".join(stream.text_stream)
+            if i == 5:
+                time.sleep(0.35)  # let the cooldown expire once
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text()
+               .splitlines()]
+    assert len(records) == 12 and all(r["status"] == 200 for r in records)
+    shapes = [[(a["provider"], a["status"]) for a in r["attempts"]] for r in records]
+    assert shapes[0] == [("oai", 503), ("oai", 503), ("ant", 200)]
+    assert shapes[2] == [("ant", 200)]  # cooling down: straight to the backup
+    assert [("oai", 503), ("oai", 503), ("ant", 200)] in shapes[6:]  # and back after it
