@@ -1,0 +1,462 @@
+"""hookproxy's benchmark: hookproxy against the stack's floor (and LiteLLM, if installed),
+all in front of one fast fake upstream, on loopback.
+
+    python bench/run.py                 # the full run, a few minutes on 2 cores
+    python bench/run.py --quick         # a short run, for a quick look
+
+Load comes from wrk (Debian's package; hey for the fixed request counts of the memory
+phase), the same for every contender, with the rounds
+interleaved so that machine drift hits all of them alike. Streaming is measured by a small
+asyncio client here (wrk cannot time chunks). Results go to bench/results/latest.json and,
+with --write-docs, to docs/performance.md and docs/performance.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+BODY = json.dumps({
+    "model": "bench-model",
+    "messages": [{"role": "system", "content": "You are terse."},
+                 {"role": "user", "content": "Say hello to the benchmark, please."}],
+    "max_tokens": 64,
+})
+
+REALISTIC = """
+[server]
+port = {port}
+[log]
+path = "{log}"
+[providers.up]
+type = "openai"
+base_url = "{upstream}/v1"
+[[models]]
+name = "bench-model"
+provider = "up"
+[[models]]
+name = "bench-coder"
+provider = "up"
+[[routes]]
+tags_all = ["code"]
+to = "bench-coder"
+[plugins.system_prompt]
+text = "Answer briefly."
+[plugins.param_limits]
+max_tokens = 1024
+temperature_max = 1.0
+[plugins.content_guard]
+patterns = ["(?i)ignore (all )?previous instructions"]
+[classifiers.code]
+[classifiers.features]
+[classifiers.language]
+"""
+
+BARE = """
+[server]
+port = {port}
+[log]
+path = "{log}"
+[providers.up]
+type = "openai"
+base_url = "{upstream}/v1"
+[[models]]
+name = "bench-model"
+provider = "up"
+"""
+
+LITELLM = """
+model_list:
+  - model_name: bench-model
+    litellm_params:
+      model: openai/bench-model
+      api_base: {upstream}/v1
+      api_key: bench
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Contender:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.runs.setdefault(key, []).append(value)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=BODY.encode(),
+                                     headers={"content-type": "application/json"})
+    while True:
+        try:
+            urllib.request.urlopen(request, timeout=2).read()
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{url}: the server exited") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}: not ready after {timeout}s") from None
+            time.sleep(0.2)
+
+
+def start(name: str, command: list[str], port: int, **kwargs: Any) -> Contender:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               **kwargs)
+    contender = Contender(name, f"http://127.0.0.1:{port}", process)
+    try:
+        wait_ready(contender.url, process)
+    except RuntimeError:
+        stop(contender)
+        raise
+    return contender
+
+
+def stop(contender: Contender) -> None:
+    if contender.process is not None and contender.process.poll() is None:
+        contender.process.send_signal(signal.SIGTERM)
+        try:
+            contender.process.wait(15)
+        except subprocess.TimeoutExpired:
+            contender.process.kill()
+
+
+# --- load ------------------------------------------------------------------------------
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+"""
+
+
+def _script(directory: Path) -> Path:
+    path = directory / "post.lua"
+    path.write_text(LUA.format(body=BODY))
+    return path
+
+
+def hey(url: str, requests: int) -> None:
+    """Exactly ``requests`` requests at 50 concurrent (wrk runs for a time, not a count)."""
+    output = subprocess.run(["hey", "-n", str(requests), "-c", "50", "-m", "POST", "-T",
+                             "application/json", "-d", BODY, f"{url}/v1/chat/completions"],
+                            capture_output=True, text=True, check=True).stdout
+    if f"[200]\t{requests} responses" not in output:
+        raise RuntimeError(f"{url}: not every request got a 200:\n{output}")
+
+
+def _duration(text: str) -> float:
+    """wrk's '312.00us' / '1.20ms' / '2.00s' in milliseconds."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert match, text
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url: str, script: Path, *, connections: int, threads: int, seconds: float,
+        latency: bool = False) -> dict[str, float]:
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
+               f"{url}/v1/chat/completions"]
+    if latency:
+        command.insert(1, "--latency")
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+              "requests": float(re.search(r"(\d+) requests in", output).group(1))}  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       output)
+    result["errors"] = float(bad.group(1)) if bad else 0.0
+    if errors:
+        result["errors"] += sum(float(x) for x in errors.groups())
+    if latency:
+        for percentile in ("50", "99"):
+            found = re.search(rf"^\s+{percentile}(?:\.000)?%\s+(\S+)", output, re.MULTILINE)
+            assert found, output
+            result[f"p{percentile}"] = _duration(found.group(1))
+    return result
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    current = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return current / 1024, peak / 1024
+
+
+async def _stream_once(session: aiohttp.ClientSession, url: str, chunks: int
+                       ) -> tuple[float, float]:
+    body = json.dumps({**json.loads(BODY), "stream": True, "max_tokens": chunks})
+    started = time.perf_counter()
+    first = last = 0.0
+    seen = 0
+    async with session.post(f"{url}/v1/chat/completions", data=body,
+                            headers={"content-type": "application/json"}) as response:
+        assert response.status == 200, await response.text()
+        pending = b""
+        async for data in response.content.iter_any():
+            now = time.perf_counter()
+            pending += data
+            events = pending.split(b"\n\n")
+            pending = events.pop()
+            for event in events:
+                if event.startswith(b"data: {") and b'"content":"word' in event:
+                    seen += 1
+                    if seen == 1:
+                        first = now
+                    last = now
+    assert seen == chunks, f"{url}: {seen} of {chunks} chunks"
+    return (first - started) * 1000, (seen - 1) / (last - first) if last > first else 0.0
+
+
+def stream_stats(url: str, requests: int, chunks: int = 200) -> tuple[float, float]:
+    """Median time to first chunk (ms) and chunks per second over sequential streams."""
+    async def run() -> tuple[float, float]:
+        async with aiohttp.ClientSession() as session:
+            await _stream_once(session, url, chunks)  # warm-up
+            results = [await _stream_once(session, url, chunks) for _ in range(requests)]
+        return (statistics.median(r[0] for r in results),
+                statistics.median(r[1] for r in results))
+
+    return asyncio.run(run())
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter rounds, fewer requests")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write docs/performance.md and docs/performance.svg")
+    args = parser.parse_args()
+    missing = [tool for tool in ("wrk", "hey", "curl") if not shutil.which(tool)]
+    if missing:
+        print(f"bench: needs {', '.join(missing)}: apt-get install {' '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    rounds, seconds = (2, 3) if args.quick else (3, 8)
+    memory_marks = (2_000, 10_000) if args.quick else (10_000, 100_000)
+    stream_requests = 10 if args.quick else 30
+
+    workdir = Path(tempfile.mkdtemp(prefix="hookproxy-bench-"))
+    upstream_port = free_port()
+    upstream = start("upstream", [PYTHON, str(BENCH / "upstream.py"), "--port",
+                                  str(upstream_port)], upstream_port)
+    direct = Contender("direct", upstream.url, upstream.process)
+    contenders: list[Contender] = []
+    subscriber: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        contenders.append(start("floor", [PYTHON, str(BENCH / "floor.py"), "--port", str(port),
+                                          "--upstream", upstream.url], port))
+        for name, template in (("hookproxy-bare", BARE), ("hookproxy", REALISTIC)):
+            port = free_port()
+            config = workdir / f"{name}.toml"
+            config.write_text(template.format(port=port, upstream=upstream.url,
+                                              log=workdir / f"{name}.jsonl"))
+            contenders.append(start(name, [PYTHON, "-m", "proxy.cli", "serve", "--config",
+                                           str(config)], port, cwd=ROOT))
+        realistic = contenders[-1]
+        subscriber = subprocess.Popen(
+            ["curl", "-sN", f"{realistic.url}/dashboard/events"], stdout=subprocess.DEVNULL)
+        if shutil.which("litellm"):
+            port = free_port()
+            config = workdir / "litellm.yaml"
+            config.write_text(LITELLM.format(upstream=upstream.url))
+            contenders.append(start("litellm", ["litellm", "--config", str(config), "--port",
+                                                str(port), "--num_workers", "1"], port))
+        else:
+            print("bench: LiteLLM is not installed (no `litellm` command); carrying on "
+                  "without it", file=sys.stderr)
+
+        plain = _script(workdir)
+        print(f"memory: {memory_marks[0]:,} then {memory_marks[1]:,} requests each",
+              file=sys.stderr)
+        for contender in contenders:
+            served = 0
+            for mark in memory_marks:
+                hey(contender.url, mark - served)
+                served = mark
+                contender.results[f"rss_after_{mark}"] = rss_mb(contender.pid)[0]
+
+        print(f"throughput: {rounds} rounds of {seconds}s at 50 connections", file=sys.stderr)
+        for _ in range(rounds):
+            for contender in contenders:
+                result = wrk(contender.url, plain, connections=50, threads=1, seconds=seconds)
+                contender.add("rps", result["rps"])
+                contender.add("errors", result["errors"])
+
+        print("sequential latency", file=sys.stderr)
+        for _ in range(rounds):
+            for contender in [direct, *contenders]:
+                result = wrk(contender.url, plain, connections=1, threads=1,
+                             seconds=max(3, seconds // 2), latency=True)
+                contender.add("p50", result["p50"])
+                contender.add("p99", result["p99"])
+
+        print("streaming", file=sys.stderr)
+        for _ in range(rounds):
+            for contender in [direct, *contenders]:
+                ttft, rate = stream_stats(contender.url, stream_requests)
+                contender.add("ttft", ttft)
+                contender.add("chunks_per_s", rate)
+
+        for contender in [direct, *contenders]:
+            for key, values in contender.runs.items():
+                contender.results[key] = (sum(values) if key == "errors"
+                                          else statistics.median(values))
+            contender.results["peak_rss"] = rss_mb(contender.pid)[1]
+    finally:
+        if subscriber is not None:
+            subscriber.terminate()
+        for contender in contenders:
+            stop(contender)
+        stop(upstream)
+
+    report = _report(direct, contenders, memory_marks, args)
+    print(report["table"])
+    results = BENCH / "results"
+    results.mkdir(exist_ok=True)
+    (results / "latest.json").write_text(json.dumps(report["json"], indent=2))
+    if args.write_docs:
+        _write_docs(report)
+    return 0
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, int],
+            args: argparse.Namespace) -> dict[str, Any]:
+    floor = contenders[0].results
+    rows = []
+    header = ("| contender | req/s at 50 conc. | × floor | p50 ms (+ direct) | p99 ms | "
+              "first chunk ms (+ floor) | chunks/s (× floor) | peak MiB | "
+              f"MiB after {marks[0]:,} / {marks[1]:,} |")
+    rows.append(header)
+    rows.append("|" + " --- |" * 9)
+    for contender in [direct, *contenders]:
+        r = contender.results
+        is_direct = contender is direct
+        rps = "–" if is_direct else f"{r['rps']:,.0f}"
+        ratio = "–" if is_direct else f"{r['rps'] / floor['rps']:.2f}"
+        p50 = f"{r['p50']:.3f}" + ("" if is_direct else
+                                   f" (+{r['p50'] - direct.results['p50']:.3f})")
+        ttft = f"{r['ttft']:.2f}" + ("" if is_direct or contender is contenders[0] else
+                                     f" (+{r['ttft'] - floor['ttft']:.2f})")
+        chunks = f"{r['chunks_per_s']:,.0f}" + ("" if is_direct else
+                                                f" ({r['chunks_per_s'] / floor['chunks_per_s']:.2f})")
+        memory = "–" if is_direct else (f"{r[f'rss_after_{marks[0]}']:.1f} / "
+                                        f"{r[f'rss_after_{marks[1]}']:.1f}")
+        errors = "" if is_direct or not r.get("errors") else f" ({r['errors']:.0f} errors)"
+        rows.append(f"| {contender.name} | {rps}{errors} | {ratio} | {p50} | {r['p99']:.3f} | "
+                    f"{ttft} | {chunks} | {r['peak_rss']:.1f} | {memory} |")
+    command = "python bench/run.py" + (" --quick" if args.quick else "") + " --write-docs"
+    return {
+        "table": "\n".join(rows),
+        "command": command,
+        "machine": _machine(),
+        "json": {"machine": _machine(), "command": command,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "contenders": {c.name: c.results for c in [direct, *contenders]}},
+        "contenders": [direct, *contenders],
+    }
+
+
+def _svg(contenders: list[Contender], direct: Contender) -> str:
+    """Two bar charts: throughput, and sequential p50 added over direct."""
+    proxies = [c for c in contenders]
+    width, bar, gap, left = 760, 26, 12, 150
+    height = 60 + 2 * (len(proxies) * (bar + gap) + 50)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           'font-family="sans-serif" font-size="13">',
+           f'<rect width="{width}" height="{height}" fill="#fff"/>']
+    y = 30
+    for title, key, unit, scale_of in (
+            ("Throughput, requests/s at 50 concurrent (higher is better)", "rps", "", None),
+            ("Added latency, sequential p50 over direct, ms (lower is better)", "p50", " ms",
+             direct)):
+        out.append(f'<text x="10" y="{y}" font-weight="bold">{title}</text>')
+        y += 14
+        values = [c.results[key] - (scale_of.results[key] if scale_of else 0) for c in proxies]
+        top = max(max(values), 1e-9)
+        for contender, value in zip(proxies, values, strict=True):
+            length = max(2, (width - left - 120) * value / top)
+            colour = "#3b6fd8" if contender.name.startswith("hookproxy") else "#999"
+            out.append(f'<text x="10" y="{y + 18}">{contender.name}</text>')
+            out.append(f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar}" '
+                       f'fill="{colour}"/>')
+            label = f"{value:,.0f}" if key == "rps" else f"{value:.3f}{unit}"
+            out.append(f'<text x="{left + length + 6:.1f}" y="{y + 18}">{label}</text>')
+            y += bar + gap
+        y += 36
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _write_docs(report: dict[str, Any]) -> None:
+    contenders: list[Contender] = report["contenders"]
+    direct, proxies = contenders[0], contenders[1:]
+    (ROOT / "docs" / "performance.svg").write_text(_svg(proxies, direct))
+    path = ROOT / "docs" / "performance.md"
+    text = path.read_text() if path.exists() else ""
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    block = (f"{begin}\nMeasured {report['json']['date']} on {report['machine']}, with "
+             f"`{report['command']}`:\n\n{report['table']}\n\n"
+             f"![throughput and added latency](performance.svg)\n{end}")
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
