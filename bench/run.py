@@ -263,6 +263,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter rounds, fewer requests")
+    parser.add_argument("--phases", default="memory,throughput,latency,streaming",
+                        help="comma-separated subset to run (for quick looks while tuning)")
     parser.add_argument("--write-docs", action="store_true",
                         help="write docs/performance.md and docs/performance.svg")
     args = parser.parse_args()
@@ -307,9 +309,11 @@ def main() -> int:
                   "without it", file=sys.stderr)
 
         plain = _script(workdir)
-        print(f"memory: {memory_marks[0]:,} then {memory_marks[1]:,} requests each",
-              file=sys.stderr)
-        for contender in contenders:
+        phases = set(args.phases.split(","))
+        if "memory" in phases:
+            print(f"memory: {memory_marks[0]:,} then {memory_marks[1]:,} requests each",
+                  file=sys.stderr)
+        for contender in contenders if "memory" in phases else ():
             served = 0
             for mark in memory_marks:
                 hey(contender.url, mark - served)
@@ -317,14 +321,14 @@ def main() -> int:
                 contender.results[f"rss_after_{mark}"] = rss_mb(contender.pid)[0]
 
         print(f"throughput: {rounds} rounds of {seconds}s at 50 connections", file=sys.stderr)
-        for _ in range(rounds):
+        for _ in range(rounds if "throughput" in phases else 0):
             for contender in contenders:
                 result = wrk(contender.url, plain, connections=50, threads=1, seconds=seconds)
                 contender.add("rps", result["rps"])
                 contender.add("errors", result["errors"])
 
         print("sequential latency", file=sys.stderr)
-        for _ in range(rounds):
+        for _ in range(rounds if "latency" in phases else 0):
             for contender in [direct, *contenders]:
                 result = wrk(contender.url, plain, connections=1, threads=1,
                              seconds=max(3, seconds // 2), latency=True)
@@ -332,7 +336,7 @@ def main() -> int:
                 contender.add("p99", result["p99"])
 
         print("streaming", file=sys.stderr)
-        for _ in range(rounds):
+        for _ in range(rounds if "streaming" in phases else 0):
             for contender in [direct, *contenders]:
                 ttft, rate = stream_stats(contender.url, stream_requests)
                 contender.add("ttft", ttft)
@@ -350,6 +354,10 @@ def main() -> int:
             stop(contender)
         stop(upstream)
 
+    if phases != {"memory", "throughput", "latency", "streaming"}:
+        for contender in [direct, *contenders]:
+            print(contender.name, {k: round(v, 3) for k, v in contender.results.items()})
+        return 0
     report = _report(direct, contenders, memory_marks, args)
     print(report["table"])
     results = BENCH / "results"
@@ -377,23 +385,23 @@ def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, in
             args: argparse.Namespace) -> dict[str, Any]:
     floor = contenders[0].results
     rows = []
-    header = ("| contender | req/s at 50 conc. | × floor | p50 ms (+ direct) | p99 ms | "
-              "first chunk ms (+ floor) | chunks/s (× floor) | peak MiB | "
+    header = ("| contender | req/s at 50 conc. | x floor | p50 ms (+ direct) | p99 ms | "
+              "first chunk ms (+ floor) | chunks/s (x floor) | peak MiB | "
               f"MiB after {marks[0]:,} / {marks[1]:,} |")
     rows.append(header)
     rows.append("|" + " --- |" * 9)
     for contender in [direct, *contenders]:
         r = contender.results
         is_direct = contender is direct
-        rps = "–" if is_direct else f"{r['rps']:,.0f}"
-        ratio = "–" if is_direct else f"{r['rps'] / floor['rps']:.2f}"
+        rps = "-" if is_direct else f"{r['rps']:,.0f}"
+        ratio = "-" if is_direct else f"{r['rps'] / floor['rps']:.2f}"
         p50 = f"{r['p50']:.3f}" + ("" if is_direct else
                                    f" (+{r['p50'] - direct.results['p50']:.3f})")
         ttft = f"{r['ttft']:.2f}" + ("" if is_direct or contender is contenders[0] else
                                      f" (+{r['ttft'] - floor['ttft']:.2f})")
-        chunks = f"{r['chunks_per_s']:,.0f}" + ("" if is_direct else
-                                                f" ({r['chunks_per_s'] / floor['chunks_per_s']:.2f})")
-        memory = "–" if is_direct else (f"{r[f'rss_after_{marks[0]}']:.1f} / "
+        chunk_ratio = r["chunks_per_s"] / floor["chunks_per_s"]
+        chunks = f"{r['chunks_per_s']:,.0f}" + ("" if is_direct else f" ({chunk_ratio:.2f})")
+        memory = "-" if is_direct else (f"{r[f'rss_after_{marks[0]}']:.1f} / "
                                         f"{r[f'rss_after_{marks[1]}']:.1f}")
         errors = "" if is_direct or not r.get("errors") else f" ({r['errors']:.0f} errors)"
         rows.append(f"| {contender.name} | {rps}{errors} | {ratio} | {p50} | {r['p99']:.3f} | "

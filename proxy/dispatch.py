@@ -35,32 +35,71 @@ class HookFailed(Exception):
 
 def implementations(pm: pluggy.PluginManager, hook: str,
                     active: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """(plugin name, HookImpl) for the active plugins, in the order pluggy would call them."""
+    """(plugin name, HookImpl) for the active plugins, in the order pluggy would call them.
+
+    Most requests share one ``active`` mapping (the config's), so the answer is kept per
+    (plugin manager, hook, mapping) until a plugin is registered or unregistered.
+    """
+    key = (id(pm), hook, id(active))
+    cached = _found.get(key)
+    if cached is not None and cached[0] is active and cached[1] is pm:
+        return cached[2]
     caller = getattr(pm.hook, hook)
     found = []
     for impl in reversed(caller.get_hookimpls()):
         name = pm.get_name(impl.plugin)
         if name is not None and name in active:
             found.append((name, impl))
+    _found[key] = (active, pm, found)
+    if len(_found) > 1024:
+        _found.pop(next(iter(_found)))
     return found
 
 
-async def call_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any],
-                    timeout: float) -> Any:
-    """Calls one implementation with the arguments it asks for; awaits it if it is async.
+def forget_implementations() -> None:
+    """Drops what ``implementations`` remembered; called when plugins change."""
+    _found.clear()
 
-    Raises ``HookFailed`` for an error or a timeout; a ``ProxyError`` (a ``Reject``)
-    passes through with the plugin's name on it.
-    """
+
+_found: dict[tuple[int, str, int], tuple[Mapping[str, Any], pluggy.PluginManager,
+                                         list[tuple[str, Any]]]] = {}
+
+
+def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:
+    """Calls one implementation with the arguments it asks for. Returns its result, or the
+    awaitable an async implementation gave (for ``finish_impl``)."""
     try:
-        result = impl.function(*[arguments[name] for name in impl.argnames])
-        if inspect.isawaitable(result):
-            result = await asyncio.wait_for(result, timeout)
+        return impl.function(*[arguments[name] for name in impl.argnames])
     except ProxyError as exc:
         exc.plugin = exc.plugin or plugin
         raise
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
+
+
+async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> Any:
+    """Awaits what ``start_impl`` returned if it is awaitable, bounded by ``timeout``."""
+    if not inspect.isawaitable(result):
+        return result
+    try:
+        return await asyncio.wait_for(result, timeout)
+    except ProxyError as exc:
+        exc.plugin = exc.plugin or plugin
+        raise
+    except Exception as exc:
+        raise HookFailed(plugin, hook, exc) from exc
+
+
+async def call_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any],
+                    timeout: float) -> Any:
+    """Calls one implementation and awaits it if it is async.
+
+    Raises ``HookFailed`` for an error or a timeout; a ``ProxyError`` (a ``Reject``)
+    passes through with the plugin's name on it.
+    """
+    result = start_impl(plugin, hook, impl, arguments)
+    if inspect.isawaitable(result):
+        return await finish_impl(plugin, hook, result, timeout)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -33,26 +34,49 @@ class Metrics:
         self.upstream_errors = Counter("hookproxy_upstream_errors", "Failed provider calls",
                                        ("provider", "status"), registry=self.registry)
         self.registry.register(_Dropped(dropped))
+        self._cache: dict[tuple[str, str, int], _Children] = {}
+
+    def _children(self, model: str, provider: str, status: int) -> _Children:
+        # labels() takes a lock and builds keys on every call: look each series up once.
+        key = (model, provider, status)
+        children = self._cache.get(key)
+        if children is None:
+            children = self._cache[key] = _Children(
+                self.requests.labels(model, provider, str(status)),
+                self.latency.labels(model, provider), self.ttft.labels(model, provider),
+                self.tokens.labels(model, provider, "input"),
+                self.tokens.labels(model, provider, "output"),
+                self.cost.labels(model, provider))
+        return children
 
     def observe(self, record: Record) -> None:
-        model, provider = record.model or "-", record.provider or "-"
-        self.requests.labels(model, provider, str(record.status)).inc()
-        self.latency.labels(model, provider).observe(record.duration_ms / 1000)
+        children = self._children(record.model or "-", record.provider or "-", record.status)
+        children.requests.inc()
+        children.latency.observe(record.duration_ms / 1000)
         self.overhead.observe(record.overhead_ms / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(model, provider).observe(record.ttft_ms / 1000)
+            children.ttft.observe(record.ttft_ms / 1000)
         if record.input_tokens:
-            self.tokens.labels(model, provider, "input").inc(record.input_tokens)
+            children.input_tokens.inc(record.input_tokens)
         if record.output_tokens:
-            self.tokens.labels(model, provider, "output").inc(record.output_tokens)
+            children.output_tokens.inc(record.output_tokens)
         if record.cost:
-            self.cost.labels(model, provider).inc(record.cost)
+            children.cost.inc(record.cost)
         for attempt in record.attempts:
             if attempt.error is not None:
                 self.upstream_errors.labels(attempt.provider, str(attempt.status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Children(NamedTuple):
+    requests: Any
+    latency: Any
+    ttft: Any
+    input_tokens: Any
+    output_tokens: Any
+    cost: Any
 
 
 class _Dropped:

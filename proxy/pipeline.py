@@ -10,6 +10,7 @@ best effort: errors are reported to on_error observers and the answer still goes
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from proxy.canonical import (
 )
 from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
-from proxy.dispatch import HookFailed, call_impl, implementations
+from proxy.dispatch import HookFailed, call_impl, finish_impl, implementations, start_impl
 from proxy.errors import ProxyError, UpstreamError
 from proxy.plugins import PluginHost
 from proxy.providers import Provider
@@ -140,26 +141,44 @@ class Pipeline:
         if not impls:
             return
         started = time.perf_counter()
-
-        async def run_one(name: str, impl: Any) -> Iterable[str]:
+        results: list[Iterable[str]] = []
+        pending: list[tuple[str, Any]] = []
+        for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
             try:
-                return await call_impl(name, "classify", impl, arguments,
-                                       self.classifier_timeout) or ()
+                result = start_impl(name, "classify", impl, arguments)
             except (HookFailed, ProxyError) as exc:
-                error = exc.error if isinstance(exc, HookFailed) else exc
-                ctx.classifier_errors[name] = _describe(error)
-                await self._report(ctx, PipelineError(
-                    stage="classify", plugin=name, message=_describe(error),
-                    type=type(error).__name__, exception=error))
+                await self._classifier_failed(ctx, name, exc)
+                continue
+            if inspect.isawaitable(result):
+                pending.append((name, result))
+            else:
+                results.append(result or ())
+
+        async def finish(name: str, awaitable: Any) -> Iterable[str]:
+            try:
+                return await finish_impl(name, "classify", awaitable,
+                                         self.classifier_timeout) or ()
+            except (HookFailed, ProxyError) as exc:
+                await self._classifier_failed(ctx, name, exc)
                 return ()
 
-        results = await asyncio.gather(*(run_one(name, impl) for name, impl in impls))
+        # Sync classifiers have already run; async ones run side by side, each bounded.
+        if pending:
+            results.extend(await asyncio.gather(*(finish(n, a) for n, a in pending)))
         for tags in results:
             for tag in tags:
                 if tag not in ctx.tags:
                     ctx.tags.append(str(tag))
         ctx.timings["classify"] = time.perf_counter() - started
+
+    async def _classifier_failed(self, ctx: RequestContext, name: str,
+                                 exc: HookFailed | ProxyError) -> None:
+        error = exc.error if isinstance(exc, HookFailed) else exc
+        ctx.classifier_errors[name] = _describe(error)
+        await self._report(ctx, PipelineError(stage="classify", plugin=name,
+                                              message=_describe(error),
+                                              type=type(error).__name__, exception=error))
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
         async def complete(provider: Provider, target: Target) -> Response:

@@ -15,7 +15,12 @@ import pluggy
 
 from proxy import hookspecs
 from proxy.config import Config, ConfigError
-from proxy.dispatch import HookFailed, call_impl_sync, implementations
+from proxy.dispatch import (
+    HookFailed,
+    call_impl_sync,
+    forget_implementations,
+    implementations,
+)
 from proxy.errors import BadRequest
 
 PLUGIN_GROUP = "hookproxy.plugins"
@@ -85,6 +90,7 @@ class PluginHost:
     def add(self, plugin: object, name: str, kind: str = "plugin",
             info: PluginInfo | None = None) -> PluginInfo:
         """Registers a plugin object (a module or any object with hookimpls) by name."""
+        forget_implementations()
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
         try:

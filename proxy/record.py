@@ -38,6 +38,7 @@ from proxy.context import Attempt, RequestContext
 
 Bodies = Literal["none", "truncated", "full"]
 _SECRET_KEYS = ("key", "token", "secret", "authorization", "password")
+_encode = msgspec.json.Encoder().encode
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):
@@ -90,14 +91,25 @@ def _ms(seconds: float | None) -> float | None:
 def _body(value: Any, bodies: Bodies, limit: int) -> Any:
     if bodies == "none" or value is None:
         return None
-    return _scrub(msgspec.to_builtins(value), limit if bodies == "truncated" else 0)
+    # The common case costs one msgspec encode: a body whose whole JSON is shorter than the
+    # limit has no string to cut, and is embedded as it is encoded.
+    encoded = _encode(value)
+    extra = getattr(value, "extra", None) or {}
+    secret = any(_is_secret(k) for k in extra)
+    if not secret and (bodies == "full" or len(encoded) <= limit):
+        return msgspec.Raw(encoded)
+    return _scrub(msgspec.json.decode(encoded), limit if bodies == "truncated" else 0)
+
+
+def _is_secret(key: str) -> bool:
+    key = key.lower()
+    return any(s in key for s in _SECRET_KEYS)
 
 
 def _scrub(value: Any, limit: int) -> Any:
     """Drops secret-looking keys; with ``limit``, cuts long strings."""
     if isinstance(value, dict):
-        return {k: ("[redacted]" if any(s in k.lower() for s in _SECRET_KEYS)
-                    and isinstance(v, str) else _scrub(v, limit))
+        return {k: ("[redacted]" if isinstance(v, str) and _is_secret(k) else _scrub(v, limit))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v, limit) for v in value]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
@@ -120,7 +120,7 @@ class Gateway:
     # --- the request path ---------------------------------------------------------------
 
     async def _handle(self, http: HttpRequest, wire: ModuleType) -> HttpResponse:
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()
         started, started_wall = time.perf_counter(), time.time()
         ctx: RequestContext | None = None
         try:
@@ -128,7 +128,7 @@ class Gateway:
             request = wire.decode_request(body)
             plugins, classifiers = self.host.for_request(request.extra.pop("hookproxy", None))
             ctx = RequestContext(
-                request, request_id=request_id, endpoint=http.url.path,
+                request, request_id=request_id, endpoint=http.scope["path"],
                 client_format=wire.NAME, headers=dict(http.headers),
                 plugin_settings=plugins, classifier_settings=classifiers)
             if request.stream:
@@ -141,9 +141,9 @@ class Gateway:
                                 media_type=JSON, headers=_headers(ctx, request_id))
         except ProxyError as exc:
             if ctx is None:
-                log.warning("bad_request", request_id=request_id, endpoint=http.url.path,
+                log.warning("bad_request", request_id=request_id, endpoint=http.scope["path"],
                             status=exc.status, error=exc.message)
-                self.observer.rejected(request_id, http.url.path, wire.NAME, exc,
+                self.observer.rejected(request_id, http.scope["path"], wire.NAME, exc,
                                        started_wall, started)
             return _error_response(wire, exc, ctx, request_id)
         except Exception as exc:
@@ -151,7 +151,7 @@ class Gateway:
             error = ProxyError(500, f"Internal error in hookproxy: {type(exc).__name__}",
                                stage="proxy")
             if ctx is None:
-                self.observer.rejected(request_id, http.url.path, wire.NAME, error,
+                self.observer.rejected(request_id, http.scope["path"], wire.NAME, error,
                                        started_wall, started)
             return _error_response(wire, error, ctx, request_id)
 
