@@ -73,8 +73,11 @@ class RequestContext:
         self.route: str | None = None
         self.model_group: str | None = None
         # The plugins taking part in this request -> their settings for it.
-        self.plugin_settings: dict[str, dict[str, Any]] = plugin_settings or {}
-        self.classifier_settings: dict[str, dict[str, Any]] = classifier_settings or {}
+        # (the same mapping object for most requests: hook lookups are cached by it)
+        self.plugin_settings: dict[str, dict[str, Any]] = (
+            {} if plugin_settings is None else plugin_settings)
+        self.classifier_settings: dict[str, dict[str, Any]] = (
+            {} if classifier_settings is None else classifier_settings)
         # plugin name -> what it did: modified, short_circuit, rejected, failed
         self.plugin_actions: dict[str, str] = {}
         self.classifier_errors: dict[str, str] = {}
@@ -87,6 +90,10 @@ class RequestContext:
         self.status = 200
         self.error: PipelineError | None = None
         self.stream_chunks = 0
+        # The client's body as it came (None once it no longer stands for the request),
+        # and the provider's answer as it came when it is in the client's format.
+        self.raw_body: bytes | None = None
+        self.raw_response: bytes | None = None
         # For a stream that broke after it began: how many chunks had gone out.
         self.failed_at_chunk: int | None = None
 

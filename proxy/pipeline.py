@@ -182,7 +182,15 @@ class Pipeline:
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
         async def complete(provider: Provider, target: Target) -> Response:
-            return await provider.complete(ctx.request, target.model, ctx.client_format)
+            # Nothing changed the client's body and the provider speaks its format: send
+            # the bytes as they came, and pass the provider's bytes back the same way.
+            unchanged = (ctx.raw_body is not None and provider.format == ctx.client_format
+                         and target.model == ctx.request.model
+                         and not any(a != "rejected" for a in ctx.plugin_actions.values()))
+            response, ctx.raw_response = await provider.complete(
+                ctx.request, target.model, ctx.client_format,
+                ctx.raw_body if unchanged else None)
+            return response
 
         return await self._with_fallback(ctx, complete)
 
@@ -329,8 +337,10 @@ class Pipeline:
             if isinstance(result, Response):
                 response = ctx.response = result
                 ctx.plugin_actions.setdefault(name, "modified")
+                ctx.raw_response = None
             elif _fingerprint(response) != before:
                 ctx.plugin_actions.setdefault(name, "modified")
+                ctx.raw_response = None
         return response
 
     async def _end(self, ctx: RequestContext) -> None:

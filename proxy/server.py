@@ -126,19 +126,24 @@ class Gateway:
         try:
             body = await self._read_body(http)
             request = wire.decode_request(body)
-            plugins, classifiers = self.host.for_request(request.extra.pop("hookproxy", None))
+            own_field = request.extra.pop("hookproxy", None)
+            plugins, classifiers = self.host.for_request(own_field)
             ctx = RequestContext(
                 request, request_id=request_id, endpoint=http.scope["path"],
                 client_format=wire.NAME, headers=dict(http.headers),
                 plugin_settings=plugins, classifier_settings=classifiers)
+            if own_field is None and not request.stream:
+                ctx.raw_body = body
             if request.stream:
                 events = await self.pipeline.open_stream(ctx)
                 return StreamingResponse(self._stream_body(ctx, wire, events),
                                          media_type="text/event-stream",
                                          headers=_headers(ctx, request_id))
             response = await self.pipeline.run(ctx)
-            return HttpResponse(wire.encode_response(response, same_format=ctx.same_format),
-                                media_type=JSON, headers=_headers(ctx, request_id))
+            content = ctx.raw_response
+            if content is None:
+                content = wire.encode_response(response, same_format=ctx.same_format)
+            return HttpResponse(content, media_type=JSON, headers=_headers(ctx, request_id))
         except ProxyError as exc:
             if ctx is None:
                 log.warning("bad_request", request_id=request_id, endpoint=http.scope["path"],

@@ -16,8 +16,13 @@ class Provider(Protocol):
     # The wire format it speaks ("openai", "anthropic"), or "mock".
     format: str
 
-    async def complete(self, request: Request, model: str, client_format: str) -> Response:
-        """Answers a whole request; raises ``UpstreamError`` on failure."""
+    async def complete(self, request: Request, model: str, client_format: str,
+                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+        """Answers a whole request; raises ``UpstreamError`` on failure.
+
+        ``raw_body``, when given, is the client's own body in this provider's format,
+        unchanged: it is sent as it is. Returns the response and, when the provider
+        speaks ``client_format``, its body as it came (to pass on as it is)."""
         ...
 
     def stream(self, request: Request, model: str, client_format: str

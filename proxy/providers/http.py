@@ -84,8 +84,9 @@ class HttpProvider:
         message = f"Provider {self.name} returned {response.status}: {_error_message(body)}"
         raise upstream_error(response.status, message, response.headers.get("retry-after"))
 
-    async def complete(self, request: Request, model: str, client_format: str) -> Response:
-        body = self._body(request, model, client_format)
+    async def complete(self, request: Request, model: str, client_format: str,
+                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+        body = raw_body if raw_body is not None else self._body(request, model, client_format)
         try:
             async with self._session().post(self.url, data=body, headers=self.headers,
                                             timeout=self.timeout) as response:
@@ -95,7 +96,8 @@ class HttpProvider:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
-        return self._wire.decode_response(payload)
+        return (self._wire.decode_response(payload),
+                payload if client_format == self.format else None)
 
     async def stream(self, request: Request, model: str, client_format: str
                      ) -> AsyncIterator[StreamEvent]:

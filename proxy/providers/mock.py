@@ -89,8 +89,9 @@ class MockProvider:
             usage=Usage(input_tokens=estimate_tokens(prompt), output_tokens=output),
         )
 
-    async def complete(self, request: Request, model: str, client_format: str) -> Response:
-        return self.answer(request, model)
+    async def complete(self, request: Request, model: str, client_format: str,
+                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+        return self.answer(request, model), None
 
     async def stream(self, request: Request, model: str, client_format: str
                      ) -> AsyncIterator[StreamEvent]:
