@@ -11,9 +11,9 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import structlog
-import uvicorn
 
 from proxy.config import Config, ConfigError, available_providers, load_config
+from proxy.server import GatewayServer
 
 log = structlog.get_logger("hookproxy")
 
@@ -36,7 +36,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-class _Server(uvicorn.Server):
+class _Server(GatewayServer):
     """uvicorn re-raises SIGTERM after a graceful shutdown, so the process would die by the
     signal; a proxy that drained cleanly should exit 0."""
 
@@ -71,10 +71,12 @@ def serve(args: argparse.Namespace) -> int:
              providers=sorted(gateway.providers), models=gateway.router.model_names(),
              plugins=sorted(gateway.host.enabled),
              classifiers=sorted(gateway.host.enabled_classifiers))
+    import uvicorn
+
     server_config = uvicorn.Config(create_app(gateway), host=host, port=port,
                                    log_level="warning", access_log=False, lifespan="on",
                                    timeout_graceful_shutdown=10)
-    server = _Server(server_config)
+    server = _Server(server_config, gateway)
     server.run()
     return 0 if server.started else 1
 

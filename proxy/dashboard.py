@@ -22,7 +22,8 @@ def _event(entry: tuple[int, bytes]) -> bytes:
     return b"id: %d\nevent: request\ndata: %s\n\n" % entry
 
 
-async def _events(feed: Feed, last_id: int, keepalive: float) -> AsyncIterator[bytes]:
+async def _events(feed: Feed, last_id: int, keepalive: float, request: Request
+                  ) -> AsyncIterator[bytes]:
     # Subscribing and reading the backlog with no await in between: nothing is missed
     # and nothing comes twice.
     subscriber = feed.subscribe()
@@ -35,9 +36,13 @@ async def _events(feed: Feed, last_id: int, keepalive: float) -> AsyncIterator[b
             try:
                 entry = await asyncio.wait_for(subscriber.queue.get(), keepalive)
             except TimeoutError:
+                # Writing to a client that left raises nothing here: ask.
+                if await request.is_disconnected():
+                    return
                 yield b": keep-alive\n\n"
                 continue
-            yield _event(entry)
+            if entry[0]:
+                yield _event(entry)
     finally:
         feed.unsubscribe(subscriber)
 
@@ -49,7 +54,7 @@ def dashboard_routes(observer: Observer, keepalive: float) -> list[BaseRoute]:
     async def events(request: Request) -> Response:
         raw = request.headers.get("last-event-id") or request.query_params.get("last_id", "0")
         last_id = int(raw) if raw.isdigit() else 0
-        return StreamingResponse(_events(observer.feed, last_id, keepalive),
+        return StreamingResponse(_events(observer.feed, last_id, keepalive, request),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache",
                                           "x-accel-buffering": "no"})

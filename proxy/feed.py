@@ -6,7 +6,10 @@ never holds back the others or the requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+
+_WAKE = (0, b"")
 
 
 class Subscriber:
@@ -40,6 +43,14 @@ class Feed:
         if last_id > self.last_id:
             last_id = 0
         return [entry for entry in self.entries if entry[0] > last_id]
+
+    def close(self) -> None:
+        """Ends every subscription (the server is shutting down)."""
+        for subscriber in list(self.subscribers):
+            subscriber.dropped = True
+            with contextlib.suppress(asyncio.QueueFull):
+                subscriber.queue.put_nowait(_WAKE)
+        self.subscribers.clear()
 
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self.subscriber_queue)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
@@ -15,6 +16,7 @@ import aiohttp
 import anyio
 import msgspec
 import structlog
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
@@ -166,17 +168,17 @@ class Gateway:
             raise ProxyError(415, f"Unsupported content type {content_type!r}: send "
                                   "application/json", code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
-        too_large = ProxyError(413, f"Request body is larger than {limit} bytes",
-                               code="request_too_large")
         length = http.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            raise too_large
+        if length and length.isdigit():
+            if int(length) > limit:
+                raise _too_large(limit)
+            return await http.body()
         chunks: list[bytes] = []
         size = 0
         async for chunk in http.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -197,6 +199,11 @@ class Gateway:
         finally:
             with anyio.CancelScope(shield=True):
                 await events.aclose()  # type: ignore[attr-defined]
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"Request body is larger than {limit} bytes",
+                      code="request_too_large")
 
 
 def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
@@ -232,6 +239,19 @@ def _prices(config: Config) -> dict[tuple[str, str], tuple[float, float]]:
                 prices[(target.provider, target.model)] = (target.input_price,
                                                            target.output_price)
     return prices
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn, plus: live dashboard streams end when shutdown begins (uvicorn would
+    otherwise wait for them to finish, which they never do)."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.observer.feed.close()
+        await super().shutdown(sockets)
 
 
 def create_app(gateway: Gateway) -> Starlette:

@@ -13,7 +13,7 @@ import uvicorn
 from proxy.config import parse_config
 from proxy.context import RequestContext
 from proxy.plugins import PluginHost
-from proxy.server import Gateway, create_app
+from proxy.server import Gateway, GatewayServer, create_app
 
 
 class ProxyServer:
@@ -27,7 +27,7 @@ class ProxyServer:
         self.port = self.sock.getsockname()[1]
         server_config = uvicorn.Config(create_app(self.gateway), log_level="warning",
                                        access_log=False, lifespan="on")
-        self.server = uvicorn.Server(server_config)
+        self.server = GatewayServer(server_config, self.gateway)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)
 
