@@ -77,7 +77,7 @@ class Pipeline:
         finally:
             await self._end(ctx)
 
-    async def open_stream(self, ctx: RequestContext) -> AsyncIterator[StreamEvent]:
+    async def open_stream(self, ctx: RequestContext) -> AsyncIterator[list[StreamEvent]]:
         """Runs a streaming request up to its first event and returns the whole stream.
 
         Anything that fails before the first event raises here, while the client can still
@@ -86,7 +86,7 @@ class Pipeline:
         try:
             response = await self._before_provider(ctx)
             if response is not None:
-                events: AsyncIterator[StreamEvent] = _replay(response)
+                events: AsyncIterator[list[StreamEvent]] = _replay(response)
             else:
                 events = await self._open_provider_stream(ctx)
             first = await anext(events)
@@ -194,9 +194,10 @@ class Pipeline:
 
         return await self._with_fallback(ctx, complete)
 
-    async def _open_provider_stream(self, ctx: RequestContext) -> AsyncIterator[StreamEvent]:
+    async def _open_provider_stream(self, ctx: RequestContext
+                                    ) -> AsyncIterator[list[StreamEvent]]:
         async def open_stream(provider: Provider, target: Target
-                              ) -> AsyncIterator[StreamEvent]:
+                              ) -> AsyncIterator[list[StreamEvent]]:
             events = provider.stream(ctx.request, target.model, ctx.client_format)
             try:
                 first = await anext(events)
@@ -260,20 +261,27 @@ class Pipeline:
             error=error.message if error else None,
             latency_ms=round(elapsed * 1000, 3)))
 
-    async def _stream(self, ctx: RequestContext, first: StreamEvent,
-                      events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    async def _stream(self, ctx: RequestContext, first: list[StreamEvent],
+                      events: AsyncIterator[list[StreamEvent]]
+                      ) -> AsyncIterator[list[StreamEvent]]:
+        """Passes the provider's batches on, each event through the stream_chunk hooks."""
         accumulator = StreamAccumulator()
         chunk_impls = implementations(self.pm, "stream_chunk", ctx.plugin_settings)
-        event = first
+        batch = first
         try:
             while True:
-                batch = await self._chunk(ctx, chunk_impls, event) if chunk_impls else (event,)
+                if chunk_impls:
+                    changed: list[StreamEvent] = []
+                    for event in batch:
+                        changed.extend(await self._chunk(ctx, chunk_impls, event))
+                    batch = changed
                 for item in batch:
                     accumulator.add(item)
-                    ctx.stream_chunks += 1
-                    yield item
+                ctx.stream_chunks += len(batch)
+                if batch:
+                    yield batch
                 try:
-                    event = await anext(events)
+                    batch = await anext(events)
                 except StopAsyncIteration:
                     break
             response = accumulator.response
@@ -390,22 +398,21 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _replay(response: Response) -> AsyncIterator[StreamEvent]:
-    for event in response_events(response):
-        yield event
+async def _replay(response: Response) -> AsyncIterator[list[StreamEvent]]:
+    yield response_events(response)
 
 
-async def _prepend(first: StreamEvent, rest: AsyncIterator[StreamEvent]
-                   ) -> AsyncIterator[StreamEvent]:
+async def _prepend(first: list[StreamEvent], rest: AsyncIterator[list[StreamEvent]]
+                   ) -> AsyncIterator[list[StreamEvent]]:
     yield first
     try:
-        async for event in rest:
-            yield event
+        async for batch in rest:
+            yield batch
     finally:
         await _aclose(rest)
 
 
-async def _aclose(events: AsyncIterator[StreamEvent]) -> None:
+async def _aclose(events: AsyncIterator[list[StreamEvent]]) -> None:
     close = getattr(events, "aclose", None)
     if close is not None:
         await close()

@@ -183,11 +183,12 @@ class Gateway:
         return b"".join(chunks)
 
     async def _stream_body(self, ctx: RequestContext, wire: ModuleType,
-                           events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+                           events: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
         encoder = wire.StreamEncoder(ctx.request)
+        encode = encoder.encode
         try:
-            async for event in events:
-                yield encoder.encode(event)
+            async for batch in events:
+                yield b"".join([encode(event) for event in batch])
         except ProxyError as exc:
             log.warning("stream_failed", request_id=ctx.request_id, status=exc.status,
                         error=exc.message, chunks=ctx.stream_chunks)

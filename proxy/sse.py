@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 
 
-async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """Yields (event name, data) per event; comments and unknown fields are skipped."""
+async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """Yields, per chunk read from the network, the (event name, data) of each event it
+    completed; comments and unknown fields are skipped. Keeping the network's batching
+    lets the proxy pass a burst of events on in one write."""
     pending = b""
     event = ""
     data: list[bytes] = []
+    for_chunk: list[tuple[str, bytes]] = []
     async for chunk in chunks:
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
@@ -18,7 +21,7 @@ async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, byt
                 line = line[:-1]
             if not line:
                 if data:
-                    yield event, b"\n".join(data)
+                    for_chunk.append((event, b"\n".join(data)))
                 event, data = "", []
                 continue
             field, _, value = line.partition(b":")
@@ -28,7 +31,10 @@ async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, byt
                 data.append(value)
             elif field == b"event":
                 event = value.decode("utf-8", "replace")
+        if for_chunk:
+            yield for_chunk
+            for_chunk = []
     if pending.startswith(b"data:"):
         data.append(pending[5:].lstrip(b" "))
     if data:
-        yield event, b"\n".join(data)
+        yield [(event, b"\n".join(data))]

@@ -26,9 +26,10 @@ class Provider(Protocol):
         ...
 
     def stream(self, request: Request, model: str, client_format: str
-               ) -> AsyncIterator[StreamEvent]:
-        """Yields the answer as stream events. Failures before the first event are raised
-        by the first ``__anext__``, so the caller can still answer with an error status."""
+               ) -> AsyncIterator[list[StreamEvent]]:
+        """Yields the answer as stream events, in non-empty batches of what arrived
+        together. Failures before the first batch are raised by the first ``__anext__``, so
+        the caller can still answer with an error status."""
         ...
 
 

@@ -100,7 +100,7 @@ class HttpProvider:
                 payload if client_format == self.format else None)
 
     async def stream(self, request: Request, model: str, client_format: str
-                     ) -> AsyncIterator[StreamEvent]:
+                     ) -> AsyncIterator[list[StreamEvent]]:
         body = self._body(request, model, client_format)
         decoder: Any = self._wire.StreamDecoder()
         answering = False
@@ -109,14 +109,20 @@ class HttpProvider:
                                             timeout=self.stream_timeout) as response:
                 await self._raise_for_status(response)
                 answering = True
-                async for event, data in iter_sse(response.content.iter_any()):
-                    for item in decoder.feed(event, data):
-                        yield item
+                async for events in iter_sse(response.content.iter_any()):
+                    batch: list[StreamEvent] = []
+                    for event, data in events:
+                        batch.extend(decoder.feed(event, data))
+                        if decoder.ended:
+                            break
+                    if batch:
+                        yield batch
                     if decoder.ended:
                         return
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, answering) from None
-        for item in decoder.close():
-            yield item
+        rest = decoder.close()
+        if rest:
+            yield rest

@@ -94,12 +94,17 @@ class MockProvider:
         return self.answer(request, model), None
 
     async def stream(self, request: Request, model: str, client_format: str
-                     ) -> AsyncIterator[StreamEvent]:
+                     ) -> AsyncIterator[list[StreamEvent]]:
+        events: list[StreamEvent] = []
         for event in response_events(self.answer(request, model)):
-            if isinstance(event, TextDelta):
-                for word in _WORDS.findall(event.text) or [event.text]:
-                    if self.chunk_delay:
-                        await asyncio.sleep(self.chunk_delay)
-                    yield TextDelta(index=event.index, text=word)
-            else:
-                yield event
+            if not isinstance(event, TextDelta):
+                events.append(event)
+                continue
+            for word in _WORDS.findall(event.text) or [event.text]:
+                events.append(TextDelta(index=event.index, text=word))
+        if not self.chunk_delay:
+            yield events
+            return
+        for event in events:
+            await asyncio.sleep(self.chunk_delay)
+            yield [event]
