@@ -175,40 +175,53 @@ StreamEvent = StreamStart | TextDelta | ToolCallStart | ToolCallDelta | StreamEn
 
 
 class StreamAccumulator:
-    """Assembles stream events into the Response they add up to."""
+    """Assembles stream events into the Response they add up to. Text arrives in many
+    small pieces: they are kept in lists and joined once, when ``response`` is read."""
 
     def __init__(self) -> None:
-        self.response = Response(id="", model="")
+        self._response = Response(id="", model="")
+        # One (part, pieces) per content block, in order.
+        self._blocks: list[tuple[TextPart | ToolCallPart, list[str]]] = []
         self.chunks = 0
 
     def add(self, event: StreamEvent) -> None:
         self.chunks += 1
-        response = self.response
+        blocks = self._blocks
         if isinstance(event, TextDelta):
-            if response.content and isinstance(response.content[-1], TextPart):
-                last = response.content[-1]
-                last.text += event.text
+            if blocks and isinstance(blocks[-1][0], TextPart):
+                blocks[-1][1].append(event.text)
             else:
-                response.content.append(TextPart(text=event.text))
+                blocks.append((TextPart(text=""), [event.text]))
         elif isinstance(event, ToolCallDelta):
-            for part in reversed(response.content):
+            for part, pieces in reversed(blocks):
                 if isinstance(part, ToolCallPart):
-                    part.arguments += event.arguments
+                    pieces.append(event.arguments)
                     break
         elif isinstance(event, ToolCallStart):
-            response.content.append(ToolCallPart(id=event.id, name=event.name, arguments=""))
+            blocks.append((ToolCallPart(id=event.id, name=event.name, arguments=""), []))
         elif isinstance(event, StreamStart):
+            response = self._response
             response.id, response.model = event.id, event.model
             response.usage.input_tokens = event.usage.input_tokens
         elif isinstance(event, StreamEnd):
+            response = self._response
             response.finish_reason = event.finish_reason
             response.stop_sequence = event.stop_sequence
             if event.usage.input_tokens:
                 response.usage.input_tokens = event.usage.input_tokens
             response.usage.output_tokens = event.usage.output_tokens
-            for part in response.content:
-                if isinstance(part, ToolCallPart) and not part.arguments:
-                    part.arguments = "{}"
+
+    @property
+    def response(self) -> Response:
+        content: list[TextPart | ToolCallPart] = []
+        for part, pieces in self._blocks:
+            if isinstance(part, TextPart):
+                part.text = "".join(pieces)
+            else:
+                part.arguments = "".join(pieces) or "{}"
+            content.append(part)
+        self._response.content = content
+        return self._response
 
 
 def response_events(response: Response) -> list[StreamEvent]:

@@ -4,37 +4,44 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
+Event = tuple[str, bytes]
 
-async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
+
+def _parse_block(block: bytes) -> list[Event]:
+    event = ""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            event = value.decode("utf-8", "replace")
+    return [(event, b"\n".join(data))] if data else []
+
+
+async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[Event]]:
     """Yields, per chunk read from the network, the (event name, data) of each event it
     completed; comments and unknown fields are skipped. Keeping the network's batching
     lets the proxy pass a burst of events on in one write."""
     pending = b""
-    event = ""
-    data: list[bytes] = []
-    for_chunk: list[tuple[str, bytes]] = []
     async for chunk in chunks:
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    for_chunk.append((event, b"\n".join(data)))
-                event, data = "", []
-                continue
-            field, _, value = line.partition(b":")
-            if value.startswith(b" "):
-                value = value[1:]
-            if field == b"data":
-                data.append(value)
-            elif field == b"event":
-                event = value.decode("utf-8", "replace")
-        if for_chunk:
-            yield for_chunk
-            for_chunk = []
-    if pending.startswith(b"data:"):
-        data.append(pending[5:].lstrip(b" "))
-    if data:
-        yield [(event, b"\n".join(data))]
+        buffer = pending + chunk if pending else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        blocks = buffer.split(b"\n\n")
+        pending = blocks.pop()
+        events: list[Event] = []
+        for block in blocks:
+            # The common shape, one data line, without a per-line loop.
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(("", block[6:]))
+            elif block:
+                events.extend(_parse_block(block))
+        if events:
+            yield events
+    if pending.strip():
+        rest = _parse_block(pending.strip())
+        if rest:
+            yield rest

@@ -461,6 +461,7 @@ class StreamEncoder:
         self.model = request.model
         self.open: int | None = None  # canonical index of the open block
         self.blocks = 0
+        self.text_prefix = b""
 
     def _start_block(self, index: int, block: dict[str, Any]) -> bytes:
         out = self._close()
@@ -480,9 +481,12 @@ class StreamEncoder:
             out = b""
             if self.open != event.index:
                 out = self._start_block(event.index, {"type": "text", "text": ""})
-            return out + _sse("content_block_delta", {
-                "type": "content_block_delta", "index": self.blocks - 1,
-                "delta": {"type": "text_delta", "text": event.text}})
+                # Text deltas are most of a stream: their event is a template around the text.
+                self.text_prefix = (b'event: content_block_delta\ndata: {"type":'
+                                    b'"content_block_delta","index":'
+                                    + str(self.blocks - 1).encode()
+                                    + b',"delta":{"type":"text_delta","text":')
+            return out + self.text_prefix + _encode(event.text) + b"}}\n\n"
         if isinstance(event, ToolCallDelta):
             return _sse("content_block_delta", {
                 "type": "content_block_delta", "index": self.blocks - 1,

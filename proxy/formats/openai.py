@@ -416,6 +416,44 @@ def encode_error(error: ProxyError) -> bytes:
 # --- streaming --------------------------------------------------------------------------
 
 
+class _DeltaFunction(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _DeltaToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _DeltaFunction | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[_DeltaToolCall] | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _ChunkUsage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+
+
+class _Chunk(msgspec.Struct):
+    id: str = ""
+    model: str = ""
+    choices: list[_ChunkChoice] | None = None
+    usage: _ChunkUsage | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
 class StreamDecoder:
     """Turns a provider's ``data:`` payloads into canonical stream events."""
 
@@ -433,44 +471,41 @@ class StreamDecoder:
         if data.strip() == b"[DONE]":
             return self.finish_events()
         try:
-            chunk = msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
+            chunk = _decode_chunk(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(502, f"Provider sent a malformed stream chunk: {exc}") from None
-        if not isinstance(chunk, dict):
-            raise UpstreamError(502, "Provider sent a malformed stream chunk")
-        if "error" in chunk:
-            error = chunk["error"] or {}
-            raise UpstreamError(502, f"Provider error mid-stream: {error.get('message', error)}")
+        if chunk.error is not None:
+            error = chunk.error
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise UpstreamError(502, f"Provider error mid-stream: {message}")
         out: list[StreamEvent] = []
         if not self.started:
             self.started = True
-            out.append(StreamStart(id=chunk.get("id", ""), model=chunk.get("model", "")))
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = Usage(input_tokens=usage.get("prompt_tokens") or 0,
-                               output_tokens=usage.get("completion_tokens") or 0)
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
-            if text:
-                if self.text_index is None or self.text_index != self.next_index - 1:
-                    self.text_index = self.next_index
-                    self.next_index += 1
-                out.append(TextDelta(index=self.text_index, text=text))
-            for call in delta.get("tool_calls") or ():
-                position = call.get("index", 0)
-                function = call.get("function") or {}
-                if position not in self.tool_index:
-                    self.tool_index[position] = self.next_index
-                    self.next_index += 1
-                    out.append(ToolCallStart(index=self.tool_index[position],
-                                             id=call.get("id") or "",
-                                             name=function.get("name") or ""))
-                if function.get("arguments"):
-                    out.append(ToolCallDelta(index=self.tool_index[position],
-                                             arguments=function["arguments"]))
-            if choice.get("finish_reason"):
-                self.finish = _FINISH_IN.get(choice["finish_reason"], "stop")
+            out.append(StreamStart(id=chunk.id, model=chunk.model))
+        if chunk.usage is not None:
+            self.usage = Usage(input_tokens=chunk.usage.prompt_tokens or 0,
+                               output_tokens=chunk.usage.completion_tokens or 0)
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if delta is not None:
+                text = delta.content or delta.refusal
+                if text:
+                    if self.text_index is None or self.text_index != self.next_index - 1:
+                        self.text_index = self.next_index
+                        self.next_index += 1
+                    out.append(TextDelta(index=self.text_index, text=text))
+                for call in delta.tool_calls or ():
+                    function = call.function or _DeltaFunction()
+                    if call.index not in self.tool_index:
+                        self.tool_index[call.index] = self.next_index
+                        self.next_index += 1
+                        out.append(ToolCallStart(index=self.tool_index[call.index],
+                                                 id=call.id or "", name=function.name or ""))
+                    if function.arguments:
+                        out.append(ToolCallDelta(index=self.tool_index[call.index],
+                                                 arguments=function.arguments))
+            if choice.finish_reason:
+                self.finish = _FINISH_IN.get(choice.finish_reason, "stop")
                 self.finish_seen = True
         return out
 
@@ -498,6 +533,15 @@ class StreamEncoder:
         self.model = request.model
         self.created = int(time.time())
         self.tool_index: dict[int, int] = {}  # block index -> OpenAI tool_calls[].index
+        self._prefix()
+
+    def _prefix(self) -> None:
+        # Text deltas are most of a stream: their chunk is a template around the text.
+        self.text_prefix = (b'data: {"id":' + _encode(self.id)
+                            + b',"object":"chat.completion.chunk","created":'
+                            + str(self.created).encode() + b',"model":' + _encode(self.model)
+                            + b',"choices":[{"index":0,"delta":{"content":')
+        self.text_suffix = b'},"finish_reason":null}]}\n\n'
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         chunk = {
@@ -511,7 +555,7 @@ class StreamEncoder:
 
     def encode(self, event: StreamEvent) -> bytes:
         if isinstance(event, TextDelta):
-            return self._chunk({"content": event.text})
+            return self.text_prefix + _encode(event.text) + self.text_suffix
         if isinstance(event, ToolCallDelta):
             position = self.tool_index.get(event.index, 0)
             return self._chunk({"tool_calls": [
@@ -526,6 +570,7 @@ class StreamEncoder:
         if isinstance(event, StreamStart):
             self.id = _response_id(event.id)
             self.model = event.model or self.model
+            self._prefix()
             return self._chunk({"role": "assistant", "content": ""})
         out = self._chunk({}, event.finish_reason)
         if self.include_usage:
