@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -47,11 +49,32 @@ class _Server(GatewayServer):
             return
         previous = {sig: signal.signal(sig, self.handle_exit)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        # SIGHUP: re-read the config on the event loop, between requests.
+        asyncio.get_running_loop().call_soon(self.reload_config)
+
+    def reload_config(self) -> None:
+        try:
+            self.gateway.reload(load_config(self.gateway.config.source))
+        except ConfigError as exc:
+            log.warning("reload refused; the old config keeps serving", error=str(exc))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -65,6 +88,12 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    if not _is_loopback(host) and not config.auth.keys and not (
+            config.server.allow_unauthenticated or args.allow_unauthenticated):
+        return _fail(f"{config.source}: refusing to listen on {host} with no [auth] keys: "
+                     "anyone who can reach it could spend your provider accounts. Configure "
+                     "[auth.keys], or pass --allow-unauthenticated (or set "
+                     "[server].allow_unauthenticated = true) if that is what you want.")
     for name, why in gateway.skipped.items():
         log.warning("provider skipped", provider=name, reason=why)
     log.info("hookproxy listening", url=f"http://{host}:{port}", config=config.source,
@@ -138,6 +167,32 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def reload_running(args: argparse.Namespace) -> int:
+    """POSTs /admin/reload, with the admin key from [auth].admin_key_env if there is one."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"not reloading, the config is not valid: {exc}")
+    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    headers = {}
+    admin = os.environ.get(config.auth.admin_key_env, "") if config.auth.admin_key_env else ""
+    if admin:
+        headers["authorization"] = f"Bearer {admin}"
+    request = urllib.request.Request(f"{url}/admin/reload", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        return _fail(f"{url}: {exc.code}: {exc.read().decode()}")
+    except OSError as exc:
+        return _fail(f"{url}: cannot reach the proxy: {exc}")
+    return 0
+
+
 def tail_log(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -168,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the proxy")
     serve_cmd.add_argument("--host", help="address to bind (default: [server].host)")
     serve_cmd.add_argument("--port", type=int, help="port (default: [server].port)")
+    serve_cmd.add_argument("--allow-unauthenticated", action="store_true",
+                           help="listen beyond loopback even with no [auth] keys")
     serve_cmd.set_defaults(run=serve)
     check_cmd = commands.add_parser("check", help="validate a config and show what it serves")
     check_cmd.set_defaults(run=check)
     plugins_cmd = commands.add_parser("plugins", help="list installed plugins and classifiers")
     plugins_cmd.set_defaults(run=plugins)
+    reload_cmd = commands.add_parser("reload", help="make a running proxy re-read its config")
+    reload_cmd.add_argument("--url", help="the proxy (default: from [server] of the config)")
+    reload_cmd.set_defaults(run=reload_running)
     tail_cmd = commands.add_parser("tail", help="follow the JSONL request log")
     tail_cmd.add_argument("--file", help="log file (default: [log].path of the config)")
     tail_cmd.add_argument("-n", "--lines", type=int, default=10,
@@ -186,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument("--grep", default="", help="the record contains this text")
     tail_cmd.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     tail_cmd.set_defaults(run=tail_log)
-    for command in (serve_cmd, check_cmd, plugins_cmd, tail_cmd):
+    for command in (serve_cmd, check_cmd, plugins_cmd, tail_cmd, reload_cmd):
         command.add_argument("--config", default="config.toml",
                              help="config file (default: ./config.toml)")
     return parser

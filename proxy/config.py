@@ -40,6 +40,10 @@ class ServerConfig(_Strict):
     plugin_timeout: float = 10.0
     # Seconds each classifier may take; a slow one only loses its own tags.
     classifier_timeout: float = 1.0
+    # Requests with more messages than this get a 400.
+    max_messages: int = 10_000
+    # Without [auth] keys, serve binds only to loopback unless this is true.
+    allow_unauthenticated: bool = False
 
 
 class ProviderConfig(_Strict):
@@ -141,6 +145,27 @@ class DashboardConfig(_Strict):
     subscriber_queue: int = 1000
 
 
+class KeyConfig(_Strict):
+    """One client key. Its secret is given by environment variable or as a SHA-256 hash."""
+
+    key_env: str = ""
+    key_sha256: str = ""
+    # Globs of the model names this key may ask for.
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # Limits; 0 means none. Budgets are in the currency of the configured prices.
+    rpm: int = 0
+    tpm: int = 0
+    daily_budget: float = 0.0
+    monthly_budget: float = 0.0
+
+
+class AuthConfig(_Strict):
+    keys: dict[str, KeyConfig] = {}
+    # The key for /dashboard, /dashboard/events, /metrics and /admin/* once keys exist.
+    admin_key_env: str = ""
+    admin_key_sha256: str = ""
+
+
 class Config(_Strict):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     providers: dict[str, ProviderConfig] = {}
@@ -152,6 +177,7 @@ class Config(_Strict):
     classifiers: dict[str, dict[str, Any]] = {}
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # Where this config was read from, for messages.
     source: str = "<config>"
 
@@ -171,13 +197,16 @@ def _explain(exc: msgspec.ValidationError, source: str, prefix: str = "") -> str
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     # Tables keyed by name are checked one by one so that an error can name the table
     # (msgspec reports a dict value's path as `providers[...]`).
-    providers = data.get("providers")
-    if isinstance(providers, dict):
-        for name, table in providers.items():
+    for section, where, kind in (("providers", "providers", ProviderConfig),
+                                 ("auth", "auth.keys", KeyConfig)):
+        tables = data.get(section)
+        if section == "auth" and isinstance(tables, dict):
+            tables = tables.get("keys")
+        for name, table in (tables or {}).items() if isinstance(tables, dict) else ():
             try:
-                msgspec.convert(table, ProviderConfig)
+                msgspec.convert(table, kind)
             except msgspec.ValidationError as exc:
-                raise ConfigError(_explain(exc, source, f"providers.{name}")) from None
+                raise ConfigError(_explain(exc, source, f"{where}.{name}")) from None
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -201,6 +230,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
         if route.to not in seen:
             raise ConfigError(f"{source}: routes[{i}].to names {route.to!r}, which is not a "
                               f"[[models]] name (known: {', '.join(sorted(seen)) or 'none'})")
+    for name, key in config.auth.keys.items():
+        if bool(key.key_env) == bool(key.key_sha256):
+            raise ConfigError(f"{source}: auth.keys.{name}: give one of key_env or key_sha256")
+        if key.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", key.key_sha256):
+            raise ConfigError(f"{source}: auth.keys.{name}.key_sha256 must be 64 hex digits")
     routing = config.routing
     if routing.retries < 0 or routing.cooldown_failures < 1:
         raise ConfigError(f"{source}: routing.retries must be >= 0 and "

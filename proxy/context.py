@@ -86,6 +86,8 @@ class RequestContext:
         self.provider: str | None = None
         self.model: str | None = None
         self.provider_format: str | None = None
+        # The answering target's prices per million input and output tokens.
+        self.price: tuple[float, float] = (0.0, 0.0)
         self.short_circuited_by: str | None = None
         self.status = 200
         self.error: PipelineError | None = None
@@ -104,6 +106,14 @@ class RequestContext:
     @property
     def same_format(self) -> bool:
         return self.provider_format == self.client_format
+
+    @property
+    def cost(self) -> float:
+        """What the response cost at the configured prices (0 without a response)."""
+        if self.response is None:
+            return 0.0
+        usage = self.response.usage
+        return (usage.input_tokens * self.price[0] + usage.output_tokens * self.price[1]) / 1e6
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0

@@ -12,6 +12,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from proxy.admin import AdminGuard
 from proxy.feed import Feed
 from proxy.observe import Observer
 
@@ -47,7 +48,8 @@ async def _events(feed: Feed, last_id: int, keepalive: float, request: Request
         feed.unsubscribe(subscriber)
 
 
-def dashboard_routes(observer: Observer, keepalive: float) -> list[BaseRoute]:
+def dashboard_routes(observer: Observer, keepalive: float, guard: AdminGuard
+                     ) -> list[BaseRoute]:
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
@@ -64,8 +66,8 @@ def dashboard_routes(observer: Observer, keepalive: float) -> list[BaseRoute]:
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
-        Route("/dashboard", page, methods=["GET"]),
-        Route("/dashboard/events", events, methods=["GET"]),
+        Route("/dashboard", guard.protect(page, page=True), methods=["GET"]),
+        Route("/dashboard/events", guard.protect(events), methods=["GET"]),
         Mount("/dashboard/static", app=StaticFiles(directory=STATIC), name="static"),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/metrics", guard.protect(metrics), methods=["GET"]),
     ]

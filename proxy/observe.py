@@ -19,10 +19,8 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Observer:
-    def __init__(self, config: Config, prices: dict[tuple[str, str], tuple[float, float]]
-                 ) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.prices = prices
         log = config.log
         self.writer = (LogWriter(log.path, max_bytes=log.max_bytes, keep=log.keep,
                                  queue_size=log.queue_size) if log.path else None)
@@ -39,8 +37,7 @@ class Observer:
             self.writer.close()
 
     def finished(self, ctx: RequestContext) -> None:
-        price = self.prices.get((ctx.provider or "", ctx.model or ""), (0.0, 0.0))
-        record = build_record(ctx, price=price, bodies=self.config.log.bodies,
+        record = build_record(ctx, bodies=self.config.log.bodies,
                               limit=self.config.log.truncate_chars)
         self.publish(record)
 

@@ -228,6 +228,7 @@ class Pipeline:
             for retry in range(self.routing.retries + 1):
                 ctx.provider, ctx.model = target.provider, target.model
                 ctx.provider_format = provider.format
+                ctx.price = (target.input_price, target.output_price)
                 started = time.perf_counter()
                 try:
                     result = await call(provider, target)

@@ -144,6 +144,22 @@ class PluginHost:
                     raise ConfigError(f"{where}: {problem}")
                 info.enabled = True
                 target[name] = settings
+        if config.auth.keys:
+            self._enable_auth(config)
+
+    def _enable_auth(self, config: Config) -> None:
+        """[auth.keys] switch on the ``auth`` plugin, which no request may override."""
+        info = self.installed.get("auth")
+        if info is None or info.error:
+            why = info.error if info else "it is not installed"
+            raise ConfigError(f"{config.source}: [auth] needs the auth plugin: {why}")
+        settings = msgspec.to_builtins(config.auth)
+        problem = self.settings_error("auth", settings)
+        if problem:
+            raise ConfigError(f"{config.source}: [auth]: {problem}")
+        info.enabled = True
+        self.enabled = {"auth": settings, **self.enabled}
+        self.locked.add("auth")
 
     def settings_error(self, name: str, settings: dict[str, Any]) -> str | None:
         """What the plugin's validate_settings hook says is wrong, or None."""

@@ -118,8 +118,7 @@ def _scrub(value: Any, limit: int) -> Any:
     return value
 
 
-def build_record(ctx: RequestContext, *, price: tuple[float, float] = (0.0, 0.0),
-                 bodies: Bodies = "truncated", limit: int = 2000) -> Record:
+def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: int = 2000) -> Record:
     timings = ctx.timings
     total = timings.get("total", time.perf_counter() - ctx.started)
     upstream = timings.get("upstream", 0.0)
@@ -154,7 +153,7 @@ def build_record(ctx: RequestContext, *, price: tuple[float, float] = (0.0, 0.0)
         overhead_ms=round(max(total - upstream, 0.0) * 1000, 3),
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost=round((input_tokens * price[0] + output_tokens * price[1]) / 1e6, 8),
+        cost=round(ctx.cost, 8),
         cache_hit=ctx.scratch.get("cache") == "hit",
         finish_reason=response.finish_reason if response is not None and not error else None,
         request=_body(ctx.request, bodies, limit),

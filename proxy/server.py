@@ -23,11 +23,12 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from proxy.admin import AdminGuard
 from proxy.canonical import StreamEvent
-from proxy.config import Config, available_providers
+from proxy.config import Config, ConfigError, available_providers, load_config
 from proxy.context import RequestContext
 from proxy.dashboard import dashboard_routes
-from proxy.errors import ProxyError
+from proxy.errors import BadRequest, ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.observe import Observer
@@ -46,26 +47,50 @@ class Gateway:
 
     def __init__(self, config: Config, host: PluginHost | None = None,
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
-        self.config = config
-        self.observer = Observer(config, prices=_prices(config))
+        self.observer = Observer(config)
+        self.guard = AdminGuard(config.auth)
         self._extra_finish = on_finish
-        usable, self.skipped = available_providers(config)
         self._session: aiohttp.ClientSession | None = None
-        self.providers: dict[str, Provider] = {
+        self._apply(config, host)
+
+    def _apply(self, config: Config, host: PluginHost | None = None) -> None:
+        """Builds providers, router, plugins and pipeline for ``config``, then puts them
+        in place together; raises ConfigError, changing nothing, if any part fails."""
+        usable, skipped = available_providers(config)
+        providers: dict[str, Provider] = {
             name: build_provider(name, provider, self.session)
             for name, provider in usable.items()
         }
-        self.router = Router(config, set(self.providers), self.skipped)
+        router = Router(config, set(providers), skipped)
         if host is None:
             host = PluginHost()
             host.discover()
         host.enable(config)
-        self.host = host
-        self.pipeline = Pipeline(host, self.router, self.providers,
-                                 routing=config.routing,
-                                 plugin_timeout=config.server.plugin_timeout,
-                                 classifier_timeout=config.server.classifier_timeout,
-                                 on_finish=self._finished)
+        pipeline = Pipeline(host, router, providers, routing=config.routing,
+                            plugin_timeout=config.server.plugin_timeout,
+                            classifier_timeout=config.server.classifier_timeout,
+                            on_finish=self._finished)
+        # Requests in flight keep the objects they started with.
+        self.config, self.skipped, self.providers = config, skipped, providers
+        self.router, self.host, self.pipeline = router, host, pipeline
+        self.guard.configure(config.auth)
+
+    def reload(self, config: Config) -> None:
+        """Applies a new config without dropping requests. [log] and [dashboard] changes
+        need a restart."""
+        self._apply(config)
+        log.info("config reloaded", config=config.source, providers=sorted(self.providers),
+                 models=self.router.model_names(), plugins=sorted(self.host.enabled))
+
+    async def admin_reload(self, http: HttpRequest) -> HttpResponse:
+        try:
+            self.reload(load_config(self.config.source))
+        except ConfigError as exc:
+            log.warning("reload refused", error=str(exc))
+            return HttpResponse(_encode({"status": "refused", "error": str(exc)}),
+                                status_code=400, media_type=JSON)
+        return HttpResponse(_encode({"status": "reloaded", "config": self.config.source}),
+                            media_type=JSON)
 
     def _finished(self, ctx: RequestContext) -> None:
         self.observer.finished(ctx)
@@ -128,6 +153,9 @@ class Gateway:
         try:
             body = await self._read_body(http)
             request = wire.decode_request(body)
+            if len(request.messages) > self.config.server.max_messages:
+                raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
+                                 f"{self.config.server.max_messages})", code="too_many_messages")
             own_field = request.extra.pop("hookproxy", None)
             plugins, classifiers = self.host.for_request(own_field)
             ctx = RequestContext(
@@ -231,17 +259,6 @@ def _error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | N
                         headers=headers)
 
 
-def _prices(config: Config) -> dict[tuple[str, str], tuple[float, float]]:
-    """(provider, provider model) -> (input, output) price per million tokens."""
-    prices: dict[tuple[str, str], tuple[float, float]] = {}
-    for model in config.models:
-        for target in model.targets:
-            if target.input_price or target.output_price:
-                prices[(target.provider, target.model)] = (target.input_price,
-                                                           target.output_price)
-    return prices
-
-
 class GatewayServer(uvicorn.Server):
     """uvicorn, plus: live dashboard streams end when shutdown begins (uvicorn would
     otherwise wait for them to finish, which they never do)."""
@@ -271,6 +288,7 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/models", gateway.models, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
-        *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive),
+        *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive, gateway.guard),
+        Route("/admin/reload", gateway.guard.protect(gateway.admin_reload), methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
