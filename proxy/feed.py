@@ -24,6 +24,7 @@ class Feed:
         self.subscribers: set[Subscriber] = set()
         self.subscriber_queue = subscriber_queue
         self.last_id = 0
+        self.dropped_subscribers = 0
 
     def publish(self, data: bytes) -> int:
         self.last_id += 1
@@ -35,6 +36,7 @@ class Feed:
             except asyncio.QueueFull:
                 subscriber.dropped = True
                 self.subscribers.discard(subscriber)
+                self.dropped_subscribers += 1
         return self.last_id
 
     def since(self, last_id: int) -> list[tuple[int, bytes]]:

@@ -74,6 +74,9 @@ class Pipeline:
         except ProxyError as exc:
             await self._fail(ctx, exc)
             raise
+        except asyncio.CancelledError:
+            _client_left(ctx)
+            raise
         finally:
             await self._end(ctx)
 
@@ -295,9 +298,7 @@ class Pipeline:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             ctx.response = accumulator.response
-            ctx.status = 499
-            ctx.error = PipelineError(stage="stream", status=499, type="client_disconnected",
-                                      message="The client left before the stream ended")
+            _client_left(ctx)
             raise
         finally:
             # The client may have left and this task may be cancelled: finish regardless.
@@ -391,6 +392,13 @@ class Pipeline:
                 await call_impl(name, "on_error", impl, arguments, self.plugin_timeout)
             except (HookFailed, ProxyError) as exc:
                 log.warning("on_error_failed", plugin=name, error=str(exc))
+
+
+def _client_left(ctx: RequestContext) -> None:
+    ctx.status = 499
+    ctx.error = PipelineError(stage="stream" if ctx.stream else "request", status=499,
+                              type="client_disconnected",
+                              message="The client left before the answer was complete")
 
 
 def _describe(error: BaseException) -> str:

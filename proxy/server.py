@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from proxy.admin import AdminGuard
+from proxy.canonical import Response as ProxyResponse
 from proxy.canonical import StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
 from proxy.context import RequestContext
@@ -169,7 +170,7 @@ class Gateway:
                 return StreamingResponse(self._stream_body(ctx, wire, events),
                                          media_type="text/event-stream",
                                          headers=_headers(ctx, request_id))
-            response = await self.pipeline.run(ctx)
+            response = await self._run_unless_client_leaves(http, ctx)
             content = ctx.raw_response
             if content is None:
                 content = wire.encode_response(response, same_format=ctx.same_format)
@@ -189,6 +190,24 @@ class Gateway:
                 self.observer.rejected(request_id, http.scope["path"], wire.NAME, error,
                                        started_wall, started)
             return _error_response(wire, error, ctx, request_id)
+
+    async def _run_unless_client_leaves(self, http: HttpRequest, ctx: RequestContext
+                                        ) -> ProxyResponse:
+        """Runs the pipeline; if the client disconnects first, the pipeline (and with it
+        the provider call) is cancelled and the record says the client left."""
+        run = asyncio.ensure_future(self.pipeline.run(ctx))
+        watch = asyncio.ensure_future(_disconnect(http.receive))
+        try:
+            await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            raise ProxyError(499, "The client left before the answer was ready",
+                             code="client_disconnected")
+        return run.result()
 
     async def _read_body(self, http: HttpRequest) -> bytes:
         content_type = http.headers.get("content-type", JSON)
@@ -228,6 +247,12 @@ class Gateway:
         finally:
             with anyio.CancelScope(shield=True):
                 await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Returns when the client disconnects (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _too_large(limit: int) -> ProxyError:
