@@ -52,14 +52,14 @@ class ProxyServer:
     def openai(self, **kwargs: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test-key", max_retries=0,
-                             **kwargs)
+        kwargs.setdefault("api_key", "test-key")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, **kwargs)
 
     def anthropic(self, **kwargs: Any) -> Any:
         import anthropic
 
-        return anthropic.Anthropic(base_url=self.url, api_key="test-key", max_retries=0,
-                                   **kwargs)
+        kwargs.setdefault("api_key", "test-key")
+        return anthropic.Anthropic(base_url=self.url, max_retries=0, **kwargs)
 
 
 def upstream_config(upstream: Any, **extra: Any) -> dict[str, Any]:
@@ -100,3 +100,44 @@ def post_raw(url: str, body: bytes, headers: dict[str, str] | None = None
             return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), json.loads(error.read())
+
+
+class ServedApp:
+    """A small aiohttp app on a loopback port in its own thread: a provider that misbehaves
+    in one particular way. ``routes`` maps POST paths to handlers."""
+
+    def __init__(self, routes: dict[str, Any]) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        self.loop = asyncio.new_event_loop()
+        self.app = web.Application()
+        for path, handler in routes.items():
+            self.app.router.add_post(path, handler)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.port = 0
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ServedApp:
+        import asyncio
+
+        from aiohttp import web
+
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(10)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        asyncio.run_coroutine_threadsafe(site.start(), self.loop).result(10)
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

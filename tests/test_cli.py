@@ -17,6 +17,7 @@ import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+HOKPROXY_ENV_ROOT = ROOT
 HOOKPROXY = [sys.executable, "-m", "proxy.cli"]
 
 

@@ -6,6 +6,8 @@ Behaviour is picked by the model name the proxy sends:
   ``*-slow``         waits 3 s before answering (for timeouts)
   ``*-delay-NNN``    waits NNN milliseconds before answering
   ``*-cut``          streams a little, then drops the connection
+  ``*-drip``         streams a word every 0.1 s; counts in ``hung_up`` the streams the
+                     proxy abandoned midway
   a script           ``upstream.script(model, [503, "drop", (429, "0.2"), "ok"])``: the next
                      requests for that model fail with a status (and a Retry-After for
                      429, a message otherwise), drop
@@ -58,6 +60,7 @@ class FakeUpstream:
         self.headers: list[dict[str, str]] = []
         self.times: list[float] = []
         self.scripts: dict[str, list[Any]] = {}
+        self.hung_up = 0
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()
@@ -139,6 +142,8 @@ class FakeUpstream:
             return body, web.json_response(payload, status=status, headers=headers)
         if model.endswith("-slow"):
             await asyncio.sleep(3)
+            if request.transport is None or request.transport.is_closing():
+                self.hung_up += 1
         if "-delay-" in model:
             await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
         return body, None
@@ -181,7 +186,13 @@ class FakeUpstream:
             for piece in (arguments[:10], arguments[10:]):
                 await send({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
         else:
-            for i, word in enumerate(_pieces(text)):
+            words = _pieces(text) * (30 if model.endswith("-drip") else 1)
+            for i, word in enumerate(words):
+                if model.endswith("-drip"):
+                    await asyncio.sleep(0.1)
+                    if request.transport is None or request.transport.is_closing():
+                        self.hung_up += 1
+                        return response
                 await send({"content": word})
                 if model.endswith("-cut") and i == 1:
                     assert request.transport is not None
