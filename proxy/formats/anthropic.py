@@ -317,7 +317,7 @@ def decode_response(body: bytes) -> Response:
     try:
         raw = msgspec.json.decode(body)
         wire = msgspec.convert(raw, _WireResponse)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise UpstreamError(502, f"Provider sent an invalid response: {exc}") from None
     content: list[TextPart | ToolCallPart] = []
     for block in wire.content:
@@ -389,7 +389,7 @@ class StreamDecoder:
     def feed(self, event: str, data: bytes) -> list[StreamEvent]:
         try:
             payload = msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamError(502, f"Provider sent a malformed stream event: {exc}") from None
         if not isinstance(payload, dict):
             raise UpstreamError(502, "Provider sent a malformed stream event")

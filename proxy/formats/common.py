@@ -18,6 +18,9 @@ def decode_json(body: bytes) -> dict[str, Any]:
         raw = _decode(body)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Invalid JSON in request body: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("Invalid JSON in request body: nested too deeply",
+                         code="invalid_json") from None
     if not isinstance(raw, dict):
         raise BadRequest("Invalid request: the body must be a JSON object")
     return raw

@@ -342,7 +342,7 @@ def decode_response(body: bytes) -> Response:
     try:
         raw = msgspec.json.decode(body)
         wire = msgspec.convert(raw, _WireResponse)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise UpstreamError(502, f"Provider sent an invalid response: {exc}") from None
     if not wire.choices:
         raise UpstreamError(502, "Provider sent a response without choices")
@@ -472,7 +472,7 @@ class StreamDecoder:
             return self.finish_events()
         try:
             chunk = _decode_chunk(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise UpstreamError(502, f"Provider sent a malformed stream chunk: {exc}") from None
         if chunk.error is not None:
             error = chunk.error
