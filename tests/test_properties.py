@@ -106,14 +106,16 @@ def _post(proxy: ProxyServer, endpoint: str, body: bytes) -> int:
     return status
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(endpoint=st.sampled_from(sorted(VALID)), value=json_values)
 def test_random_json_is_never_a_500(mock_proxy: ProxyServer, endpoint: str, value: Any):
     status = _post(mock_proxy, endpoint, json.dumps(value).encode())
     assert 200 <= status < 500, (endpoint, value)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(endpoint=st.sampled_from(sorted(VALID)), path=st.lists(
     st.sampled_from(["model", "messages", "max_tokens", "stream", "tools", "tool_choice",
                      "temperature", "stop", "system", 0, "role", "content", "type", "text",
