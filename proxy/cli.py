@@ -104,7 +104,8 @@ def serve(args: argparse.Namespace) -> int:
 
     server_config = uvicorn.Config(create_app(gateway), host=host, port=port,
                                    log_level="warning", access_log=False, lifespan="on",
-                                   timeout_graceful_shutdown=10)
+                                   timeout_graceful_shutdown=10,
+                                   timeout_keep_alive=int(config.server.keepalive_timeout))
     server = _Server(server_config, gateway)
     server.run()
     return 0 if server.started else 1

@@ -42,6 +42,10 @@ class ServerConfig(_Strict):
     classifier_timeout: float = 1.0
     # Requests with more messages than this get a 400.
     max_messages: int = 10_000
+    # Seconds an idle client connection stays open; longer than clients' own idle expiry
+    # (5 s in httpx, which both SDKs use), so that a client never reuses one the proxy is
+    # closing at that moment.
+    keepalive_timeout: float = 75.0
     # Without [auth] keys, serve binds only to loopback unless this is true.
     allow_unauthenticated: bool = False
 

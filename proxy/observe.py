@@ -29,6 +29,10 @@ class Observer:
         self.metrics = Metrics(lambda: self.writer.dropped if self.writer else 0)
 
     def start(self) -> None:
+        import asyncio
+
+        # The server's event loop, for whoever needs to reach in from another thread.
+        self.loop = asyncio.get_running_loop()
         if self.writer is not None:
             self.writer.start()
 

@@ -25,8 +25,9 @@ class ProxyServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        server_config = uvicorn.Config(create_app(self.gateway), log_level="warning",
-                                       access_log=False, lifespan="on")
+        server_config = uvicorn.Config(
+            create_app(self.gateway), log_level="warning", access_log=False, lifespan="on",
+            timeout_keep_alive=int(self.config.server.keepalive_timeout))
         self.server = GatewayServer(server_config, self.gateway)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)
