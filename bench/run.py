@@ -396,9 +396,9 @@ def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, in
         rps = "-" if is_direct else f"{r['rps']:,.0f}"
         ratio = "-" if is_direct else f"{r['rps'] / floor['rps']:.2f}"
         p50 = f"{r['p50']:.3f}" + ("" if is_direct else
-                                   f" (+{r['p50'] - direct.results['p50']:.3f})")
+                                   f" ({r['p50'] - direct.results['p50']:+.3f})")
         ttft = f"{r['ttft']:.2f}" + ("" if is_direct or contender is contenders[0] else
-                                     f" (+{r['ttft'] - floor['ttft']:.2f})")
+                                     f" ({r['ttft'] - floor['ttft']:+.2f})")
         chunk_ratio = r["chunks_per_s"] / floor["chunks_per_s"]
         chunks = f"{r['chunks_per_s']:,.0f}" + ("" if is_direct else f" ({chunk_ratio:.2f})")
         memory = "-" if is_direct else (f"{r[f'rss_after_{marks[0]}']:.1f} / "
