@@ -44,7 +44,7 @@ BODY = json.dumps({
     "max_tokens": 64,
 })
 
-REALISTIC = """
+BARE = """
 [server]
 port = {port}
 [log]
@@ -55,6 +55,9 @@ base_url = "{upstream}/v1"
 [[models]]
 name = "bench-model"
 provider = "up"
+"""
+
+REALISTIC = BARE + """
 [[models]]
 name = "bench-coder"
 provider = "up"
@@ -71,19 +74,6 @@ patterns = ["(?i)ignore (all )?previous instructions"]
 [classifiers.code]
 [classifiers.features]
 [classifiers.language]
-"""
-
-BARE = """
-[server]
-port = {port}
-[log]
-path = "{log}"
-[providers.up]
-type = "openai"
-base_url = "{upstream}/v1"
-[[models]]
-name = "bench-model"
-provider = "up"
 """
 
 LITELLM = """

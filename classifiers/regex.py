@@ -16,7 +16,7 @@ import msgspec
 
 from classifiers.scope import Scope, scoped_text
 from proxy import RequestContext, hookimpl
-from proxy.settings import settings_as, settings_error
+from proxy.settings import regex_error, settings_as, settings_error
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
@@ -26,13 +26,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    problem = settings_error(settings, Settings)
-    for tag, pattern in (settings.get("tags") or {}).items() if problem is None else ():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            return f"tags.{tag}: {pattern!r} is not a valid regular expression: {exc}"
-    return problem
+    return settings_error(settings, Settings) or regex_error(settings.get("tags") or {},
+                                                              "tags")
 
 
 @hookimpl(trylast=True)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from proxy import Reject, RequestContext, Response, TextPart, hookimpl
-from proxy.settings import settings_as, settings_error
+from proxy.settings import regex_error, settings_as, settings_error
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
@@ -33,14 +33,7 @@ def _matches(patterns: list[str], text: str) -> bool:
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    problem = settings_error(settings, Settings)
-    if problem is None:
-        for pattern in settings["patterns"]:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                return f"patterns: {pattern!r} is not a valid regular expression: {exc}"
-    return problem
+    return settings_error(settings, Settings) or regex_error(settings["patterns"], "patterns")
 
 
 @hookimpl(trylast=True)

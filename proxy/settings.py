@@ -3,6 +3,7 @@ validation (naming the bad key) and conversion from these two helpers."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, TypeVar
 
@@ -19,6 +20,17 @@ def settings_error(settings: dict[str, Any], kind: type) -> str | None:
         msgspec.convert(settings, kind)
     except msgspec.ValidationError as exc:
         return str(exc).replace("`$.", "`")
+    return None
+
+
+def regex_error(patterns: dict[str, str] | list[str], where: str) -> str | None:
+    """What is wrong with the first invalid regular expression in ``patterns``, or None."""
+    items = patterns.items() if isinstance(patterns, dict) else enumerate(patterns)
+    for key, pattern in items:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            return f"{where}.{key}: {pattern!r} is not a valid regular expression: {exc}"
     return None
 
 
