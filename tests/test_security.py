@@ -238,11 +238,11 @@ def test_a_malformed_upstream_stream_ends_with_an_error_event():
         config = {"providers": {"bad": {"type": "openai", "base_url": f"{bad.url}/v1"}},
                   "models": [{"name": "m", "provider": "bad"}], "log": {"path": ""},
                   "routing": {"retries": 0}}
-        with ProxyServer(config) as proxy:
-            stream = proxy.anthropic().messages.create(model="m", max_tokens=5, messages=HI,
-                                                       stream=True)
-            with pytest.raises(anthropic.APIStatusError, match="malformed stream chunk"):
-                list(stream)
+        with ProxyServer(config) as proxy, \
+                pytest.raises(anthropic.APIStatusError, match="malformed stream chunk"):
+            # Before the first byte this is a 502; after it, an error event.
+            list(proxy.anthropic().messages.create(model="m", max_tokens=5, messages=HI,
+                                                   stream=True))
 
 
 # --- shutdown and reload ------------------------------------------------------------------

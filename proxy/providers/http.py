@@ -111,10 +111,15 @@ class HttpProvider:
                 answering = True
                 async for events in iter_sse(response.content.iter_any()):
                     batch: list[StreamEvent] = []
-                    for event, data in events:
-                        batch.extend(decoder.feed(event, data))
-                        if decoder.ended:
-                            break
+                    try:
+                        for event, data in events:
+                            batch.extend(decoder.feed(event, data))
+                            if decoder.ended:
+                                break
+                    except UpstreamError:
+                        if batch:  # what came before the bad event still goes out
+                            yield batch
+                        raise
                     if batch:
                         yield batch
                     if decoder.ended:
