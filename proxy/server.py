@@ -153,7 +153,11 @@ class Gateway:
         ctx: RequestContext | None = None
         try:
             body = await self._read_body(http)
-            request = wire.decode_request(body)
+            try:
+                request = wire.decode_request(body)
+            except (TypeError, AttributeError, ValueError, KeyError) as exc:
+                # A shape the decoder did not foresee is still the client's error.
+                raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
             if len(request.messages) > self.config.server.max_messages:
                 raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
                                  f"{self.config.server.max_messages})", code="too_many_messages")

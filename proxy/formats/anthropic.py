@@ -125,6 +125,8 @@ def _blocks(content: str | list[dict[str, Any]] | None, where: str) -> list[Part
         return []
     if isinstance(content, str):
         return [TextPart(text=content)]
+    if not isinstance(content, list):
+        raise BadRequest(f"Invalid request: Expected `str | array` at `$.{where}`")
     parts: list[Part] = []
     for j, block in enumerate(content):
         parts.append(_block(block, f"{where}[{j}]"))
@@ -191,6 +193,8 @@ def _decode_tool_choice(choice: dict[str, Any] | None) -> ToolChoice | None:
     if choice is None:
         return None
     kind = choice.get("type")
+    if not isinstance(kind, str):
+        raise BadRequest("Invalid request: Expected `str` at `$.tool_choice.type`")
     if kind == "tool":
         return ToolChoice(mode="tool", name=_require(choice, "name", str, "tool_choice"))
     modes = {"auto": "auto", "any": "required", "none": "none"}

@@ -200,7 +200,8 @@ def _decode_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | Non
         if choice not in ("auto", "none", "required"):
             raise BadRequest(f"Invalid request: unknown tool_choice {choice!r}")
         return ToolChoice(mode=choice)  # type: ignore[arg-type]
-    name = (choice.get("function") or {}).get("name")
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise BadRequest("Invalid request: Expected `str` at `$.tool_choice.function.name`")
     return ToolChoice(mode="tool", name=name)
