@@ -139,3 +139,18 @@ def test_check_names_file_and_key(tmp_path, text, expected):
 def test_check_missing_file(tmp_path):
     result = run("check", "--config", str(tmp_path / "none.toml"))
     assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_the_readme_quickstart_runs(served, capsys):
+    """The README's quickstart snippets, as written, against `hookproxy serve`."""
+    url, _ = served
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = quickstart.split("```python\n")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        code = block.split("```", 1)[0].replace("http://127.0.0.1:8080", url)
+        exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.count("Mock answer from mock-1") == 4
+    assert "You said: Hello!" in printed and "You said: Stream, please" in printed
