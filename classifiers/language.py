@@ -46,6 +46,8 @@ _WORD = re.compile(r"[^\W\d_]+")
 
 
 def detect_language(text: str) -> str | None:
+    if text.isascii():  # most prompts: no script to count, straight to the words
+        return _by_words(text)
     letters = [c for c in text if c.isalpha()]
     if not letters:
         return None
@@ -64,6 +66,10 @@ def detect_language(text: str) -> str | None:
             if language == "ru" and any(c in text for c in "іїєґ"):
                 return "uk"
             return language
+    return _by_words(text)
+
+
+def _by_words(text: str) -> str | None:
     words = [w.lower() for w in _WORD.findall(text)]
     scores = {lang: sum(1 for w in words if w in common) for lang, common in _WORDS.items()}
     best = max(scores, key=lambda lang: scores[lang])
