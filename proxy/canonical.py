@@ -182,10 +182,8 @@ class StreamAccumulator:
         self._response = Response(id="", model="")
         # One (part, pieces) per content block, in order.
         self._blocks: list[tuple[TextPart | ToolCallPart, list[str]]] = []
-        self.chunks = 0
 
     def add(self, event: StreamEvent) -> None:
-        self.chunks += 1
         blocks = self._blocks
         if isinstance(event, TextDelta):
             if blocks and isinstance(blocks[-1][0], TextPart):
