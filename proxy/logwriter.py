@@ -31,7 +31,6 @@ class LogWriter:
         self.queue: deque[bytes] = deque()
         self._stop = threading.Event()
         self.dropped = 0
-        self.written = 0
         self._reported_dropped = 0
         self._thread = threading.Thread(target=self._run, name="hookproxy-log", daemon=True)
         self._started = False
@@ -67,7 +66,6 @@ class LogWriter:
                     while self.queue and len(lines) < 4096:
                         lines.append(self.queue.popleft())
                     file.write(b"".join(lines))
-                    self.written += len(lines)
                     if file.tell() >= self.max_bytes:
                         file.close()
                         self._rotate()
