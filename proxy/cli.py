@@ -14,7 +14,14 @@ from collections.abc import Iterator, Sequence
 
 import structlog
 
-from proxy.config import Config, ConfigError, available_providers, load_config
+from proxy.config import (
+    BUILTIN_SOURCE,
+    Config,
+    ConfigError,
+    available_providers,
+    load_config,
+    packaged_text,
+)
 from proxy.server import GatewayServer
 
 log = structlog.get_logger("hookproxy")
@@ -96,6 +103,10 @@ def serve(args: argparse.Namespace) -> int:
                      "[server].allow_unauthenticated = true) if that is what you want.")
     for name, why in gateway.skipped.items():
         log.warning("provider skipped", provider=name, reason=why)
+    if config.source == BUILTIN_SOURCE:
+        log.info("no config.toml here: running on the built-in default (the mock provider, "
+                 "model mock-1, loopback only); `hookproxy init` writes an annotated "
+                 "config.toml to start from")
     log.info("hookproxy listening", url=f"http://{host}:{port}", config=config.source,
              providers=sorted(gateway.providers), models=gateway.router.model_names(),
              plugins=sorted(gateway.host.enabled),
@@ -168,6 +179,25 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def init(args: argparse.Namespace) -> int:
+    """Writes the annotated starter config; never over an existing file."""
+    from pathlib import Path
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "config.toml"
+    try:
+        with path.open("x", encoding="utf-8") as out:
+            out.write(packaged_text("starter.toml"))
+    except FileExistsError:
+        return _fail(f"{path}: already exists; not overwriting it")
+    except OSError as exc:
+        return _fail(f"{path}: cannot write: {exc.strerror}")
+    print(f"wrote {path}: `hookproxy check --config {path}` shows what it serves, "
+          f"`hookproxy serve --config {path}` runs it")
+    return 0
+
+
 def reload_running(args: argparse.Namespace) -> int:
     """POSTs /admin/reload, with the admin key from [auth].admin_key_env if there is one."""
     import os
@@ -220,6 +250,7 @@ def tail_log(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookproxy", description="An LLM gateway with "
                                      "pluggy plugins, for OpenAI and Anthropic clients.")
+    parser.add_argument("--version", action="version", version=f"hookproxy {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the proxy")
     serve_cmd.add_argument("--host", help="address to bind (default: [server].host)")
@@ -231,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.set_defaults(run=check)
     plugins_cmd = commands.add_parser("plugins", help="list installed plugins and classifiers")
     plugins_cmd.set_defaults(run=plugins)
+    init_cmd = commands.add_parser("init", help="write the annotated starter config.toml")
+    init_cmd.add_argument("path", nargs="?", default="config.toml",
+                          help="file (or folder) to write (default: ./config.toml)")
+    init_cmd.set_defaults(run=init)
     reload_cmd = commands.add_parser("reload", help="make a running proxy re-read its config")
     reload_cmd.add_argument("--url", help="the proxy (default: from [server] of the config)")
     reload_cmd.set_defaults(run=reload_running)
@@ -248,9 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     tail_cmd.set_defaults(run=tail_log)
     for command in (serve_cmd, check_cmd, plugins_cmd, tail_cmd, reload_cmd):
-        command.add_argument("--config", default="config.toml",
-                             help="config file (default: ./config.toml)")
+        command.add_argument("--config", default=None,
+                             help="config file (default: ./config.toml if it exists, "
+                                  "else the built-in default)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hookproxy")
+    except PackageNotFoundError:
+        from proxy import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,21 +274,43 @@ def _check_model(model: ModelConfig, where: str, config: Config) -> None:
         target.model = target.model or model.name
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+# The source named by a config that came from the package, not from a file.
+BUILTIN_SOURCE = "<built-in default>"
+DEFAULT_PATH = "config.toml"
+
+
+def packaged_text(name: str) -> str:
+    """A file shipped inside the package: ``default.toml`` (what serve runs on when there
+    is no config file) or ``starter.toml`` (the annotated config ``hookproxy init`` writes).
+    """
+    return resources.files("proxy").joinpath(name).read_text(encoding="utf-8")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Reads ``path``; with None, ./config.toml if there is one, else the built-in
+    default (the mock provider on loopback), whose log goes to the current folder."""
+    if path is None:
+        path = DEFAULT_PATH if Path(DEFAULT_PATH).exists() else BUILTIN_SOURCE
     source = str(path)
+    if source == BUILTIN_SOURCE:
+        return _from_text(packaged_text("default.toml"), source, Path.cwd())
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    return _from_text(text, source, Path(path).parent)
+
+
+def _from_text(text: str, source: str, folder: Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     config = parse_config(data, source)
     if config.log.path and not Path(config.log.path).is_absolute():
-        config.log.path = str(Path(path).parent / config.log.path)
+        config.log.path = str(folder / config.log.path)
     return config
 
 

@@ -4,19 +4,33 @@
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 from collections.abc import AsyncIterator
-from pathlib import Path
+from importlib import resources
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
 from proxy.admin import AdminGuard
 from proxy.feed import Feed
 from proxy.observe import Observer
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+# Media types by suffix, fixed here rather than read from the machine's mime.types.
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+def load_assets() -> dict[str, tuple[bytes, str]]:
+    """The dashboard's files (static/ in the repository, ``proxy.static`` once installed),
+    read once: name -> (content, media type). A few KB; served from memory."""
+    assets: dict[str, tuple[bytes, str]] = {}
+    for item in resources.files("proxy.static").iterdir():
+        suffix = "." + item.name.rpartition(".")[2]
+        if item.is_file() and not item.name.startswith(("_", ".")) and suffix != ".py":
+            media = _TYPES.get(suffix) or mimetypes.guess_type(item.name)[0] or "text/plain"
+            assets[item.name] = (item.read_bytes(), media)
+    return assets
 
 
 def _event(entry: tuple[int, bytes]) -> bytes:
@@ -50,8 +64,17 @@ async def _events(feed: Feed, last_id: int, keepalive: float, request: Request
 
 def dashboard_routes(observer: Observer, keepalive: float, guard: AdminGuard
                      ) -> list[BaseRoute]:
+    assets = load_assets()
+
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
+        content, media = assets["index.html"]
+        return Response(content, media_type=media, headers={"cache-control": "no-cache"})
+
+    async def asset(request: Request) -> Response:
+        found = assets.get(request.path_params["name"])
+        if found is None:
+            return Response("Not Found", status_code=404, media_type="text/plain")
+        return Response(found[0], media_type=found[1], headers={"cache-control": "no-cache"})
 
     async def events(request: Request) -> Response:
         raw = request.headers.get("last-event-id") or request.query_params.get("last_id", "0")
@@ -68,6 +91,6 @@ def dashboard_routes(observer: Observer, keepalive: float, guard: AdminGuard
     return [
         Route("/dashboard", guard.protect(page, page=True), methods=["GET"]),
         Route("/dashboard/events", guard.protect(events), methods=["GET"]),
-        Mount("/dashboard/static", app=StaticFiles(directory=STATIC), name="static"),
+        Route("/dashboard/static/{name}", asset, methods=["GET"]),
         Route("/metrics", guard.protect(metrics), methods=["GET"]),
     ]

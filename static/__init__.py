@@ -1,0 +1,1 @@
+"""The dashboard page and its assets; installed as the package ``proxy.static``."""
