@@ -65,6 +65,13 @@ class ProviderConfig(_Strict):
     enabled: bool = True
     # mock only: seconds to wait before each streamed chunk.
     chunk_delay: float = 0.0
+    # Caps on what is read from this provider; past any of them the answer is a 502.
+    # An answer's body as it comes over the network (a stream is not capped as a whole)...
+    max_response_bytes: int = 32 * 1024 * 1024
+    # ...and once decompressed (gzip/deflate), so that a small bomb cannot inflate.
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+    # One server-sent event still waiting for its end in a stream.
+    max_event_bytes: int = 4 * 1024 * 1024
 
 
 Strategy = Literal["fallback", "round_robin", "weighted", "least_latency", "cheapest"]

@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -24,10 +24,9 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from proxy.admin import AdminGuard
-from proxy.canonical import Response as ProxyResponse
 from proxy.canonical import StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
-from proxy.context import RequestContext
+from proxy.context import PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.errors import BadRequest, ProxyError
 from proxy.formats import anthropic as anthropic_format
@@ -41,6 +40,7 @@ from proxy.routing import Router
 log = structlog.get_logger("hookproxy.server")
 _encode = msgspec.json.Encoder().encode
 JSON = "application/json"
+T = TypeVar("T")
 
 
 class Gateway:
@@ -170,11 +170,12 @@ class Gateway:
             if own_field is None and not request.stream:
                 ctx.raw_body = body
             if request.stream:
-                events = await self.pipeline.open_stream(ctx)
+                events = await self._unless_client_leaves(
+                    http, ctx, self.pipeline.open_stream(ctx))
                 return StreamingResponse(self._stream_body(ctx, wire, events),
                                          media_type="text/event-stream",
                                          headers=_headers(ctx, request_id))
-            response = await self._run_unless_client_leaves(http, ctx)
+            response = await self._unless_client_leaves(http, ctx, self.pipeline.run(ctx))
             content = ctx.raw_response
             if content is None:
                 content = wire.encode_response(response, same_format=ctx.same_format)
@@ -195,17 +196,23 @@ class Gateway:
                                        started_wall, started)
             return _error_response(wire, error, ctx, request_id)
 
-    async def _run_unless_client_leaves(self, http: HttpRequest, ctx: RequestContext
-                                        ) -> ProxyResponse:
-        """Runs the pipeline; if the client disconnects first, the pipeline (and with it
-        the provider call) is cancelled and the record says the client left."""
-        run = asyncio.ensure_future(self.pipeline.run(ctx))
+    async def _unless_client_leaves(self, http: HttpRequest, ctx: RequestContext,
+                                    work: Awaitable[T]) -> T:
+        """Runs ``work`` (the pipeline up to the answer, or up to a stream's first event);
+        if the client disconnects first, it is cancelled, and with it the provider call,
+        and the record says the client left."""
+        run = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(_disconnect(http.receive))
         try:
             await asyncio.wait((run, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
         if not run.done():
+            # Said before cancelling: the record is written while the pipeline unwinds.
+            ctx.status = 499
+            ctx.error = PipelineError(stage="stream" if ctx.stream else "request",
+                                      status=499, type="client_disconnected",
+                                      message="The client left before the answer was ready")
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await run

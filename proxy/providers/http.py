@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,16 +15,20 @@ from proxy.canonical import Request, Response, StreamEvent
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamError, upstream_error
 from proxy.formats import FORMATS
-from proxy.sse import iter_sse
+from proxy.sse import EventTooLarge, iter_sse
 
 ANTHROPIC_VERSION = "2023-06-01"
+# Pieces of decompressed output are at most this large, however much a chunk inflates.
+_INFLATE_STEP = 256 * 1024
+# An error answer is read only this far: its message is all the proxy keeps.
+_ERROR_BODY_BYTES = 64 * 1024
 
 
 def _error_message(body: bytes) -> str:
     """The ``error.message`` both APIs put in an error body, or the body's start."""
     try:
         payload = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return body[:500].decode("utf-8", "replace").strip() or "(empty body)"
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -31,6 +36,30 @@ def _error_message(body: bytes) -> str:
     if isinstance(error, str):
         return error
     return body[:500].decode("utf-8", "replace")
+
+
+class _Inflater:
+    """gzip or deflate, decompressed in bounded steps so that a bomb never inflates in
+    memory all at once."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        # gzip: a gzip header; deflate: zlib-wrapped as the RFC says, or raw as some send.
+        self._inflate = zlib.decompressobj(31 if encoding == "gzip" else 15)
+        self._first = True
+
+    def feed(self, data: bytes) -> list[bytes]:
+        try:
+            out = [self._inflate.decompress(data, _INFLATE_STEP)]
+        except zlib.error:
+            if not (self._first and self.encoding == "deflate"):
+                raise
+            self._inflate = zlib.decompressobj(-15)
+            out = [self._inflate.decompress(data, _INFLATE_STEP)]
+        self._first = False
+        while self._inflate.unconsumed_tail:
+            out.append(self._inflate.decompress(self._inflate.unconsumed_tail, _INFLATE_STEP))
+        return out
 
 
 class HttpProvider:
@@ -42,7 +71,8 @@ class HttpProvider:
         self._session = session
         self._wire = FORMATS[config.type]
         key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        headers = {"content-type": "application/json"}
+        # Only encodings the proxy decompresses itself, under its caps.
+        headers = {"content-type": "application/json", "accept-encoding": "gzip, deflate"}
         if config.type == "anthropic":
             self.url = f"{config.base_url}/v1/messages"
             headers["anthropic-version"] = ANTHROPIC_VERSION
@@ -77,27 +107,101 @@ class HttpProvider:
         return UpstreamError(502, f"Provider {self.name} is unreachable: {exc}",
                              code="upstream_unreachable")
 
+    def _too_large(self, what: str, limit: int, setting: str, status: int) -> UpstreamError:
+        return UpstreamError(502, f"Provider {self.name} sent {what} larger than {limit} "
+                                  f"bytes (providers.{self.name}.{setting})",
+                             upstream_status=status, code="upstream_too_large")
+
+    async def _chunks(self, response: aiohttp.ClientResponse, whole: bool = True
+                      ) -> AsyncIterator[bytes]:
+        """The body, decompressed, in bounded pieces. ``whole``: an answer read to its
+        end, capped in size on the wire and decompressed (a stream is capped per event)."""
+        config, status = self.config, response.status
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
+            raise UpstreamError(502, f"Provider {self.name} sent an answer in content-encoding "
+                                     f"{encoding!r}, which hookproxy does not accept",
+                                upstream_status=status, code="upstream_invalid")
+        inflater = (_Inflater("deflate" if encoding == "deflate" else "gzip")
+                    if encoding not in ("identity", "") else None)
+        declared = response.content_length
+        if whole and declared is not None and declared > config.max_response_bytes:
+            raise self._too_large("an answer", config.max_response_bytes,
+                                  "max_response_bytes", status)
+        received = produced = 0
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+            if whole and received > config.max_response_bytes:
+                raise self._too_large("an answer", config.max_response_bytes,
+                                      "max_response_bytes", status)
+            if inflater is None:
+                yield chunk
+                continue
+            try:
+                pieces = inflater.feed(chunk)
+            except zlib.error as exc:
+                raise UpstreamError(502, f"Provider {self.name} sent a corrupt {encoding} "
+                                         f"body: {exc}", upstream_status=status,
+                                    code="upstream_invalid") from None
+            for piece in pieces:
+                produced += len(piece)
+                if whole and produced > config.max_decompressed_bytes:
+                    raise self._too_large("an answer that decompresses to",
+                                          config.max_decompressed_bytes,
+                                          "max_decompressed_bytes", status)
+                if piece:
+                    yield piece
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        return b"".join([chunk async for chunk in self._chunks(response)])
+
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        if response.status < 400:
+        status = response.status
+        if 300 <= status < 400:
+            # Never followed: the request carries the prompt and the provider's key.
+            location = response.headers.get("location", "(no Location)")
+            raise UpstreamError(502, f"Provider {self.name} answered {status} redirecting to "
+                                     f"{location[:300]}; hookproxy does not follow redirects",
+                                upstream_status=status, code="upstream_redirect")
+        if status < 400:
             return
-        body = await response.read()
-        message = f"Provider {self.name} returned {response.status}: {_error_message(body)}"
-        raise upstream_error(response.status, message, response.headers.get("retry-after"))
+        body = bytearray()
+        try:
+            async for chunk in self._chunks(response, whole=False):
+                body += chunk
+                if len(body) >= _ERROR_BODY_BYTES:
+                    break
+        except (TimeoutError, aiohttp.ClientError, UpstreamError):
+            pass  # the status says enough
+        message = f"Provider {self.name} returned {status}: {_error_message(bytes(body))}"
+        raise upstream_error(status, message, response.headers.get("retry-after"))
+
+    def _invalid(self, exc: Exception) -> UpstreamError:
+        return UpstreamError(502, f"Provider {self.name} sent an invalid response: "
+                                  f"{type(exc).__name__}: {exc}", upstream_status=200,
+                             code="upstream_invalid")
 
     async def complete(self, request: Request, model: str, client_format: str,
                        raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
         body = raw_body if raw_body is not None else self._body(request, model, client_format)
         try:
             async with self._session().post(self.url, data=body, headers=self.headers,
-                                            timeout=self.timeout) as response:
+                                            timeout=self.timeout, allow_redirects=False,
+                                            auto_decompress=False) as response:
                 await self._raise_for_status(response)
-                payload = await response.read()
+                payload = await self._read(response)
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
-        return (self._wire.decode_response(payload),
-                payload if client_format == self.format else None)
+        try:
+            decoded = self._wire.decode_response(payload)
+        except UpstreamError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            # Invalid UTF-8 among them: the decoder's own errors name the shape only.
+            raise self._invalid(exc) from None
+        return decoded, payload if client_format == self.format else None
 
     async def stream(self, request: Request, model: str, client_format: str
                      ) -> AsyncIterator[list[StreamEvent]]:
@@ -106,14 +210,23 @@ class HttpProvider:
         answering = False
         try:
             async with self._session().post(self.url, data=body, headers=self.headers,
-                                            timeout=self.stream_timeout) as response:
+                                            timeout=self.stream_timeout, allow_redirects=False,
+                                            auto_decompress=False) as response:
                 await self._raise_for_status(response)
                 answering = True
-                async for events in iter_sse(response.content.iter_any()):
+                sse = iter_sse(self._chunks(response, whole=False),
+                               self.config.max_event_bytes)
+                async for events in sse:
                     batch: list[StreamEvent] = []
                     try:
                         for event, data in events:
-                            batch.extend(decoder.feed(event, data))
+                            try:
+                                batch.extend(decoder.feed(event, data))
+                            except UpstreamError:
+                                raise
+                            except (ValueError, TypeError, KeyError, AttributeError,
+                                    RecursionError) as exc:
+                                raise self._invalid(exc) from None
                             if decoder.ended:
                                 break
                     except UpstreamError:
@@ -126,6 +239,8 @@ class HttpProvider:
                         return
         except UpstreamError:
             raise
+        except EventTooLarge as exc:
+            raise self._too_large("a stream event", exc.limit, "max_event_bytes", 200) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, answering) from None
         rest = decoder.close()

@@ -1,0 +1,281 @@
+"""A provider that misbehaves on purpose: redirects, oversized and inflating answers,
+endless events, invalid UTF-8, stalls. Each case checks what the client got, what the
+record says, and that a request alongside it is still served."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp import web
+
+from tests.harness import ProxyServer, ServedApp
+
+HI = [{"role": "user", "content": "hello"}]
+OK_ANSWER = {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
+                          "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def _records(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
+
+
+@contextmanager
+def _proxy_for(handler: Callable[..., Any], tmp_path: Path, kind: str = "openai",
+               **limits: Any) -> Iterator[ProxyServer]:
+    """A proxy whose model ``m`` is served by ``handler``, and ``mock-1`` by the mock."""
+    path = "/v1/chat/completions" if kind == "openai" else "/v1/messages"
+    with ServedApp({path: handler}) as bad:
+        base = f"{bad.url}/v1" if kind == "openai" else bad.url
+        config = {"providers": {"bad": {"type": kind, "base_url": base, "timeout": 5,
+                                        **limits},
+                                "mock": {"type": "mock"}},
+                  "models": [{"name": "m", "provider": "bad"},
+                             {"name": "mock-1", "provider": "mock"}],
+                  "log": {"path": str(tmp_path / "requests.jsonl")},
+                  "routing": {"retries": 0}}
+        with ProxyServer(config) as proxy:
+            yield proxy
+
+
+def _alongside(proxy: ProxyServer, hostile: Callable[[], Any]) -> Any:
+    """Runs ``hostile`` while an ordinary request goes through; returns what it raised."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_caught, hostile)
+        reply = proxy.openai().chat.completions.create(model="mock-1", messages=HI)
+        assert "hello" in reply.choices[0].message.content
+        return future.result(timeout=30)
+
+
+def _caught(call: Callable[[], Any]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - handed back to the test to assert on
+        return exc
+    return None
+
+
+def _hostile_record(tmp_path: Path) -> dict[str, Any]:
+    (record,) = [r for r in _records(tmp_path) if r["model"] == "m"]
+    return record
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_redirect_is_not_followed(tmp_path, kind, stream):
+    stolen: list[dict[str, Any]] = []
+
+    async def thief(request: web.Request) -> web.Response:
+        stolen.append({"headers": dict(request.headers), "body": await request.read()})
+        return web.json_response(OK_ANSWER)
+
+    with ServedApp({"/v1/chat/completions": thief, "/v1/messages": thief}) as elsewhere:
+        target = f"{elsewhere.url}/v1/messages"
+
+        async def redirect(request: web.Request) -> web.Response:
+            return web.Response(status=307, headers={"location": target})
+
+        with _proxy_for(redirect, tmp_path, kind, api_key_env="PATH") as proxy:
+            if kind == "openai":
+                error = _alongside(proxy, lambda: list(proxy.openai().chat.completions.create(
+                    model="m", messages=HI, stream=stream)) if stream else
+                    proxy.openai().chat.completions.create(model="m", messages=HI))
+                assert isinstance(error, openai.APIStatusError)
+                assert error.body["type"] == "api_error"  # type: ignore[index]
+            else:
+                error = _alongside(proxy, lambda: proxy.anthropic().messages.create(
+                    model="m", max_tokens=5, messages=HI, stream=stream))
+                assert isinstance(error, anthropic.APIStatusError)
+                assert error.body["type"] == "error"  # type: ignore[index]
+            assert error.status_code == 502
+            assert target in error.message and "redirect" in error.message
+    assert stolen == []
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 502
+    assert record["attempts"][0]["status"] == 307
+    assert record["error"]["type"] == "upstream_redirect"
+
+
+def test_an_answer_over_the_size_cap_is_a_502(tmp_path):
+    async def huge(request: web.Request) -> web.StreamResponse:
+        # No Content-Length: the cap has to be counted while reading.
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        await response.prepare(request)
+        for _ in range(100):
+            await response.write(b" " * 1000)
+        await response.write(json.dumps(OK_ANSWER).encode())
+        return response
+
+    with _proxy_for(huge, tmp_path, max_response_bytes=20_000) as proxy:
+        error = _alongside(proxy, lambda: proxy.openai().chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.InternalServerError) and error.status_code == 502
+        assert "larger than 20000 bytes" in error.message
+        assert "max_response_bytes" in error.message
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 502 and record["error"]["type"] == "upstream_too_large"
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path):
+    async def declared(request: web.Request) -> web.Response:
+        return web.Response(body=b" " * 50_000 + json.dumps(OK_ANSWER).encode(),
+                            content_type="application/json")
+
+    with _proxy_for(declared, tmp_path, max_response_bytes=20_000) as proxy:
+        error = _alongside(proxy, lambda: proxy.openai().chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+        assert "max_response_bytes" in error.message
+    assert _hostile_record(tmp_path)["status"] == 502
+
+
+def test_a_gzip_bomb_stops_at_the_decompressed_cap(tmp_path):
+    # 20 MB of spaces compress to about 20 KB.
+    bomb = gzip.compress(b"{" + b" " * 20_000_000 + b"}", 9)
+    assert len(bomb) < 100_000
+
+    async def inflating(request: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"content-type": "application/json",
+                                                "content-encoding": "gzip"})
+
+    with _proxy_for(inflating, tmp_path, max_decompressed_bytes=1_000_000) as proxy:
+        error = _alongside(proxy, lambda: proxy.openai().chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+        assert "max_decompressed_bytes" in error.message
+    assert _hostile_record(tmp_path)["status"] == 502
+
+
+def test_a_gzip_answer_within_the_caps_is_read(tmp_path):
+    async def compressed(request: web.Request) -> web.Response:
+        return web.Response(body=gzip.compress(json.dumps(OK_ANSWER).encode()),
+                            headers={"content-type": "application/json",
+                                     "content-encoding": "gzip"})
+
+    with _proxy_for(compressed, tmp_path) as proxy:
+        reply = proxy.openai().chat.completions.create(model="m", messages=HI)
+        assert reply.choices[0].message.content == "fine"
+
+
+def test_an_event_that_never_ends_is_cut_at_the_cap(tmp_path):
+    state = {"written": 0, "gone": False}
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: ")
+        try:
+            for _ in range(2000):  # 2 MB at most, in 1 KB pieces with no blank line
+                await response.write(b"x" * 1000)
+                state["written"] += 1000
+                await __import__("asyncio").sleep(0.001)
+        except (ConnectionResetError, RuntimeError):
+            state["gone"] = True
+        return response
+
+    with _proxy_for(endless, tmp_path, max_event_bytes=50_000) as proxy:
+        error = _alongside(proxy, lambda: list(proxy.openai().chat.completions.create(
+            model="m", messages=HI, stream=True)))
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+        assert "max_event_bytes" in error.message
+        deadline = time.monotonic() + 10
+        while not state["gone"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state["gone"] and state["written"] < 1_000_000
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 502 and record["error"]["type"] == "upstream_too_large"
+
+
+def test_sse_parsing_is_linear_in_what_arrives():
+    import asyncio
+
+    from proxy.sse import iter_sse
+
+    async def chunks() -> Any:
+        # 20,000 one-byte reads of one long event, then its end, CRLF split across reads.
+        yield b"data: "
+        for _ in range(20_000):
+            yield b"y"
+        yield b"\r"
+        yield b"\n\r\n"
+        yield b"data: tail\r\n\r\n"
+
+    async def collect() -> list[Any]:
+        return [e async for batch in iter_sse(chunks()) for e in batch]
+
+    started = time.process_time()
+    events = asyncio.run(collect())
+    assert events == [("", b"y" * 20_000), ("", b"tail")]
+    assert time.process_time() - started < 5  # quadratic copying took far longer
+
+
+def test_the_provider_call_stops_when_the_client_leaves_before_the_first_event(tmp_path):
+    state = {"gone": False}
+
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for _ in range(100):  # comments only, for 10 s: no event reaches the client
+                await response.write(b": thinking\n\n")
+                await __import__("asyncio").sleep(0.1)
+        except (ConnectionResetError, RuntimeError):
+            state["gone"] = True
+        return response
+
+    with _proxy_for(stalling, tmp_path) as proxy:
+        started = time.monotonic()
+        error = _alongside(proxy, lambda: list(proxy.openai(timeout=0.5).chat.completions.create(
+            model="m", messages=HI, stream=True)))
+        assert isinstance(error, openai.APITimeoutError)
+        while not state["gone"] and time.monotonic() - started < 8:
+            time.sleep(0.05)
+        assert state["gone"]
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 499 and record["error"]["type"] == "client_disconnected"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_invalid_utf8_is_a_502_and_the_record_agrees(tmp_path, stream):
+    text = json.dumps(OK_ANSWER).encode().replace(b'"fine"', b'"fi\xff\xfene"')
+
+    async def garbled(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            return web.Response(body=text, content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"id":"x","choices":[{"index":0,"delta":'
+                             b'{"content":"\xff\xfe"}}]}\n\n')
+        return response
+
+    with _proxy_for(garbled, tmp_path) as proxy:
+        error = _alongside(proxy, lambda: list(proxy.openai().chat.completions.create(
+            model="m", messages=HI, stream=True)) if stream else
+            proxy.openai().chat.completions.create(model="m", messages=HI))
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+        assert "invalid" in error.message
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 502
+
+
+def test_an_error_body_in_invalid_utf8_keeps_the_status(tmp_path):
+    async def garbled_error(request: web.Request) -> web.Response:
+        return web.Response(status=400, body=b'{"error": {"message": "\xff"}}',
+                            content_type="application/json")
+
+    with _proxy_for(garbled_error, tmp_path) as proxy:
+        error = _alongside(proxy, lambda: proxy.openai().chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.BadRequestError)
+    assert _hostile_record(tmp_path)["status"] == 400
