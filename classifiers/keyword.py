@@ -3,43 +3,51 @@
 
     [classifiers.keyword]
     scope = "messages"        # "last" user message, all "messages", or "all" incl. system
+    max_chars = 100000        # the newest text scanned, at most
     [classifiers.keyword.tags]
     billing = ["invoice", "refund", "credit card"]
     legal = ["contract", "GDPR"]
+
+All the words are found in one pass over the text (an Aho-Corasick automaton, built once
+per table), however many there are; a word may be up to 200 characters long.
 """
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
 from typing import Any
 
 import msgspec
 
-from classifiers.scope import Scope, scoped_text
+from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, union_over_texts
 from proxy import RequestContext, hookimpl
 from proxy.settings import settings_as, settings_error
+from proxy.textmatch import keyword_problem, keyword_table
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     tags: dict[str, list[str]] = {}
     scope: Scope = "messages"
-
-
-@lru_cache(maxsize=256)
-def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    max_chars: int = MAX_CHARS
 
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    return settings_error(settings, Settings)
+    problem = settings_error(settings, Settings) or max_chars_problem(settings.get("max_chars"))
+    if problem:
+        return problem
+    for tag, words in (settings.get("tags") or {}).items():
+        problem = keyword_problem(words)
+        if problem:
+            return f"tags.{tag}: {problem}"
+    return None
 
 
 @hookimpl(trylast=True)
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
-    text = scoped_text(ctx.request, config.scope)
-    return [tag for tag, words in config.tags.items()
-            if words and _pattern(tuple(words)).search(text)]
+    table = keyword_table(tuple((tag, tuple(words)) for tag, words in config.tags.items()))
+    if not table.tags:
+        return []
+    found = union_over_texts(ctx.request, config.scope, config.max_chars, table,
+                             table.tags_in)
+    return [tag for tag in table.tags if tag in found]

@@ -4,6 +4,7 @@ no dependency. Tags look like ``lang:en``, ``lang:ja``.
     [classifiers.language]
     prefix = "lang:"
     scope = "last"       # the last user message
+    max_chars = 100000   # the newest text looked at, at most
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from typing import Any
 
 import msgspec
 
-from classifiers.scope import Scope, scoped_text
+from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, scoped_text
 from proxy import RequestContext, hookimpl
+from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     prefix: str = "lang:"
     scope: Scope = "last"
+    max_chars: int = MAX_CHARS
 
 
 # (first, last code point, language) for scripts that name their language well enough.
@@ -78,11 +81,12 @@ def _by_words(text: str) -> str | None:
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    return settings_error(settings, Settings)
+    return settings_error(settings, Settings) or max_chars_problem(settings.get("max_chars"))
 
 
 @hookimpl(trylast=True)
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
-    language = detect_language(scoped_text(ctx.request, config.scope))
+    text = scoped_text(ctx.request, config.scope, config.max_chars)
+    language = memo.get_or_compute("language", text, detect_language)
     return [config.prefix + language] if language else []

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import RequestContext, hookimpl
+from proxy import RequestContext, TextPart, ToolCallPart, ToolResultPart, hookimpl
 from proxy.settings import settings_as, settings_error
 
 CHARS_PER_TOKEN = 4
@@ -26,8 +26,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
+    """Counts characters without joining or copying the text: a few microseconds for a
+    whole agent history."""
     request = ctx.request
-    characters = len(request.prompt_text())
+    characters = sum(len(p.text) for p in request.system)
+    for message in request.messages:
+        for part in message.content:
+            if isinstance(part, TextPart):
+                characters += len(part.text)
+            elif isinstance(part, ToolCallPart):
+                characters += len(part.arguments)
+            elif isinstance(part, ToolResultPart):
+                characters += sum(len(p.text) for p in part.content if isinstance(p, TextPart))
     if request.tools:
         characters += len(_encode(request.tools))
     return characters // CHARS_PER_TOKEN

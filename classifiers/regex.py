@@ -2,36 +2,50 @@
 
     [classifiers.regex]
     scope = "messages"
+    max_chars = 100000        # the newest text scanned, at most
     [classifiers.regex.tags]
     ticket = "\\b[A-Z]{2,}-\\d+\\b"
     url = "https?://"
+
+The patterns run on RE2: in time linear in the text, all of them in one pass; RE2 has no
+lookaround and no backreferences, and a pattern that uses them is a settings error.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
 
-from classifiers.scope import Scope, scoped_text
+from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, union_over_texts
 from proxy import RequestContext, hookimpl
 from proxy.settings import regex_error, settings_as, settings_error
+from proxy.textmatch import pattern_set
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     tags: dict[str, str] = {}
     scope: Scope = "messages"
+    max_chars: int = MAX_CHARS
 
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    return settings_error(settings, Settings) or regex_error(settings.get("tags") or {},
-                                                              "tags")
+    return (settings_error(settings, Settings) or max_chars_problem(settings.get("max_chars"))
+            or regex_error(settings.get("tags") or {}, "tags"))
 
 
 @hookimpl(trylast=True)
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
-    text = scoped_text(ctx.request, config.scope)
-    return [tag for tag, pattern in config.tags.items() if re.search(pattern, text)]
+    if not config.tags:
+        return []
+    tags = tuple(config.tags)
+    patterns = pattern_set(tuple(config.tags.values()))
+
+    def find(text: str) -> frozenset[str]:
+        return frozenset(tags[i] for i in patterns.matching(text))
+
+    found = union_over_texts(ctx.request, config.scope, config.max_chars, (patterns, tags),
+                             find)
+    return [tag for tag in tags if tag in found]

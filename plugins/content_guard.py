@@ -5,17 +5,23 @@
     action = "reject"          # "reject": an error with `status`; "refuse": a canned answer
     status = 400
     message = "This request is not allowed by the proxy's content policy."
+
+The patterns run on RE2, all at once and in time linear in the text. Each message is
+checked as one text (its parts joined as the provider joins them), with the system prompt
+and tool results; a message's verdict is remembered (``proxy.memo``), so a history that
+comes back on the next turn is not checked again.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import msgspec
 
-from proxy import Reject, RequestContext, Response, TextPart, hookimpl
+from proxy import Reject, Request, RequestContext, Response, TextPart, hookimpl
+from proxy.memo import memo
 from proxy.settings import regex_error, settings_as, settings_error
+from proxy.textmatch import PatternSet, pattern_set
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
@@ -25,10 +31,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     message: str = "This request is not allowed by the proxy's content policy."
 
 
-def _matches(patterns: list[str], text: str) -> bool:
-    # re caches compiled patterns; each is compiled on its own so that each may carry
-    # its own flags, such as (?i).
-    return any(re.search(pattern, text) for pattern in patterns)
+def _matches(patterns: PatternSet, request: Request) -> bool:
+    def found(text: str) -> bool:
+        return bool(patterns.matching(text))
+
+    return any(memo.get_or_compute(patterns, text, found) for text in request.message_texts())
 
 
 @hookimpl
@@ -39,7 +46,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(trylast=True)
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
-    if not config.patterns or not _matches(config.patterns, ctx.request.prompt_text()):
+    if not config.patterns or not _matches(pattern_set(tuple(config.patterns)), ctx.request):
         return None
     if config.action == "reject":
         raise Reject(config.status, config.message, code="content_policy")

@@ -8,6 +8,7 @@ vendor parameter added last week still reaches it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -98,6 +99,23 @@ class Request(msgspec.Struct, omit_defaults=True):
     @property
     def system_text(self) -> str:
         return "\n\n".join(p.text for p in self.system)
+
+    def message_texts(self) -> Iterator[str]:
+        """Each message's text, newest first: its text parts joined as the provider joins
+        them, then its tool results' text; then the system prompt. Empty ones are left
+        out. Per-message work iterates this, and can stop early."""
+        for message in reversed(self.messages):
+            texts = []
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                elif isinstance(part, ToolResultPart):
+                    texts.extend(p.text for p in part.content if isinstance(p, TextPart))
+            text = texts[0] if len(texts) == 1 else "".join(texts)
+            if text:
+                yield text
+        if self.system:
+            yield self.system_text
 
     def prompt_text(self) -> str:
         """All text of the system prompt and the messages, for matching and estimates."""

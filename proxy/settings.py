@@ -3,11 +3,12 @@ validation (naming the bad key) and conversion from these two helpers."""
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from typing import Any, TypeVar
 
 import msgspec
+
+from proxy.textmatch import regex_problem
 
 T = TypeVar("T")
 _converted: OrderedDict[tuple[int, type], tuple[dict[str, Any], Any]] = OrderedDict()
@@ -24,13 +25,12 @@ def settings_error(settings: dict[str, Any], kind: type) -> str | None:
 
 
 def regex_error(patterns: dict[str, str] | list[str], where: str) -> str | None:
-    """What is wrong with the first invalid regular expression in ``patterns``, or None."""
+    """What is wrong with the first pattern in ``patterns`` that RE2 cannot run, or None."""
     items = patterns.items() if isinstance(patterns, dict) else enumerate(patterns)
     for key, pattern in items:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            return f"{where}.{key}: {pattern!r} is not a valid regular expression: {exc}"
+        problem = regex_problem(pattern)
+        if problem:
+            return f"{where}.{key}: {problem}"
     return None
 
 

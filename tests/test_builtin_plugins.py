@@ -87,7 +87,7 @@ def test_content_guard_refuses_with_a_canned_answer(upstream):
 def test_content_guard_bad_pattern_is_a_config_error(upstream):
     from proxy.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"content_guard.*not a valid regular expression"), \
+    with pytest.raises(ConfigError, match=r"content_guard.*not a pattern hookproxy can run"), \
             serving(upstream, {"content_guard": {"patterns": ["(unclosed"]}}):
         pass
 

@@ -99,6 +99,7 @@ def test_detect_language(text, expected):
 def test_bad_classifier_settings_name_the_classifier(upstream):
     from proxy.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"\[classifiers.regex\].*not a valid regular"), \
+    with pytest.raises(ConfigError,
+                       match=r"\[classifiers.regex\].*not a pattern hookproxy can run"), \
             serving(upstream, classifiers={"regex": {"tags": {"x": "(oops"}}}):
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,9 +46,11 @@ def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("venv") / "env"
     _run(sys.executable, "-m", "venv", where)
     wheel = next(dist.glob("hookproxy-*.whl"))
+    # A copy, so that building it leaves nothing behind in the checkout.
+    example = shutil.copytree(ROOT / "examples" / "hookproxy-example", where.parent / "example",
+                              ignore=shutil.ignore_patterns("*.egg-info", "build"))
     # Non-editable, as `pip install hookproxy` and a plugin package that depends on it do.
-    _run(where / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel,
-         ROOT / "examples" / "hookproxy-example")
+    _run(where / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, example)
     return where
 
 

@@ -1,0 +1,85 @@
+"""Bounded memory for work that depends only on content.
+
+An agent resends its whole history every turn. Whatever plugins and classifiers compute
+from one piece of text (a classifier's verdict, redaction findings, a guard's verdict, a
+token estimate) is the same every time that text comes back, so it is kept here, keyed by
+what computed it and by the text itself, and a turn costs what its new messages cost.
+
+Both bounds hold at once: at most ``max_entries`` results, and at most ``max_bytes`` of
+text kept as keys (a key is the text itself: equal texts hit, and no hash collision can
+hand one text's result to another). Least recently used results go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Texts shorter than this are cheaper to scan again than to look up and keep.
+MIN_CHARS = 256
+
+
+class Memo:
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int = 200_000) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_or_compute(self, what: Hashable, text: str, compute: Callable[[str], T]) -> T:
+        """``compute(text)``, or what it gave the last time for this ``what`` and text.
+
+        ``what`` names the computation and everything else its result depends on (a
+        classifier's name and its compiled settings, say); it must not be the text."""
+        if len(text) < MIN_CHARS:
+            return compute(text)
+        key = (what, text)
+        entries = self._entries
+        try:
+            result: T = entries[key]
+        except KeyError:
+            pass
+        else:
+            entries.move_to_end(key)
+            self.hits += 1
+            return result
+        self.misses += 1
+        result = compute(text)
+        size = _size(text)
+        if size > self.max_bytes:
+            return result
+        entries[key] = result
+        self.bytes += size
+        while self.bytes > self.max_bytes or len(entries) > self.max_entries:
+            (_, old), _ = entries.popitem(last=False)
+            self.bytes -= _size(old)
+        return result
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def _size(text: str) -> int:
+    # An upper bound on what CPython keeps for the text: 1 byte a character for ASCII, at
+    # most 4 otherwise (isascii is a flag lookup, not a scan).
+    return len(text) if text.isascii() else 4 * len(text)
+
+
+# The process's one memo, shared by the built-in plugins and classifiers (and open to
+# third-party ones). Its bounds come from [server].memo_bytes and memo_entries.
+memo = Memo()
+
+
+def configure(max_bytes: int, max_entries: int) -> None:
+    memo.max_bytes, memo.max_entries = max_bytes, max_entries
+    if memo.bytes > max_bytes or len(memo) > max_entries:
+        memo.clear()
