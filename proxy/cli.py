@@ -111,12 +111,14 @@ def serve(args: argparse.Namespace) -> int:
              providers=sorted(gateway.providers), models=gateway.router.model_names(),
              plugins=sorted(gateway.host.enabled),
              classifiers=sorted(gateway.host.enabled_classifiers))
-    import uvicorn
+    from proxy.connections import uvicorn_config
 
-    server_config = uvicorn.Config(create_app(gateway), host=host, port=port,
-                                   log_level="warning", access_log=False, lifespan="on",
-                                   timeout_graceful_shutdown=10,
-                                   timeout_keep_alive=int(config.server.keepalive_timeout))
+    gateway.bind_host = host
+    if not config.server.allowed_hosts and host in ("0.0.0.0", "::", ""):
+        log.warning("listening on all interfaces with no [server].allowed_hosts: any Host "
+                    "header is served; list the names clients use to refuse the others")
+    server_config = uvicorn_config(create_app(gateway), config.server, host=host, port=port,
+                                   timeout_graceful_shutdown=10)
     server = _Server(server_config, gateway)
     server.run()
     return 0 if server.started else 1

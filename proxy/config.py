@@ -43,12 +43,29 @@ class ServerConfig(_Strict):
     classifier_timeout: float = 1.0
     # Requests with more messages than this get a 400.
     max_messages: int = 10_000
+    # A request's own `hookproxy` field (the plugin and classifier settings it adds or
+    # overrides) larger than this, as JSON, gets a 400: what a client may hand to a
+    # pattern engine, a keyword automaton or a settings cache stays small.
+    max_request_settings_bytes: int = 64 * 1024
+    # The memo of per-message results (classifier verdicts, redaction findings, guard
+    # verdicts) that makes a resent history cheap: text kept, and results kept, at most.
+    memo_bytes: int = 64 * 1024 * 1024
+    memo_entries: int = 200_000
     # Seconds an idle client connection stays open; longer than clients' own idle expiry
     # (5 s in httpx, which both SDKs use), so that a client never reuses one the proxy is
     # closing at that moment.
     keepalive_timeout: float = 75.0
     # Without [auth] keys, serve binds only to loopback unless this is true.
     allow_unauthenticated: bool = False
+    # A request's line and headers together; larger gets a 431 and the connection closes.
+    max_header_bytes: int = 64 * 1024
+    # Seconds a client has to send a request's headers, from connecting or from the
+    # request's first byte; a slower one is disconnected.
+    header_timeout: float = 10.0
+    # Host header values served (DNS rebinding defence), "*.example.com" for subdomains,
+    # "*" for any. Empty: loopback names and the bound address (any, when bound to all
+    # interfaces).
+    allowed_hosts: list[str] = []
 
 
 class ProviderConfig(_Strict):
@@ -140,6 +157,10 @@ class LogConfig(_Strict):
     bodies: Literal["none", "truncated", "full"] = "truncated"
     # With bodies = "truncated": strings longer than this are cut.
     truncate_chars: int = 2000
+    # No record (log line and dashboard event) is larger: a body is shown as a bounded
+    # view (its first and newest messages), and a record still over this goes without
+    # its bodies.
+    max_record_bytes: int = 256 * 1024
     # Rotate the file past this size, keeping this many old files (requests.jsonl.1 ...).
     max_bytes: int = 50 * 1024 * 1024
     keep: int = 5
@@ -148,8 +169,10 @@ class LogConfig(_Strict):
 
 
 class DashboardConfig(_Strict):
-    # Recent records held in memory for new and reconnecting dashboard subscribers.
+    # Recent records held in memory for new and reconnecting dashboard subscribers: at
+    # most this many, and at most held_bytes of them.
     held: int = 1000
+    held_bytes: int = 32 * 1024 * 1024
     # Seconds between keep-alive comments on an idle /dashboard/events stream.
     keepalive: float = 15.0
     # Records a subscriber may fall behind by before it is dropped (it then reconnects

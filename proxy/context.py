@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import msgspec
 
 from proxy.canonical import Request, Response
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, is_error_status
 
 
 class Reject(ProxyError):
@@ -17,7 +18,15 @@ class Reject(ProxyError):
 
     def __init__(self, status: int, message: str, *, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, code=code, stage="plugin", headers=headers)
+        plugin = None
+        if not is_error_status(status):
+            # Named by the module that raised it: the plugin's author has a bug to fix.
+            plugin = sys._getframe(1).f_globals.get("__name__", "?")
+            message = (f"Plugin {plugin} rejected the request with status {status!r}, which "
+                       f"is not an error status (400-599); its message: {message}")
+            status, code = 500, "plugin_error"
+        super().__init__(status, message, code=code, stage="plugin", plugin=plugin,
+                         headers=headers)
 
 
 class PipelineError(msgspec.Struct, omit_defaults=True):

@@ -20,6 +20,10 @@ class ProxyError(Exception):
         plugin: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        if not is_error_status(status):
+            # Anything else would be sent as given (101, 204, 304) or drop the connection.
+            message = f"Invalid error status {status!r} (must be 400-599): {message}"
+            status, code = 500, code or "invalid_status"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -30,6 +34,11 @@ class ProxyError(Exception):
 
     def __repr__(self) -> str:
         return f"ProxyError({self.status}, {self.message!r}, stage={self.stage!r})"
+
+
+def is_error_status(status: object) -> bool:
+    """An HTTP status a client can be refused with: an int from 400 to 599."""
+    return isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599
 
 
 class BadRequest(ProxyError):

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
+import string
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any, TypeVar
@@ -18,6 +21,8 @@ import msgspec
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
@@ -31,7 +36,9 @@ from proxy.dashboard import dashboard_routes
 from proxy.errors import BadRequest, ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
+from proxy.hosts import HostCheck
 from proxy.observe import Observer
+from proxy.params import check_parameters
 from proxy.pipeline import Pipeline
 from proxy.plugins import PluginHost
 from proxy.providers import Provider, build_provider
@@ -52,7 +59,18 @@ class Gateway:
         self.guard = AdminGuard(config.auth)
         self._extra_finish = on_finish
         self._session: aiohttp.ClientSession | None = None
+        # The address serve listens on (for the Host check); the CLI sets --host here.
+        self.bind_host = config.server.host
         self._apply(config, host)
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return self.config.server.allowed_hosts
+
+    def rejected(self, request_id: str, endpoint: str, client_format: str,
+                 error: ProxyError, started_wall: float, started: float) -> None:
+        self.observer.rejected(request_id, endpoint, client_format, error, started_wall,
+                               started)
 
     def _apply(self, config: Config, host: PluginHost | None = None) -> None:
         """Builds providers, router, plugins and pipeline for ``config``, then puts them
@@ -75,6 +93,7 @@ class Gateway:
         self.config, self.skipped, self.providers = config, skipped, providers
         self.router, self.host, self.pipeline = router, host, pipeline
         self.guard.configure(config.auth)
+        self.observer.metrics.label_names([m.name for m in config.models], config.providers)
 
     def reload(self, config: Config) -> None:
         """Applies a new config without dropping requests. [log] and [dashboard] changes
@@ -161,6 +180,7 @@ class Gateway:
             if len(request.messages) > self.config.server.max_messages:
                 raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
                                  f"{self.config.server.max_messages})", code="too_many_messages")
+            check_parameters(request, wire.NAME)
             own_field = request.extra.pop("hookproxy", None)
             plugins, classifiers = self.host.for_request(own_field)
             ctx = RequestContext(
@@ -180,6 +200,13 @@ class Gateway:
             if content is None:
                 content = wire.encode_response(response, same_format=ctx.same_format)
             return HttpResponse(content, media_type=JSON, headers=_headers(ctx, request_id))
+        except ClientDisconnect:
+            # The client left while sending its body: nobody to answer, but a record.
+            error = ProxyError(499, "The client left while sending the request",
+                               code="client_disconnected")
+            self.observer.rejected(request_id, http.scope["path"], wire.NAME, error,
+                                   started_wall, started)
+            return _error_response(wire, error, ctx, request_id)
         except ProxyError as exc:
             if ctx is None:
                 log.warning("bad_request", request_id=request_id, endpoint=http.scope["path"],
@@ -221,9 +248,14 @@ class Gateway:
         return run.result()
 
     async def _read_body(self, http: HttpRequest) -> bytes:
-        content_type = http.headers.get("content-type", JSON)
-        if "json" not in content_type.split(";", 1)[0]:
-            raise ProxyError(415, f"Unsupported content type {content_type!r}: send "
+        # Required, and exactly JSON: a web page can send text/plain or a form to a
+        # local proxy without the browser asking first, but not application/json.
+        content_type = http.headers.get("content-type")
+        if content_type is None:
+            raise ProxyError(415, "Missing Content-Type: send application/json",
+                             code="unsupported_media_type")
+        if content_type.split(";", 1)[0].strip().lower() != JSON:
+            raise ProxyError(415, f"Unsupported content type {_shown(content_type)}: send "
                                   "application/json", code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
         length = http.headers.get("content-length")
@@ -271,14 +303,31 @@ def _too_large(limit: int) -> ProxyError:
                       code="request_too_large")
 
 
+# Printable ASCII but "%", which marks what was encoded.
+_HEADER_SAFE = (string.punctuation + " ").replace("%", "")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_value(value: str) -> str:
+    """``value`` fit for a response header: anything beyond printable ASCII (non-Latin-1
+    text, CR and LF that would end the header) is percent-encoded as UTF-8."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return urllib.parse.quote(value, safe=_HEADER_SAFE)
+
+
+def _shown(value: str) -> str:
+    return repr(value[:100])
+
+
 def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
     headers = {"x-request-id": request_id}
     if ctx.provider:
-        headers["x-hookproxy-provider"] = ctx.provider
+        headers["x-hookproxy-provider"] = header_value(ctx.provider)
     if ctx.model:
-        headers["x-hookproxy-model"] = ctx.model
+        headers["x-hookproxy-model"] = header_value(ctx.model)
     if ctx.tags:
-        headers["x-hookproxy-tags"] = ",".join(ctx.tags)
+        headers["x-hookproxy-tags"] = header_value(",".join(map(str, ctx.tags)))
     # What the proxy itself added so far: everything but the time spent waiting upstream.
     overhead = ctx.elapsed_ms() - ctx.timings.get("upstream", 0.0) * 1000
     headers["x-hookproxy-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
@@ -289,8 +338,11 @@ def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
 
 def _error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | None,
                     request_id: str) -> HttpResponse:
-    headers = {**error.headers, **(_headers(ctx, request_id) if ctx else
-                                   {"x-request-id": request_id})}
+    # A plugin's extra headers (Retry-After...): only well-formed names, safe values.
+    extra = {name: header_value(str(value)) for name, value in error.headers.items()
+             if isinstance(name, str) and _TOKEN.fullmatch(name)}
+    headers = {**extra, **(_headers(ctx, request_id) if ctx else
+                           {"x-request-id": request_id})}
     return HttpResponse(wire.encode_error(error), status_code=error.status, media_type=JSON,
                         headers=headers)
 
@@ -327,4 +379,5 @@ def create_app(gateway: Gateway) -> Starlette:
         *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive, gateway.guard),
         Route("/admin/reload", gateway.guard.protect(gateway.admin_reload), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(HostCheck, gateway=gateway)])

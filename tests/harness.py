@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
-
 from proxy.config import parse_config
+from proxy.connections import uvicorn_config
 from proxy.context import RequestContext
 from proxy.plugins import PluginHost
 from proxy.server import Gateway, GatewayServer, create_app
@@ -25,9 +24,7 @@ class ProxyServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        server_config = uvicorn.Config(
-            create_app(self.gateway), log_level="warning", access_log=False, lifespan="on",
-            timeout_keep_alive=int(self.config.server.keepalive_timeout))
+        server_config = uvicorn_config(create_app(self.gateway), self.config.server)
         self.server = GatewayServer(server_config, self.gateway)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)

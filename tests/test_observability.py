@@ -266,7 +266,7 @@ def test_two_subscribers_and_a_stalled_one(upstream, tmp_path):
         host, port = url.removeprefix("http://").split(":")
         # The stalled one asks for the feed and never reads a byte.
         _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /dashboard/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /dashboard/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
         async with aiohttp.ClientSession() as session:
             one = await _subscribe(session, url)
@@ -290,7 +290,12 @@ def test_two_subscribers_and_a_stalled_one(upstream, tmp_path):
     config["dashboard"] = {"subscriber_queue": 20}
     with ProxyServer(config) as proxy:
         asyncio.run(scenario(proxy.url))
-        assert proxy.gateway.observer.feed.dropped_subscribers == 1  # the stalled one
+        # Records reach the feed from the observer's thread, just after their answers.
+        feed = proxy.gateway.observer.feed
+        deadline = time.monotonic() + 10
+        while feed.dropped_subscribers == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert feed.dropped_subscribers == 1  # the stalled one
 
 
 def test_idle_feed_gets_keep_alives(upstream, tmp_path):

@@ -1,0 +1,132 @@
+"""Client connections at the HTTP level, below starlette: a cap on the size of a request's
+headers and a deadline for receiving them, so that a client cannot hold memory or a
+connection open by sending headers slowly or without end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.config import ServerConfig
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus: the request line and headers of each request
+    are at most ``max_header_bytes`` (else 431 and the connection closes), and must be
+    complete within ``header_timeout`` seconds of the connection opening or of the
+    request's first byte (else the connection closes). Idle connections between requests
+    are closed by uvicorn's keep-alive timeout."""
+
+    max_header_bytes = 64 * 1024
+    header_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._too_large = False
+        # Between a request's first byte and the end of its headers.
+        self._in_headers = False
+        # Bytes read while in headers: httptools holds a header value until it ends.
+        self._unfinished = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > self.max_header_bytes:
+            self._too_large = True
+            raise _HeadersTooLarge
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = self._unfinished = 0
+        self._in_headers = True
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self._in_headers = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        # As uvicorn's, but headers past the cap get a 431 rather than a generic 400.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._too_large:
+                self._send_431()
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._in_headers:
+            # All of this read went into headers that are still unfinished.
+            self._unfinished += len(data)
+            if self._unfinished > self.max_header_bytes:
+                self._send_431()
+
+    def _send_431(self) -> None:
+        message = f"Request headers are larger than {self.max_header_bytes} bytes"
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (len(message), message.encode()))
+        self.transport.close()
+
+
+def uvicorn_config(app: Any, server: ServerConfig, **options: Any) -> uvicorn.Config:
+    """uvicorn's config for the proxy: the guarded protocol with the [server] limits."""
+    protocol = type("HttpProtocol", (GuardedHttpToolsProtocol,), {
+        "max_header_bytes": server.max_header_bytes,
+        "header_timeout": server.header_timeout,
+    })
+    options.setdefault("log_level", "warning")
+    return uvicorn.Config(app, http=protocol, access_log=False, lifespan="on",
+                          timeout_keep_alive=max(1, round(server.keepalive_timeout)),
+                          h11_max_incomplete_event_size=server.max_header_bytes, **options)

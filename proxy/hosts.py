@@ -1,0 +1,98 @@
+"""Which ``Host`` a request may name. A web page can make a browser send requests to a
+local proxy through a DNS name the attacker controls that resolves to 127.0.0.1 (DNS
+rebinding); the Host header still carries the attacker's name, and is refused here."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from proxy.errors import ProxyError
+from proxy.formats import anthropic as anthropic_format
+from proxy.formats import openai as openai_format
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+
+class _Gateway(Protocol):
+    bind_host: str
+
+    @property
+    def allowed_hosts(self) -> list[str]: ...
+
+    def rejected(self, request_id: str, endpoint: str, client_format: str,
+                 error: ProxyError, started_wall: float, started: float) -> None: ...
+
+
+def host_name(header: str) -> str:
+    """``Host`` without its port, lower case; ``[::1]:8080`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    name, _, port = header.rpartition(":")
+    return (name if name and port.isdigit() else header).rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(header: str, allowed: list[str], bind_host: str) -> bool:
+    name = host_name(header)
+    if allowed:
+        for pattern in allowed:
+            pattern = pattern.lower()
+            if pattern == "*" or pattern == name or (
+                    pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return True
+        return False
+    if bind_host in _ANY_ADDRESS:
+        return True
+    return _is_loopback(name) or name == host_name(bind_host)
+
+
+class HostCheck:
+    """ASGI middleware: a request naming a Host that is not allowed gets a 421 in the
+    client's own error format; an API request refused this way still leaves a record."""
+
+    def __init__(self, app: ASGIApp, gateway: _Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v for k, v in scope["headers"] if k == b"host"), None)
+        # Browsers always send Host; a request without one cannot come from a page.
+        if host is None or host_allowed(host.decode("latin-1"), self.gateway.allowed_hosts,
+                                        self.gateway.bind_host):
+            await self.app(scope, receive, send)
+            return
+        started, started_wall = time.perf_counter(), time.time()
+        request_id = os.urandom(16).hex()
+        shown = host.decode("latin-1")[:100].encode("unicode_escape").decode()
+        error = ProxyError(421, f"Host {shown!r} is not served here: add it to "
+                                "[server].allowed_hosts if clients use that name",
+                           code="host_not_allowed")
+        path = scope["path"]
+        wire = anthropic_format if path.startswith("/v1/messages") else openai_format
+        if path.startswith(("/v1/", "/chat/")) and scope["method"] == "POST":
+            self.gateway.rejected(request_id, path, wire.NAME, error, started_wall, started)
+        body = wire.encode_error(error)
+        await send({"type": "http.response.start", "status": 421, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,279 @@
+"""A client that attacks on purpose: requests a web page can forge, a Host it controls,
+header injection through model names and tags, plugins with nonsense statuses, uploads
+cut short, absurd parameters, and header floods. Each case checks the status and body
+the client got, the record, and that a request alongside it is still served."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import Reject, RequestContext, hookimpl
+from proxy.plugins import PluginHost
+from tests.harness import ProxyServer, post_raw, upstream_config
+
+HI = [{"role": "user", "content": "hello"}]
+OPENAI = "/v1/chat/completions"
+ANTHROPIC = "/v1/messages"
+
+
+def _records(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
+
+
+@contextmanager
+def _serving(upstream: Any, tmp_path: Path, *plugins: tuple[str, Any],
+             **config: Any) -> Iterator[ProxyServer]:
+    host = PluginHost()
+    host.discover()
+    for name, plugin in plugins:
+        host.add(plugin, name, "plugin")
+    settings = upstream_config(upstream, plugins={name: {} for name, _ in plugins}, **config)
+    settings["log"] = {"path": str(tmp_path / "requests.jsonl")}
+    with ProxyServer(settings, host=host) as proxy:
+        yield proxy
+
+
+def _still_served(proxy: ProxyServer) -> None:
+    reply = proxy.openai().chat.completions.create(model="mock-1", messages=HI)
+    assert "hello" in reply.choices[0].message.content
+
+
+def _request(proxy: ProxyServer, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly these headers (http.client adds only Host and length)."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _error_shape(endpoint: str, body: bytes | dict[str, Any]) -> str:
+    payload = json.loads(body) if isinstance(body, bytes) else body
+    if endpoint == ANTHROPIC:
+        assert payload["type"] == "error" and payload["error"]["type"]
+        return str(payload["error"]["message"])
+    assert set(payload["error"]) >= {"message", "type", "code"}
+    return str(payload["error"]["message"])
+
+
+# --- requests a web page can forge ------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain; charset=utf-8",
+                                          "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x",
+                                          "application/jsonp"])
+def test_an_api_post_must_say_it_is_json(upstream, tmp_path, endpoint, content_type):
+    body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": HI}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    with _serving(upstream, tmp_path) as proxy:
+        status, _, answer = _request(proxy, "POST", endpoint, body, headers)
+        assert status == 415
+        assert "application/json" in _error_shape(endpoint, answer)
+        # With the right type the same body is served.
+        assert _request(proxy, "POST", endpoint, body,
+                        {"content-type": "application/json; charset=utf-8"})[0] == 200
+        _still_served(proxy)
+    assert [r["status"] for r in _records(tmp_path)] == [415, 200, 200]
+
+
+@pytest.mark.parametrize(("path", "method"), [(OPENAI, "POST"), (ANTHROPIC, "POST"),
+                                              ("/dashboard/events", "GET"), ("/health", "GET"),
+                                              ("/v1/models", "GET")])
+def test_a_foreign_host_is_refused(upstream, tmp_path, path, method):
+    body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": HI}).encode()
+    headers = {"host": "attacker.example", "content-type": "application/json"}
+    with _serving(upstream, tmp_path) as proxy:
+        status, _, answer = _request(proxy, method, path, body if method == "POST" else None,
+                                     headers)
+        assert status == 421
+        assert "attacker.example" in _error_shape(path, answer)
+        assert "allowed_hosts" in _error_shape(path, answer)
+        for name in ("localhost", f"localhost:{proxy.port}", "127.0.0.1", "[::1]:80"):
+            assert _request(proxy, "GET", "/health", None, {"host": name})[0] == 200
+        _still_served(proxy)
+    records = _records(tmp_path)
+    if method == "POST":
+        assert records[0]["status"] == 421 and records[0]["error"]["type"] == "host_not_allowed"
+    else:
+        assert [r["status"] for r in records] == [200]
+
+
+def test_allowed_hosts_names_the_hosts_served(upstream, tmp_path):
+    with _serving(upstream, tmp_path, server={"allowed_hosts": ["proxy.internal",
+                                                                "*.corp.example"]}) as proxy:
+        assert _request(proxy, "GET", "/health", None, {"host": "proxy.internal:8080"})[0] == 200
+        assert _request(proxy, "GET", "/health", None, {"host": "a.corp.example"})[0] == 200
+        assert _request(proxy, "GET", "/health", None, {"host": "corp.example.evil"})[0] == 421
+        # Listing names replaces the defaults: loopback names then need listing too.
+        assert _request(proxy, "GET", "/health", None, {"host": "localhost"})[0] == 421
+
+
+# --- values that end up in response headers ---------------------------------------------
+
+
+class OddTags:
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        ctx.tags.extend(["タグ", "evil\r\nset-cookie: stolen=1", "ok"])
+
+
+@pytest.mark.parametrize("model", ["mock/日本", "mock/a\r\nx-injected: 1", "mock/ümlaut",
+                                   "mock/a\nb", "mock/50%"])
+def test_header_values_are_encoded_safely(upstream, tmp_path, model):
+    with _serving(upstream, tmp_path, ("odd_tags", OddTags())) as proxy:
+        status, headers, body = _request(
+            proxy, "POST", OPENAI, json.dumps({"model": model, "messages": HI}).encode(),
+            {"content-type": "application/json"})
+        assert status == 200, body
+        assert "x-injected" not in {k.lower() for k in headers}
+        assert "set-cookie" not in {k.lower() for k in headers}
+        shown = headers["x-hookproxy-model"]
+        assert shown.isascii() and "\r" not in shown and "\n" not in shown
+        from urllib.parse import unquote
+
+        assert unquote(shown) == model.split("/", 1)[1]
+        assert unquote(headers["x-hookproxy-tags"]).split(",") == [
+            "タグ", "evil\r\nset-cookie: stolen=1", "ok"]
+        _still_served(proxy)
+    assert [r["status"] for r in _records(tmp_path)] == [200, 200]
+
+
+# --- plugins with statuses that are not error statuses ----------------------------------
+
+
+class OddStatus:
+    def __init__(self, status: Any) -> None:
+        self.status = status
+
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        raise Reject(self.status, "go away", headers={"bad name": "x", "x-ok": "é\r\nx: y"})
+
+
+@pytest.mark.parametrize("status", [99, 101, 204, 304, 399, 600, 1000, -1, True, "403"])
+def test_a_plugin_status_outside_400_599_is_a_500_naming_the_plugin(upstream, tmp_path,
+                                                                    status):
+    with _serving(upstream, tmp_path, ("odd_status", OddStatus(status))) as proxy:
+        for endpoint in (OPENAI, ANTHROPIC):
+            code, headers, body = _request(
+                proxy, "POST", endpoint,
+                json.dumps({"model": "gpt-test", "max_tokens": 5, "messages": HI}).encode(),
+                {"content-type": "application/json"})
+            assert code == 500
+            message = _error_shape(endpoint, body)
+            assert "tests.test_hostile_client" in message and repr(status) in message
+            assert "go away" in message
+            assert headers["x-ok"] == "%C3%A9%0D%0Ax: y" and "x" not in headers
+    records = _records(tmp_path)
+    assert [r["status"] for r in records] == [500, 500]
+    assert records[0]["error"]["type"] == "plugin_error"
+
+
+def test_a_plugin_status_in_range_is_kept(upstream, tmp_path):
+    with _serving(upstream, tmp_path, ("odd_status", OddStatus(418))) as proxy:
+        code, _, body = _request(proxy, "POST", OPENAI, json.dumps(
+            {"model": "gpt-test", "messages": HI}).encode(), {"content-type": "application/json"})
+        assert code == 418 and _error_shape(OPENAI, body) == "go away"
+
+
+# --- a client that leaves mid-upload ----------------------------------------------------
+
+
+def test_a_client_leaving_mid_upload_is_a_499(upstream, tmp_path):
+    with _serving(upstream, tmp_path) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                         b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+                         b'{"model": "mock-1", "mess')
+            time.sleep(0.3)
+        time.sleep(0.3)
+        _still_served(proxy)
+    records = _records(tmp_path)
+    assert records[0]["status"] == 499
+    assert records[0]["error"]["type"] == "client_disconnected"
+
+
+# --- numeric parameters -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "named"), [
+    (OPENAI, {"max_tokens": -1}, "max_tokens"),
+    (OPENAI, {"max_tokens": 0}, "max_tokens"),
+    (OPENAI, {"max_tokens": 10**8}, "max_tokens"),
+    (OPENAI, {"max_completion_tokens": -5}, "max_completion_tokens"),
+    (OPENAI, {"temperature": 5}, "temperature"),
+    (OPENAI, {"temperature": -0.5}, "temperature"),
+    (OPENAI, {"top_p": 1.5}, "top_p"),
+    (OPENAI, {"n": 1000}, "n"),
+    (OPENAI, {"n": "2"}, "n"),
+    (OPENAI, {"presence_penalty": 9}, "presence_penalty"),
+    (ANTHROPIC, {"max_tokens": -1}, "max_tokens"),
+    (ANTHROPIC, {"max_tokens": 10**8}, "max_tokens"),
+    (ANTHROPIC, {"max_tokens": 5, "top_k": -1}, "top_k"),
+    (ANTHROPIC, {"max_tokens": 5, "temperature": 1e300}, "temperature"),
+])
+def test_numeric_parameters_out_of_range_are_a_400_naming_the_field(proxy, endpoint, fields,
+                                                                     named):
+    body = {"model": "mock-1", "messages": HI, **fields}
+    status, _, answer = post_raw(proxy.url + endpoint, json.dumps(body).encode())
+    assert status == 400
+    assert named in _error_shape(endpoint, answer)
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+@pytest.mark.parametrize("value", [b"-100000000000000000000000000000",
+                                   b"100000000000000000000000000000", b"1e400"])
+def test_huge_max_tokens_literals_are_a_400(proxy, endpoint, value):
+    body = b'{"model": "mock-1", "messages": [], "max_tokens": ' + value + b"}"
+    status, _, answer = post_raw(proxy.url + endpoint, body)
+    assert status == 400
+    # 1e400 is out of range for the JSON decoder itself, which names its position.
+    assert "max_tokens" in _error_shape(endpoint, answer) or value == b"1e400"
+
+
+# --- header floods and slow headers -----------------------------------------------------
+
+
+def test_oversized_headers_get_a_431_and_the_connection_closes(upstream, tmp_path):
+    with _serving(upstream, tmp_path, server={"max_header_bytes": 8192}) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: ")
+            with pytest.raises(OSError):
+                for _ in range(200):  # up to 2 MB; the proxy stops it long before
+                    sock.sendall(b"a" * 10_000)
+                    time.sleep(0.001)
+                raise AssertionError("the proxy kept reading")
+            answer = b""
+            with suppress(OSError):
+                answer = sock.recv(1000)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 431")
+        _still_served(proxy)
+        # A header block under the cap is served.
+        assert _request(proxy, "GET", "/health", None, {"x-fine": "a" * 4000})[0] == 200
+
+
+def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
+    with _serving(upstream, tmp_path, server={"header_timeout": 1.0}) as proxy:
+        idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        _still_served(proxy)
+        for sock in (idle, slow):
+            with sock, suppress(ConnectionResetError):
+                assert sock.recv(100) == b""  # closed by the proxy
+        assert time.monotonic() - started < 8
