@@ -86,6 +86,8 @@ async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> An
     except ProxyError as exc:
         exc.plugin = exc.plugin or plugin
         raise
+    except HookFailed:
+        raise  # a sync implementation run in a worker thread failed there
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
 

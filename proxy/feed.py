@@ -19,8 +19,13 @@ class Subscriber:
 
 
 class Feed:
-    def __init__(self, held: int = 1000, subscriber_queue: int = 1000) -> None:
-        self.entries: deque[tuple[int, bytes]] = deque(maxlen=held)
+    def __init__(self, held: int = 1000, subscriber_queue: int = 1000,
+                 held_bytes: int = 32 * 1024 * 1024) -> None:
+        # Held back for replay: at most ``held`` records and ``held_bytes`` of them.
+        self.entries: deque[tuple[int, bytes]] = deque()
+        self.held = held
+        self.held_bytes = held_bytes
+        self.bytes = 0
         self.subscribers: set[Subscriber] = set()
         self.subscriber_queue = subscriber_queue
         self.last_id = 0
@@ -29,7 +34,11 @@ class Feed:
     def publish(self, data: bytes) -> int:
         self.last_id += 1
         entry = (self.last_id, data)
-        self.entries.append(entry)
+        entries = self.entries
+        entries.append(entry)
+        self.bytes += len(data)
+        while len(entries) > self.held or (self.bytes > self.held_bytes and len(entries) > 1):
+            self.bytes -= len(entries.popleft()[1])
         for subscriber in list(self.subscribers):
             try:
                 subscriber.queue.put_nowait(entry)

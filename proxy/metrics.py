@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -35,6 +35,15 @@ class Metrics:
                                        ("provider", "status"), registry=self.registry)
         self.registry.register(_Dropped(dropped))
         self._cache: dict[tuple[str, str, int], _Children] = {}
+        self._models: frozenset[str] = frozenset()
+        self._providers: frozenset[str] = frozenset()
+
+    def label_names(self, models: Iterable[str], providers: Iterable[str]) -> None:
+        """The model and provider names that get series of their own: the configured ones.
+        Anything else a client names is counted as ``other``, so no client can grow the
+        number of series (or /metrics) by making names up."""
+        self._models = frozenset(models)
+        self._providers = frozenset(providers) | {"plugin", "-"}
 
     def _children(self, model: str, provider: str, status: int) -> _Children:
         # labels() takes a lock and builds keys on every call: look each series up once.
@@ -50,7 +59,15 @@ class Metrics:
         return children
 
     def observe(self, record: Record) -> None:
-        children = self._children(record.model or "-", record.provider or "-", record.status)
+        model = record.model if record.model in self._models else (
+            "-" if not record.model else "other")
+        provider = record.provider or "-"
+        if provider not in self._providers:
+            provider = "other"
+        # Statuses are three digits by construction; still, one series per class beyond
+        # the ones HTTP defines.
+        status = record.status if 100 <= record.status <= 599 else 0
+        children = self._children(model, provider, status)
         children.requests.inc()
         children.latency.observe(record.duration_ms / 1000)
         self.overhead.observe(record.overhead_ms / 1000)
@@ -64,7 +81,9 @@ class Metrics:
             children.cost.inc(record.cost)
         for attempt in record.attempts:
             if attempt.error is not None:
-                self.upstream_errors.labels(attempt.provider, str(attempt.status)).inc()
+                name = attempt.provider if attempt.provider in self._providers else "other"
+                status = attempt.status if 0 <= attempt.status <= 599 else 0
+                self.upstream_errors.labels(name, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

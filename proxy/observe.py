@@ -3,9 +3,14 @@ live feed and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import queue
+import threading
 import time
+from typing import Any
 
 import msgspec
+import structlog
 
 from proxy.config import Config
 from proxy.context import RequestContext
@@ -13,49 +18,119 @@ from proxy.errors import ProxyError, error_type
 from proxy.feed import Feed
 from proxy.logwriter import LogWriter
 from proxy.metrics import Metrics
-from proxy.record import ErrorInfo, Record, build_record, rejected_record
+from proxy.record import ErrorInfo, Record, body_view, build_record, rejected_record
 
 _encode = msgspec.json.Encoder().encode
 
 
 class Observer:
+    """Builds each finished request's record and hands it to the log, the feed and the
+    metrics.
+
+    The cheap fields are read on the event loop as the request ends; the bodies (the part
+    that grows with the request) are built, and the record encoded, on the observer's own
+    thread, which then passes the line to the log writer and the event back to the loop
+    for the feed. Records leave in the order requests finished.
+    """
+
     def __init__(self, config: Config) -> None:
         self.config = config
         log = config.log
         self.writer = (LogWriter(log.path, max_bytes=log.max_bytes, keep=log.keep,
                                  queue_size=log.queue_size) if log.path else None)
         self.feed = Feed(held=config.dashboard.held,
-                         subscriber_queue=config.dashboard.subscriber_queue)
+                         subscriber_queue=config.dashboard.subscriber_queue,
+                         held_bytes=config.dashboard.held_bytes)
         self.metrics = Metrics(lambda: self.writer.dropped if self.writer else 0)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Records waiting for their bodies; past queue_size they go out without them.
+        self._pending: queue.SimpleQueue[tuple[Record, Any, Any] | None] = queue.SimpleQueue()
+        self._pending_count = 0
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        import asyncio
-
         # The server's event loop, for whoever needs to reach in from another thread.
         self.loop = asyncio.get_running_loop()
         if self.writer is not None:
             self.writer.start()
+        self._thread = threading.Thread(target=self._run, name="hookproxy-records",
+                                        daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        """Finishes the records still waiting, then flushes the log."""
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join(30)
+            self._thread = None
         if self.writer is not None:
             self.writer.close()
 
     def finished(self, ctx: RequestContext) -> None:
-        record = build_record(ctx, bodies=self.config.log.bodies,
-                              limit=self.config.log.truncate_chars)
-        self.publish(record)
+        log = self.config.log
+        record = build_record(ctx, bodies="none")
+        self.metrics.observe(record)
+        if log.bodies == "none" or self._thread is None or \
+                self._pending_count >= log.queue_size:
+            self._publish(record)
+            return
+        self._pending_count += 1
+        self._pending.put((record, ctx.request, ctx.response))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
                  started_wall: float, started: float) -> None:
         """A request that failed before it could be decoded still leaves its record."""
         info = ErrorInfo(type=error.code or error_type(error.status), message=error.message,
                          stage=error.stage)
-        self.publish(rejected_record(request_id, endpoint, client_format, error.status, info,
-                                     started_wall, time.perf_counter() - started))
+        record = rejected_record(request_id, endpoint, client_format, error.status, info,
+                                 started_wall, time.perf_counter() - started)
+        self.metrics.observe(record)
+        self._publish(record)
 
-    def publish(self, record: Record) -> None:
-        data = _encode(record)
+    def _publish(self, record: Record) -> None:
+        data = self._encode(record)
         if self.writer is not None:
             self.writer.submit(data + b"\n")
         self.feed.publish(data)
-        self.metrics.observe(record)
+
+    def _encode(self, record: Record) -> bytes:
+        data = _encode(record)
+        cap = self.config.log.max_record_bytes
+        if len(data) > cap and (record.request is not None or record.response is not None):
+            record.request = record.response = None
+            record.bodies_dropped = len(data)
+            data = _encode(record)
+        return data
+
+    def _run(self) -> None:
+        log = self.config.log
+        while True:
+            item = self._pending.get()
+            if item is None:
+                return
+            record, request, response = item
+            try:
+                record.request = body_view(request, log.bodies, log.truncate_chars,
+                                           log.max_record_bytes)
+                record.response = body_view(response, log.bodies, log.truncate_chars,
+                                            log.max_record_bytes)
+                data = self._encode(record)
+            except Exception:
+                structlog.get_logger("hookproxy.observe").exception(
+                    "record_bodies_failed", request_id=record.id)
+                record.request = record.response = None
+                data = _encode(record)
+            if self.writer is not None:
+                self.writer.submit(data + b"\n")
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._feed, data)
+                except RuntimeError:  # the loop closed meanwhile
+                    self._pending_count -= 1
+            else:
+                self._pending_count -= 1
+
+    def _feed(self, data: bytes) -> None:
+        self._pending_count -= 1
+        self.feed.publish(data)

@@ -31,7 +31,7 @@ from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import HookFailed, call_impl, finish_impl, implementations, start_impl
 from proxy.errors import ProxyError, UpstreamError
-from proxy.plugins import PluginHost
+from proxy.plugins import SELF, PluginHost
 from proxy.providers import Provider
 from proxy.routing import Router, Target, is_context_length, is_transient
 
@@ -61,6 +61,10 @@ class Pipeline:
         self.plugin_timeout = plugin_timeout
         self.classifier_timeout = classifier_timeout
         self.on_finish = on_finish
+        # hookproxy's own classifiers are linear and bounded: they run inline.
+        self.inline_classifiers = frozenset(
+            name for name, info in host.installed.items()
+            if info.kind == "classifier" and info.package == SELF)
 
     # --- entry points -------------------------------------------------------------------
 
@@ -117,8 +121,11 @@ class Pipeline:
 
     async def _stage(self, ctx: RequestContext, hook: str) -> Response | None:
         """Start or PreRouting: a plugin may change the request, answer it or reject it."""
-        for name, impl in implementations(self.pm, hook, ctx.plugin_settings):
-            before = _fingerprint(ctx.request)
+        impls = implementations(self.pm, hook, ctx.plugin_settings)
+        # Each plugin's change is seen by comparing the request's encoding after it with
+        # the one before it: one encode per plugin, plus one.
+        before = _fingerprint(ctx.request) if impls else b""
+        for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
             try:
                 result = await call_impl(name, hook, impl, arguments, self.plugin_timeout)
@@ -135,8 +142,10 @@ class Pipeline:
                 ctx.plugin_actions[name] = "short_circuit"
                 ctx.short_circuited_by = name
                 return result
-            if _fingerprint(ctx.request) != before:
+            after = _fingerprint(ctx.request)
+            if after != before:
                 ctx.plugin_actions.setdefault(name, "modified")
+                before = after
         return None
 
     async def _classify(self, ctx: RequestContext) -> None:
@@ -148,6 +157,13 @@ class Pipeline:
         pending: list[tuple[str, Any]] = []
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
+            if name not in self.inline_classifiers and not inspect.iscoroutinefunction(
+                    impl.function):
+                # Another package's sync classifier runs in a worker thread, so that however
+                # long it takes, the event loop keeps serving; it is bounded like the rest.
+                pending.append((name, asyncio.to_thread(start_impl, name, "classify", impl,
+                                                        arguments)))
+                continue
             try:
                 result = start_impl(name, "classify", impl, arguments)
             except (HookFailed, ProxyError) as exc:

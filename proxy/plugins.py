@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pluggy
 
-from proxy import hookspecs
+from proxy import hookspecs, memo
 from proxy.config import Config, ConfigError
 from proxy.dispatch import (
     HookFailed,
@@ -26,6 +26,7 @@ from proxy.errors import BadRequest
 PLUGIN_GROUP = "hookproxy.plugins"
 CLASSIFIER_GROUP = "hookproxy.classifiers"
 GROUPS = {PLUGIN_GROUP: "plugin", CLASSIFIER_GROUP: "classifier"}
+_encode = msgspec.json.Encoder().encode
 SELF = "hookproxy"
 # Keys of a [plugins.NAME] table that are hookproxy's, not the plugin's settings.
 RESERVED = frozenset({"enabled", "locked"})
@@ -59,6 +60,7 @@ class PluginHost:
         # Every configured table's settings, enabled or not, and the locked names.
         self.configured: dict[str, dict[str, Any]] = {}
         self.locked: set[str] = set()
+        self.max_request_settings_bytes = 64 * 1024
 
     def discover(self) -> None:
         """Imports every installed plugin; failures are recorded, not raised."""
@@ -119,6 +121,9 @@ class PluginHost:
         """Turns on what config.toml enables; a plugin that is missing, failed to load or
         rejects its settings is a ConfigError naming it."""
         self.enabled, self.enabled_classifiers = {}, {}
+        self.max_request_settings_bytes = config.server.max_request_settings_bytes
+        # The memo plugins and classifiers share is bounded by the same config.
+        memo.configure(config.server.memo_bytes, config.server.memo_entries)
         for section, kind, target in (("plugins", "plugin", self.enabled),
                                       ("classifiers", "classifier", self.enabled_classifiers)):
             for name, table in getattr(config, section).items():
@@ -186,6 +191,11 @@ class PluginHost:
         """
         if field is None:
             return self.enabled, self.enabled_classifiers
+        size = len(_encode(field))
+        if size > self.max_request_settings_bytes:
+            raise BadRequest(f"Invalid request: `hookproxy` is {size:,} bytes of JSON; at most "
+                             f"{self.max_request_settings_bytes:,} are accepted",
+                             code="request_settings_too_large")
         if not isinstance(field, dict) or set(field) - {"plugins", "classifiers"}:
             raise BadRequest("Invalid request: `hookproxy` must be an object with "
                              "`plugins` and/or `classifiers`")

@@ -22,12 +22,18 @@ upstream_ms         time spent waiting for providers; overhead_ms: the rest
 input_tokens, output_tokens, cost   usage, and cost from the configured prices
 cache_hit           answered by the response cache
 finish_reason       stop | length | tool_calls | content_filter
-request, response   bodies, per ``[log].bodies``: none, truncated or full
+request, response   bodies, per ``[log].bodies``: none, truncated or full (a large body
+                    shows its first and newest messages; ``messages_omitted``,
+                    ``truncated_from_bytes``); values under secret-looking keys are
+                    ``[redacted]`` at any depth
+bodies_dropped      the record would have been this many bytes: over the cap, so it went
+                    without its bodies (``[log].max_record_bytes``)
 ==================  ===========================================================
 """
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -37,7 +43,6 @@ import msgspec
 from proxy.context import Attempt, RequestContext
 
 Bodies = Literal["none", "truncated", "full"]
-_SECRET_KEYS = ("key", "token", "secret", "authorization", "password")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -78,6 +83,12 @@ class Record(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
     request: Any = None
     response: Any = None
+    # The record would have been this many bytes with its bodies: over [log].max_record_bytes.
+    bodies_dropped: int | None = None
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _iso(started_wall: float) -> str:
@@ -88,37 +99,93 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _body(value: Any, bodies: Bodies, limit: int) -> Any:
+# Words that make a key's value a secret: ``api_key``, ``x-api-key``, ``auth_token``,
+# ``accessToken``, ``password``... but not ``max_tokens`` or ``keywords``.
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd",
+                           "authorization", "auth", "credential", "credentials", "cookie"})
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+# A body shows its first message (an app's standing instruction, usually) and its newest
+# ones; what lies between is counted, not copied.
+KEEP_NEWEST = 6
+# Nodes (values) one body walk visits at most; the rest is cut and counted.
+_MAX_NODES = 2000
+
+
+def body_view(value: Any, bodies: Bodies, limit: int, cap: int) -> Any:
+    """A request or response as the record shows it: JSON, at most about ``cap`` bytes,
+    with every value under a secret-looking key replaced at any depth.
+
+    ``full`` keeps strings whole; ``truncated`` cuts each at ``limit`` characters. A body
+    whose JSON fits in its budget and names nothing secret-looking is embedded as it was
+    encoded (one msgspec encode); a larger one becomes a bounded view: the first message and
+    the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values,
+    and ``truncated_from_bytes`` the size it came from. No step walks a whole large body key
+    by key in Python.
+    """
     if bodies == "none" or value is None:
         return None
-    # The common case costs one msgspec encode: a body whose whole JSON is shorter than the
-    # limit has no string to cut, and is embedded as it is encoded.
     encoded = _encode(value)
-    extra = getattr(value, "extra", None) or {}
-    secret = any(_is_secret(k) for k in extra)
-    if not secret and (bodies == "full" or len(encoded) <= limit):
-        return msgspec.Raw(encoded)
-    return _scrub(msgspec.json.decode(encoded), limit if bodies == "truncated" else 0)
+    budget = cap if bodies == "full" else min(cap, limit)
+    if len(encoded) <= budget:
+        if _SECRET_KEY.search(encoded) is None:
+            return msgspec.Raw(encoded)
+        # Small (at most ``budget`` bytes): walked whole, only to replace the secrets.
+        return _Walker(len(encoded), max_nodes=len(encoded)).view(msgspec.to_builtins(value))
+    data = msgspec.to_builtins(value)
+    if isinstance(data, dict):
+        messages = data.get("messages")
+        if isinstance(messages, list) and len(messages) > KEEP_NEWEST + 1:
+            data = {**data, "messages": [messages[0], *messages[-KEEP_NEWEST:]],
+                    "messages_omitted": len(messages) - KEEP_NEWEST - 1}
+    walker = _Walker(limit if bodies == "truncated" else max(cap // 4, limit))
+    view = walker.view(data)
+    if walker.cut and isinstance(view, dict):
+        view["truncated_from_bytes"] = len(encoded)
+    return view
 
 
-def _is_secret(key: str) -> bool:
-    key = key.lower()
-    return any(s in key for s in _SECRET_KEYS)
+# A key whose name holds one of the secret words (what ``is_secret_key`` then decides).
+_SECRET_KEY = re.compile(
+    rb'(?i)(?:key|token|secret|passw|auth|credential|cookie)[^"\\]{0,64}":')
 
 
-def _scrub(value: Any, limit: int) -> Any:
-    """Drops secret-looking keys; with ``limit``, cuts long strings."""
-    if isinstance(value, dict):
-        return {k: ("[redacted]" if isinstance(v, str) and _is_secret(k) else _scrub(v, limit))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, limit) for v in value]
-    if limit and isinstance(value, str) and len(value) > limit:
-        return value[:limit] + f"... [{len(value) - limit} more characters]"
-    return value
+def is_secret_key(key: str) -> bool:
+    words = _WORD_SPLIT.split(key)
+    return any(word.lower() in _SECRET_WORDS for word in words) or \
+        key.lower().replace("-", "").replace("_", "") in _SECRET_WORDS
 
 
-def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: int = 2000) -> Record:
+class _Walker:
+    """Copies JSON-like data with strings cut at ``limit``, secrets replaced, and at most
+    ``max_nodes`` values visited."""
+
+    def __init__(self, limit: int, max_nodes: int = _MAX_NODES) -> None:
+        self.limit = limit
+        self.max_nodes = max_nodes
+        self.nodes = 0
+        self.cut = False
+
+    def view(self, value: Any) -> Any:
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            self.cut = True
+            return "[...]"
+        if isinstance(value, dict):
+            return {k: ("[redacted]" if isinstance(k, str) and is_secret_key(k)
+                        and not isinstance(v, bool | int | float) and v is not None
+                        else self.view(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.view(v) for v in value]
+        if isinstance(value, str) and len(value) > self.limit:
+            self.cut = True
+            return value[: self.limit] + f"... [{len(value) - self.limit} more characters]"
+        return value
+
+
+def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: int = 2000,
+                 cap: int = 256 * 1024) -> Record:
+    """The request's record; with ``bodies`` other than "none", its bodies too (which is
+    the part that costs: the observer builds them on its own thread)."""
     timings = ctx.timings
     total = timings.get("total", time.perf_counter() - ctx.started)
     upstream = timings.get("upstream", 0.0)
@@ -133,7 +200,7 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         endpoint=ctx.endpoint,
         format=ctx.client_format,
         status=ctx.status,
-        model=ctx.requested_model,
+        model=_cut(ctx.requested_model, 256),
         caller=ctx.caller,
         route=ctx.route,
         provider=ctx.provider,
@@ -145,8 +212,8 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         stream=ctx.stream,
         chunks=ctx.stream_chunks,
         failed_at_chunk=ctx.failed_at_chunk,
-        error=ErrorInfo(type=error.type or "error", message=error.message, stage=error.stage,
-                        plugin=error.plugin) if error else None,
+        error=ErrorInfo(type=error.type or "error", message=_cut(error.message, 4000),
+                        stage=error.stage, plugin=error.plugin) if error else None,
         duration_ms=round(total * 1000, 3),
         ttft_ms=_ms(timings.get("first_token")),
         upstream_ms=round(upstream * 1000, 3),
@@ -156,8 +223,8 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         cost=round(ctx.cost, 8),
         cache_hit=ctx.scratch.get("cache") == "hit",
         finish_reason=response.finish_reason if response is not None and not error else None,
-        request=_body(ctx.request, bodies, limit),
-        response=_body(response, bodies, limit),
+        request=body_view(ctx.request, bodies, limit, cap),
+        response=body_view(response, bodies, limit, cap),
     )
 
 
