@@ -199,6 +199,8 @@ class AuthConfig(_Strict):
     # The key for /dashboard, /dashboard/events, /metrics and /admin/* once keys exist.
     admin_key_env: str = ""
     admin_key_sha256: str = ""
+    # Seconds a dashboard login lasts; a changed admin key ends every session at once.
+    admin_session_ttl: float = 12 * 3600.0
 
 
 class Config(_Strict):

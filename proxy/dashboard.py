@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from proxy.admin import AdminGuard
+from proxy.admin import SECURITY_HEADERS, AdminGuard
 from proxy.feed import Feed
 from proxy.observe import Observer
 
@@ -68,13 +68,20 @@ def dashboard_routes(observer: Observer, keepalive: float, guard: AdminGuard
 
     async def page(request: Request) -> Response:
         content, media = assets["index.html"]
-        return Response(content, media_type=media, headers={"cache-control": "no-cache"})
+        session = getattr(request.state, "admin_session", None)
+        if session is not None:
+            # For the page's own admin POSTs (x-csrf-token); the cookie alone is not enough.
+            content = content.replace(
+                b"</head>", b'<meta name="hookproxy-csrf" content="%s">\n</head>'
+                % session.csrf.encode(), 1)
+        return Response(content, media_type=media, headers=SECURITY_HEADERS)
 
     async def asset(request: Request) -> Response:
         found = assets.get(request.path_params["name"])
         if found is None:
             return Response("Not Found", status_code=404, media_type="text/plain")
-        return Response(found[0], media_type=found[1], headers={"cache-control": "no-cache"})
+        return Response(found[0], media_type=found[1],
+                        headers={**SECURITY_HEADERS, "cache-control": "no-cache"})
 
     async def events(request: Request) -> Response:
         raw = request.headers.get("last-event-id") or request.query_params.get("last_id", "0")
@@ -90,6 +97,8 @@ def dashboard_routes(observer: Observer, keepalive: float, guard: AdminGuard
 
     return [
         Route("/dashboard", guard.protect(page, page=True), methods=["GET"]),
+        Route("/dashboard/login", guard.login, methods=["POST"]),
+        Route("/dashboard/logout", guard.logout, methods=["POST"]),
         Route("/dashboard/events", guard.protect(events), methods=["GET"]),
         Route("/dashboard/static/{name}", asset, methods=["GET"]),
         Route("/metrics", guard.protect(metrics), methods=["GET"]),

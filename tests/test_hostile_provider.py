@@ -61,7 +61,7 @@ def _alongside(proxy: ProxyServer, hostile: Callable[[], Any]) -> Any:
 def _caught(call: Callable[[], Any]) -> BaseException | None:
     try:
         call()
-    except BaseException as exc:  # noqa: BLE001 - handed back to the test to assert on
+    except BaseException as exc:
         return exc
     return None
 
