@@ -1,0 +1,229 @@
+"""Bounded memory, and per-message work memoized without changing a result.
+
+Memoized answers (classifier tags, redaction masks, guard verdicts) equal fresh ones,
+through a live server: the same conversation is sent with an empty memo, again with the
+memo full of it, and once more with one message in the middle changed. The dashboard's
+replay buffer, the records, the memo and /metrics stay under their bounds under floods of
+large or distinct requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from proxy import hookimpl
+from proxy import memo as memo_module
+from proxy.memo import Memo, memo
+from proxy.plugins import PluginHost
+from tests.harness import ProxyServer, post_raw, upstream_config
+
+LONG = " and more words to make the message long enough to be remembered" * 8
+
+CONVERSATION: list[dict[str, Any]] = [
+    {"role": "user", "content": "Hello, I have a question about an invoice. " + LONG},
+    {"role": "assistant", "content": "Sure, what is the ticket number? " + LONG},
+    {"role": "user", "content": "It is ABC-123; mail me at ann.lee@example.com " + LONG},
+    {"role": "assistant", "content": "Thanks, found it. " + LONG},
+    {"role": "user", "content": "Also here is code:\ndef f(x):\n    return x\n" + LONG},
+    {"role": "assistant", "content": "Looks fine. Call +1 415 555 0199 if needed. " + LONG},
+    {"role": "user", "content": "Last question, in plain words. " + LONG},
+]
+
+CONFIG: dict[str, Any] = {
+    "plugins": {"redact": {"restore": False},
+                "content_guard": {"patterns": ["(?i)forbidden phrase"]}},
+    "classifiers": {"keyword": {"tags": {"billing": ["invoice"], "legal": ["contract"]}},
+                    "regex": {"tags": {"ticket": r"\b[A-Z]{2,}-\d+\b"}},
+                    "code": {}},
+}
+
+
+def _send(proxy: ProxyServer, upstream: Any, messages: list[dict[str, Any]]
+          ) -> tuple[int, list[str], Any]:
+    status, headers, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+        {"model": "gpt-test", "messages": messages}).encode())
+    tags = sorted(t for t in headers.get("x-hookproxy-tags", "").split(",") if t)
+    sent = [m.get("content") for m in upstream.last["messages"]] if status == 200 else None
+    return status, tags, sent
+
+
+def _fresh_and_memoized(proxy: ProxyServer, upstream: Any, messages: list[dict[str, Any]]
+                        ) -> None:
+    memo.clear()
+    fresh = _send(proxy, upstream, messages)
+    assert memo.misses and len(memo)
+    hits = memo.hits
+    again = _send(proxy, upstream, messages)
+    assert memo.hits > hits  # the second time, what was known was not scanned again
+    assert again == fresh
+
+
+def test_memoized_results_equal_fresh_ones(upstream):
+    with ProxyServer(upstream_config(upstream, **CONFIG)) as proxy:
+        _fresh_and_memoized(proxy, upstream, CONVERSATION)
+        status, tags, sent = _send(proxy, upstream, CONVERSATION)
+        assert status == 200 and tags == ["billing", "code", "ticket"]
+        assert "ann.lee" not in json.dumps(sent) and "[EMAIL_1]" in sent[2]
+        assert "[PHONE_1]" in sent[5]
+
+        # One message in the middle changes: its new text is scanned, the rest is known,
+        # and the answers are those of a fresh scan.
+        changed = copy.deepcopy(CONVERSATION)
+        changed[2]["content"] = "No ticket; write to bob@example.org about the contract " + LONG
+        _send(proxy, upstream, CONVERSATION)  # the memo holds the old conversation
+        memoized = _send(proxy, upstream, changed)
+        memo.clear()
+        fresh = _send(proxy, upstream, changed)
+        assert memoized == fresh
+        assert fresh[1] == ["billing", "code", "legal"]
+        assert "[EMAIL_1]" in fresh[2][2] and "bob@" not in json.dumps(fresh[2])
+
+        # A guard verdict comes back the same from the memo as fresh.
+        blocked = copy.deepcopy(CONVERSATION)
+        blocked[3]["content"] = "Here is the FORBIDDEN phrase " + LONG
+        for _ in range(2):
+            assert _send(proxy, upstream, blocked)[0] == 400
+        memo.clear()
+        assert _send(proxy, upstream, blocked)[0] == 400
+
+
+def test_memo_stays_within_its_bounds():
+    small = Memo(max_bytes=100_000, max_entries=50)
+    for i in range(1_000):
+        text = f"{i:05d}" + "x" * 3_000
+        assert small.get_or_compute("t", text, len) == len(text)
+    assert len(small) <= 50 and small.bytes <= 100_000
+    # Non-ASCII text counts at its worst case, four bytes a character.
+    for i in range(100):
+        small.get_or_compute("u", f"{i}" + "é" * 2_000, len)
+    assert small.bytes <= 100_000
+    # A text larger than the whole memo is computed, not kept.
+    assert small.get_or_compute("big", "y" * 200_000, len) == 200_000
+    assert ("big", "y" * 200_000) not in small._entries
+
+
+def test_memo_bounds_come_from_config(upstream):
+    config = upstream_config(upstream, server={"memo_bytes": 50_000, "memo_entries": 10},
+                             classifiers={"code": {}})
+    with ProxyServer(config) as proxy:
+        assert (memo.max_bytes, memo.max_entries) == (50_000, 10)
+        for i in range(40):
+            _send(proxy, upstream, [{"role": "user", "content": f"{i} " + "word " * 400}])
+        assert len(memo) <= 10 and memo.bytes <= 50_000
+    memo_module.configure(64 * 1024 * 1024, 200_000)
+
+
+def test_dashboard_buffer_and_records_stay_bounded(upstream, tmp_path):
+    config = upstream_config(upstream, log={"path": str(tmp_path / "r.jsonl"),
+                                            "bodies": "full", "max_record_bytes": 100_000},
+                             dashboard={"held": 1000, "held_bytes": 1_000_000})
+    with ProxyServer(config) as proxy:
+        big = "x" * 1_000_000
+        for i in range(30):
+            status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps({
+                "model": "mock-1", "messages": [{"role": "user", "content": f"{i} {big}"}],
+                "metadata": {"api_key": "sk-NESTEDSECRET", "deep": [{"auth_token": "T0KEN"}]},
+            }).encode())
+            assert status == 200
+        feed = proxy.gateway.observer.feed
+        proxy.gateway.observer.close()  # every pending record is out
+        assert feed.bytes <= 1_000_000 + 100_000
+        assert all(len(data) <= 100_000 for _, data in feed.entries)
+        assert len(feed.entries) >= 5  # bounded, not emptied
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(lines) == 30
+    assert all(len(line) <= 100_000 for line in lines)
+    text = "\n".join(lines)
+    assert "NESTEDSECRET" not in text and "T0KEN" not in text
+    record = json.loads(lines[-1])
+    assert record["request"]["truncated_from_bytes"] > 1_000_000
+    assert record["request"]["extra"]["metadata"]["api_key"] == "[redacted]"
+
+
+def test_large_history_record_shows_first_and_newest_messages(upstream, tmp_path):
+    config = upstream_config(upstream, log={"path": str(tmp_path / "r.jsonl")})
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+                for i in range(99)]
+    with ProxyServer(config) as proxy:
+        status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "mock-1", "messages": messages}).encode())
+        assert status == 200
+    record = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    shown = [m["content"][0]["text"] for m in record["request"]["messages"]]
+    assert shown == ["message 0"] + [f"message {i}" for i in range(93, 99)]
+    assert record["request"]["messages_omitted"] == 92
+
+
+def test_metrics_series_do_not_grow_with_made_up_names(upstream):
+    with ProxyServer(upstream_config(upstream)) as proxy:
+        for i in range(300):
+            post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+                {"model": f"made-up-{i}", "messages": [{"role": "user", "content": "x"}]}
+            ).encode())
+            post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+                {"model": f"mock/{i}-direct", "messages": [{"role": "user", "content": "x"}]}
+            ).encode())
+        post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "mock-1", "messages": [{"role": "user", "content": "x"}]}).encode())
+        with urllib.request.urlopen(f"{proxy.url}/metrics") as response:
+            text = response.read().decode()
+    series = [line for line in text.splitlines() if line.startswith("hookproxy_requests_total")]
+    assert 'model="mock-1"' in text
+    assert "made-up" not in text and "-direct" not in text, [
+        line for line in text.splitlines() if "made-up" in line]
+    assert len(series) <= 4, series
+
+
+@pytest.mark.parametrize("words", [6_000])
+def test_request_keyword_table_is_bounded_by_the_settings_cap(upstream, words):
+    with ProxyServer(upstream_config(upstream, classifiers={"keyword": {}})) as proxy:
+        allowed = {"classifiers": {"keyword": {"tags": {"t": [f"w{i}" for i in range(words)]}}}}
+        status, headers, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "mock-1", "messages": [{"role": "user", "content": "say w5999"}],
+             "hookproxy": allowed}).encode())
+        assert status == 200 and headers["x-hookproxy-tags"] == "t"
+        too_big = {"classifiers": {"keyword": {"tags": {"t": [f"word{i}" for i in
+                                                              range(20_000)]}}}}
+        status, _, body = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "mock-1", "messages": [{"role": "user", "content": "x"}],
+             "hookproxy": too_big}).encode())
+        assert status == 400 and "`hookproxy`" in body["error"]["message"]
+
+
+class _SlowSyncClassifier:
+    """Another package's classifier that is slow by nature and not async."""
+
+    @hookimpl
+    def classify(self, ctx: Any, settings: dict[str, Any]) -> list[str]:
+        time.sleep(3)
+        return ["slow"]
+
+
+def test_a_slow_sync_classifier_from_another_package_does_not_hold_the_loop(upstream):
+    host = PluginHost()
+    host.discover()
+    host.add(_SlowSyncClassifier(), "slow_sync", kind="classifier")
+    config = upstream_config(upstream, classifiers={"slow_sync": {}},
+                             server={"classifier_timeout": 5.0})
+    with ProxyServer(config, host=host) as proxy:
+        done: list[tuple[int, dict[str, str]]] = []
+        body = json.dumps({"model": "mock-1",
+                           "messages": [{"role": "user", "content": "x"}]}).encode()
+        slow = threading.Thread(target=lambda: done.append(
+            post_raw(f"{proxy.url}/v1/chat/completions", body)[:2]))
+        slow.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"{proxy.url}/health", timeout=30) as response:
+            assert response.status == 200
+        assert time.perf_counter() - started < 1.0  # generous; the classifier sleeps 3 s
+        slow.join(30)
+        status, headers = done[0]
+        assert status == 200 and headers["x-hookproxy-tags"] == "slow"
