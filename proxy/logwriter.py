@@ -13,6 +13,7 @@ import os
 import threading
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -36,7 +37,15 @@ class LogWriter:
         self._started = False
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The log holds prompts and answers: only its owner may read it. A folder the
+        # proxy creates is 0700; one that exists already is left as it is, with a warning
+        # when others may look inside.
+        folder = self.path.parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif folder.stat().st_mode & 0o077:
+            log.warning("the log folder can be read by other users; the files in it are "
+                        "0600, but consider chmod 700", folder=str(folder))
         self._thread.start()
         self._started = True
 
@@ -57,7 +66,7 @@ class LogWriter:
         self._started = False
 
     def _run(self) -> None:
-        file = self.path.open("ab")
+        file = self._open()
         try:
             while True:
                 stopping = self._stop.wait(self.interval)
@@ -69,7 +78,7 @@ class LogWriter:
                     if file.tell() >= self.max_bytes:
                         file.close()
                         self._rotate()
-                        file = self.path.open("ab")
+                        file = self._open()
                 file.flush()
                 if self.dropped != self._reported_dropped:
                     log.warning("log entries dropped: the log queue was full",
@@ -79,6 +88,12 @@ class LogWriter:
                     return
         finally:
             file.close()
+
+    def _open(self) -> BinaryIO:
+        """The log file for appending, 0600 (an older, wider file is narrowed)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "ab")
 
     def _rotate(self) -> None:
         """requests.jsonl -> requests.jsonl.1 -> .2 ...; the oldest beyond ``keep`` goes."""

@@ -18,6 +18,18 @@ COLOURS = {"ok": "\033[32m", "client": "\033[33m", "server": "\033[31m", "dim": 
            "bold": "\033[1m", "reset": "\033[0m"}
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides: a prompt carrying
+# ANSI or OSC escape sequences must not recolour, retitle or rewrite the terminal.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({code: f"\\u{code:04x}" for code in (
+    0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def safe_text(value: object) -> str:
+    """``value`` as text fit for a terminal: control characters shown escaped."""
+    return str(value).translate(_ESCAPES)
+
+
 @dataclass
 class Filters:
     model: str = ""
@@ -55,12 +67,12 @@ def format_record(record: dict[str, Any], colour: bool) -> str:
 
     status = int(record.get("status", 0))
     kind = "ok" if status < 400 else "client" if status < 500 else "server"
-    model = record.get("model") or "-"
-    answered = record.get("provider") or "-"
+    model = safe_text(record.get("model") or "-")
+    answered = safe_text(record.get("provider") or "-")
     if record.get("provider_model"):
-        answered += f"/{record['provider_model']}"
+        answered += f"/{safe_text(record['provider_model'])}"
     parts = [
-        paint(str(record.get("time", ""))[11:23], "dim"),
+        paint(safe_text(str(record.get("time", ""))[11:23]), "dim"),
         paint(f"{status:3d}", kind),
         f"{model} -> {answered}",
         f"{record.get('duration_ms', 0):.1f}ms",
@@ -71,9 +83,10 @@ def format_record(record: dict[str, Any], colour: bool) -> str:
     if record.get("stream"):
         parts.append(f"stream:{record.get('chunks', 0)}")
     if record.get("tags"):
-        parts.append("[" + ",".join(record["tags"]) + "]")
+        parts.append(safe_text("[" + ",".join(map(str, record["tags"])) + "]"))
     if record.get("plugins"):
-        parts.append("{" + ",".join(f"{k}:{v}" for k, v in record["plugins"].items()) + "}")
+        parts.append(safe_text(
+            "{" + ",".join(f"{k}:{v}" for k, v in record["plugins"].items()) + "}"))
     if record.get("cache_hit"):
         parts.append("cache-hit")
     attempts = record.get("attempts") or []
@@ -81,7 +94,8 @@ def format_record(record: dict[str, Any], colour: bool) -> str:
         parts.append(f"attempts:{len(attempts)}")
     if record.get("error"):
         error = record["error"]
-        parts.append(paint(f"{error.get('stage', '')}: {error.get('message', '')}", kind))
+        parts.append(paint(safe_text(f"{error.get('stage', '')}: {error.get('message', '')}"),
+                           kind))
     return "  ".join(parts)
 
 

@@ -1,0 +1,104 @@
+"""The request log from an attacker's side: who may read it on disk, whether secrets a
+client tucks away at any depth reach it, and whether its content can take over the
+operator's terminal through ``hookproxy tail``."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.cli import main
+from proxy.logwriter import LogWriter
+from tests.harness import ProxyServer, post_raw, upstream_config
+
+HI = [{"role": "user", "content": "hello"}]
+SECRET = "sk-live-do-not-log-0123456789"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _served(proxy: ProxyServer) -> None:
+    reply = proxy.openai().chat.completions.create(model="mock-1", messages=HI)
+    assert "hello" in reply.choices[0].message.content
+
+
+def test_the_log_folder_is_0700_and_its_files_0600(upstream, tmp_path):
+    log = tmp_path / "fresh" / "logs" / "requests.jsonl"
+    config = upstream_config(upstream, log={"path": str(log), "max_bytes": 2000, "keep": 2})
+    old_umask = os.umask(0o022)
+    try:
+        with ProxyServer(config) as proxy:
+            for _ in range(10):  # enough to rotate
+                _served(proxy)
+    finally:
+        os.umask(old_umask)
+    assert _mode(log.parent) == 0o700
+    files = sorted(log.parent.iterdir())
+    assert len(files) >= 2  # rotated
+    assert all(_mode(f) == 0o600 for f in files), [oct(_mode(f)) for f in files]
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert records and all(r["status"] == 200 for r in records)
+
+
+def test_an_existing_wider_log_file_is_narrowed(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text("")
+    path.chmod(0o644)
+    writer = LogWriter(path)
+    writer.start()
+    writer.submit(b'{"id": "x"}\n')
+    writer.close()
+    assert _mode(path) == 0o600 and path.read_text() == '{"id": "x"}\n'
+
+
+@pytest.mark.parametrize("bodies", ["truncated", "full"])
+def test_secrets_at_any_depth_are_scrubbed(upstream, tmp_path, bodies):
+    log = tmp_path / "requests.jsonl"
+    config = upstream_config(upstream, log={"path": str(log), "bodies": bodies})
+    body = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "hello", "auth_token": SECRET}],
+        "metadata": {"api_key": SECRET, "nested": [{"password": SECRET,
+                                                    "clientSecret": SECRET}]},
+        "max_tokens": 7,
+    }
+    with ProxyServer(config) as proxy:
+        status, _, answer = post_raw(proxy.url + "/v1/chat/completions",
+                                     json.dumps(body).encode())
+        assert status == 200 and answer["choices"]
+        _served(proxy)
+    text = log.read_text()
+    assert SECRET not in text
+    records = [json.loads(x) for x in text.splitlines()]
+    assert [r["status"] for r in records] == [200, 200]
+    request: dict[str, Any] = records[0]["request"]
+    assert "[redacted]" in json.dumps(request)
+    assert request["max_tokens"] == 7  # a count, not a secret
+
+
+def test_tail_escapes_control_characters(upstream, tmp_path, capsys):
+    log = tmp_path / "requests.jsonl"
+    config = upstream_config(upstream, log={"path": str(log)})
+    hostile = "mock/\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil"
+    with ProxyServer(config) as proxy:
+        status, _, _ = post_raw(proxy.url + "/v1/chat/completions", json.dumps(
+            {"model": hostile, "messages": HI}).encode())
+        assert status == 200
+        status, _, _ = post_raw(proxy.url + "/v1/chat/completions", json.dumps(
+            {"model": "nope\x1b[31m", "messages": HI}).encode())
+        assert status == 404
+        _served(proxy)
+    capsys.readouterr()
+    assert main(["tail", "--file", str(log), "--no-follow", "--color", "never"]) == 0
+    shown = capsys.readouterr().out
+    assert len(shown.splitlines()) == 3
+    for raw in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert raw not in shown
+    assert "\\x1b]0;pwned\\x07" in shown and "\\u202eevil" in shown and "nope\\x1b[31m" in shown
