@@ -6,15 +6,19 @@ Every problem is a ``ConfigError`` whose message names the file and the key, so 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import structlog
 
+log = structlog.get_logger("hookproxy.config")
 ProviderType = Literal["openai", "anthropic", "mock"]
 
 DEFAULT_BASE_URLS = {
@@ -258,11 +262,18 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
         if "/" in name:
             raise ConfigError(f"{source}: provider name {name!r} must not contain '/'")
     seen: set[str] = set()
+    # Clients are inconsistent about case: names that differ only in it are a trap.
+    folded: dict[str, str] = {}
     for i, model in enumerate(config.models):
         _check_model(model, f"{source}: models[{i}]", config)
         if model.name in seen:
             raise ConfigError(f"{source}: models[{i}].name {model.name!r} is defined twice")
+        other = folded.get(model.name.casefold())
+        if other is not None:
+            raise ConfigError(f"{source}: models[{i}].name {model.name!r} differs from "
+                              f"{other!r} only in case; give them distinct names")
         seen.add(model.name)
+        folded[model.name.casefold()] = model.name
     for i, route in enumerate(config.routes):
         if route.to not in seen:
             raise ConfigError(f"{source}: routes[{i}].to names {route.to!r}, which is not a "
@@ -335,6 +346,37 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return _from_text(text, source, Path(path).parent)
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_warnings(config: Config, environ: os._Environ[str] | dict[str, str] | None = None
+                    ) -> list[str]:
+    """What in ``config`` works but is probably not what the operator wants."""
+    env = os.environ if environ is None else environ
+    warnings = []
+    for name, provider in config.providers.items():
+        url = urllib.parse.urlsplit(provider.base_url)
+        if provider.enabled and url.scheme == "http" and not _is_loopback_host(
+                url.hostname or ""):
+            warnings.append(f"{config.source}: providers.{name}.base_url is plain http to "
+                            f"{url.hostname}: its API key and every prompt cross the network "
+                            "unencrypted; use https")
+    admin = config.auth.admin_key_env
+    if admin and not env.get(admin):
+        effect = ("the dashboard, /metrics and /admin refuse everyone"
+                  if config.auth.keys and not config.auth.admin_key_sha256 else
+                  "set it before the admin key is needed")
+        warnings.append(f"{config.source}: auth.admin_key_env names {admin}, which is not "
+                        f"set: {effect}")
+    return warnings
+
+
 def _from_text(text: str, source: str, folder: Path) -> Config:
     try:
         data = tomllib.loads(text)
@@ -343,6 +385,8 @@ def _from_text(text: str, source: str, folder: Path) -> Config:
     config = parse_config(data, source)
     if config.log.path and not Path(config.log.path).is_absolute():
         config.log.path = str(folder / config.log.path)
+    for warning in config_warnings(config):
+        log.warning(warning)
     return config
 
 

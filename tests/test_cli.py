@@ -154,3 +154,28 @@ def test_the_readme_quickstart_runs(served, capsys):
     printed = capsys.readouterr().out
     assert printed.count("Mock answer from mock-1") == 4
     assert "You said: Hello!" in printed and "You said: Stream, please" in printed
+
+
+def test_check_warns_about_plain_http_and_an_unset_admin_key(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[providers.remote]\ntype = "openai"\nbase_url = "http://llm.example.com/v1"\n'
+                    '[providers.local]\ntype = "openai"\nbase_url = "http://localhost:11434/v1"\n'
+                    '[auth]\nadmin_key_env = "HOOKPROXY_TEST_UNSET_ADMIN"\n'
+                    '[auth.keys.a]\nkey_sha256 = "' + "0" * 64 + '"\n')
+    result = run("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "providers.remote.base_url is plain http to llm.example.com" in result.stderr
+    assert "providers.local" not in result.stderr  # loopback is fine
+    assert "HOOKPROXY_TEST_UNSET_ADMIN, which is not set" in result.stderr
+    assert "refuse everyone" in result.stderr
+
+
+def test_model_names_differing_only_in_case_are_an_error(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[providers.mock]\ntype = "mock"\n'
+                    '[[models]]\nname = "Mock-1"\nprovider = "mock"\n'
+                    '[[models]]\nname = "mock-1"\nprovider = "mock"\n')
+    for command in ("check", "serve"):
+        result = run(command, "--config", str(path))
+        assert result.returncode == 2
+        assert "'mock-1' differs from 'Mock-1' only in case" in result.stderr
