@@ -53,9 +53,18 @@ def _code(rng: random.Random, lines: int) -> str:
     return "\n".join(out)
 
 
-def _history(turn: int, size: int) -> list[dict[str, Any]]:
+def _history(turn: int, size: int, salt: str = "") -> list[dict[str, Any]]:
     """Neutral history items: ("user", text) / ("call", id, name, args) / ("result", id,
-    text) / ("assistant", text), until about ``size`` bytes."""
+    text) / ("assistant", text), until about ``size`` bytes. A ``salt`` starts every text,
+    so that conversations with different salts share no message."""
+    items = _plain_history(turn, size)
+    if salt:
+        for item in items:
+            item["text"] = f"{salt} {item['text']}"
+    return items
+
+
+def _plain_history(turn: int, size: int) -> list[dict[str, Any]]:
     rng = random.Random(7)
     items: list[dict[str, Any]] = [{"kind": "user", "text": (
         "Please fix the failing test in tests/test_routing.py and explain what was wrong. "
@@ -86,9 +95,9 @@ SYSTEM = ("You are a coding agent working in a Python repository. Use the tools 
 
 
 def openai_body(turn: int = 1, size: int = 190_000, stream: bool = False,
-                model: str = "bench-model") -> dict[str, Any]:
+                model: str = "bench-model", salt: str = "") -> dict[str, Any]:
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
-    for item in _history(turn, size):
+    for item in _history(turn, size, salt):
         if item["kind"] == "user":
             messages.append({"role": "user", "content": item["text"]})
         elif item["kind"] == "assistant":
@@ -106,9 +115,9 @@ def openai_body(turn: int = 1, size: int = 190_000, stream: bool = False,
 
 
 def anthropic_body(turn: int = 1, size: int = 190_000, stream: bool = False,
-                   model: str = "bench-model") -> dict[str, Any]:
+                   model: str = "bench-model", salt: str = "") -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
-    for item in _history(turn, size):
+    for item in _history(turn, size, salt):
         if item["kind"] in ("user", "assistant"):
             role = item["kind"]
             block: dict[str, Any] = {"type": "text", "text": item["text"]}

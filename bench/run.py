@@ -34,6 +34,9 @@ from typing import Any
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from payloads import anthropic_body, openai_body
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
@@ -61,19 +64,27 @@ REALISTIC = BARE + """
 [[models]]
 name = "bench-coder"
 provider = "up"
+[[models]]
+name = "bench-billing"
+provider = "up"
 [[routes]]
-tags_all = ["code"]
+tags_all = ["code", "tools"]
 to = "bench-coder"
+[[routes]]
+tags_any = ["billing"]
+to = "bench-billing"
 [plugins.system_prompt]
 text = "Answer briefly."
 [plugins.param_limits]
 max_tokens = 1024
 temperature_max = 1.0
-[plugins.content_guard]
-patterns = ["(?i)ignore (all )?previous instructions"]
+[plugins.redact]
 [classifiers.code]
 [classifiers.features]
 [classifiers.language]
+[classifiers.keyword.tags]
+billing = ["invoice", "refund", "credit card", "chargeback"]
+legal = ["contract", "GDPR", "subpoena"]
 """
 
 LITELLM = """
@@ -151,21 +162,41 @@ def stop(contender: Contender) -> None:
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[{body}]]
+wrk.body = [==[{body}]==]
 """
 
 
-def _script(directory: Path) -> Path:
-    path = directory / "post.lua"
-    path.write_text(LUA.format(body=BODY))
-    return path
+@dataclass
+class Payload:
+    """One kind of request: the one-word prompt, or an agent's 200 KB turn."""
+
+    name: str
+    path: str
+    body: str
+    script: Path | None = None
+
+    def write_script(self, directory: Path) -> None:
+        self.script = directory / f"{self.name}.lua"
+        self.script.write_text(LUA.format(body=self.body))
 
 
-def hey(url: str, requests: int) -> None:
+def payloads() -> list[Payload]:
+    return [
+        Payload("word", "/v1/chat/completions", BODY),
+        Payload("agent-openai", "/v1/chat/completions", json.dumps(openai_body(1))),
+        Payload("agent-anthropic", "/v1/messages", json.dumps(anthropic_body(1))),
+    ]
+
+
+def hey(url: str, requests: int, payload: Payload | None = None) -> None:
     """Exactly ``requests`` requests at 50 concurrent (wrk runs for a time, not a count)."""
-    output = subprocess.run(["hey", "-n", str(requests), "-c", "50", "-m", "POST", "-T",
-                             "application/json", "-d", BODY, f"{url}/v1/chat/completions"],
-                            capture_output=True, text=True, check=True).stdout
+    path, body = (payload.path, payload.body) if payload else ("/v1/chat/completions", BODY)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        file.write(body)
+        file.flush()
+        output = subprocess.run(["hey", "-n", str(requests), "-c", "50", "-m", "POST", "-T",
+                                 "application/json", "-D", file.name, f"{url}{path}"],
+                                capture_output=True, text=True, check=True).stdout
     if f"[200]\t{requests} responses" not in output:
         raise RuntimeError(f"{url}: not every request got a 200:\n{output}")
 
@@ -178,10 +209,11 @@ def _duration(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url: str, script: Path, *, connections: int, threads: int, seconds: float,
+def wrk(url: str, payload: Payload, *, connections: int, threads: int, seconds: float,
         latency: bool = False) -> dict[str, float]:
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
-               f"{url}/v1/chat/completions"]
+    assert payload.script is not None
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s",
+               str(payload.script), f"{url}{payload.path}"]
     if latency:
         command.insert(1, "--latency")
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -209,13 +241,15 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return current / 1024, peak / 1024
 
 
-async def _stream_once(session: aiohttp.ClientSession, url: str, chunks: int
-                       ) -> tuple[float, float]:
-    body = json.dumps({**json.loads(BODY), "stream": True, "max_tokens": chunks})
+async def _stream_once(session: aiohttp.ClientSession, url: str, chunks: int,
+                       payload: Payload | None = None) -> tuple[float, float]:
+    path, base = (payload.path, payload.body) if payload else ("/v1/chat/completions", BODY)
+    body = json.dumps({**json.loads(base), "stream": True, "max_tokens": chunks})
+    word = b'"text":"word' if path.endswith("/messages") else b'"content":"word'
     started = time.perf_counter()
     first = last = 0.0
     seen = 0
-    async with session.post(f"{url}/v1/chat/completions", data=body,
+    async with session.post(f"{url}{path}", data=body,
                             headers={"content-type": "application/json"}) as response:
         assert response.status == 200, await response.text()
         pending = b""
@@ -225,7 +259,7 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, chunks: int
             events = pending.split(b"\n\n")
             pending = events.pop()
             for event in events:
-                if event.startswith(b"data: {") and b'"content":"word' in event:
+                if b"data: {" in event and word in event:
                     seen += 1
                     if seen == 1:
                         first = now
@@ -236,26 +270,62 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, chunks: int
     return (first - started) * 1000, seen / (last - started)
 
 
-def stream_stats(url: str, requests: int, chunks: int = 200) -> tuple[float, float]:
+def stream_stats(url: str, requests: int, chunks: int = 200, payload: Payload | None = None
+                 ) -> tuple[float, float]:
     """Median time to first chunk (ms) and chunks per second over sequential streams."""
     async def run() -> tuple[float, float]:
         async with aiohttp.ClientSession() as session:
-            await _stream_once(session, url, chunks)  # warm-up
-            results = [await _stream_once(session, url, chunks) for _ in range(requests)]
+            await _stream_once(session, url, chunks, payload)  # warm-up
+            results = [await _stream_once(session, url, chunks, payload)
+                       for _ in range(requests)]
         return (statistics.median(r[0] for r in results),
                 statistics.median(r[1] for r in results))
 
     return asyncio.run(run())
 
 
+def turn_latencies(url: str, conversations: int) -> tuple[float, float]:
+    """Median latency (ms) of an agent's first turn, never seen before, and of its second
+    turn (the same history plus one answer and one new message), sequentially, over
+    ``conversations`` conversations that share no message."""
+    async def run() -> tuple[float, float]:
+        firsts, seconds = [], []
+        headers = {"content-type": "application/json"}
+        async with aiohttp.ClientSession() as session:
+            for i in range(conversations + 1):
+                times = []
+                for turn in (1, 2):
+                    body = json.dumps(openai_body(turn, salt=f"conversation {i} {os.getpid()}"))
+                    started = time.perf_counter()
+                    async with session.post(f"{url}/v1/chat/completions", data=body,
+                                            headers=headers) as response:
+                        await response.read()
+                        assert response.status == 200, response.status
+                    times.append((time.perf_counter() - started) * 1000)
+                if i:  # the first conversation warms up
+                    firsts.append(times[0])
+                    seconds.append(times[1])
+        return statistics.median(firsts), statistics.median(seconds)
+
+    return asyncio.run(run())
+
+
 # --- the run ---------------------------------------------------------------------------
+
+PHASES = ("memory", "agent-memory", "throughput", "latency", "streaming", "turns")
+
+
+def _key(payload: Payload, measure: str) -> str:
+    """Result names: the one-word prompt keeps the plain ones (rps, p50, ...)."""
+    return measure if payload.name == "word" else f"{payload.name}:{measure}"
+
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter rounds, fewer requests")
-    parser.add_argument("--phases", default="memory,throughput,latency,streaming",
+    parser.add_argument("--phases", default=",".join(PHASES),
                         help="comma-separated subset to run (for quick looks while tuning)")
     parser.add_argument("--write-docs", action="store_true",
                         help="write docs/performance.md and docs/performance.svg")
@@ -267,7 +337,9 @@ def main() -> int:
         return 2
     rounds, seconds = (2, 3) if args.quick else (3, 8)
     memory_marks = (2_000, 10_000) if args.quick else (10_000, 100_000)
+    agent_marks = (2_000, 10_000) if args.quick else (10_000, 100_000)
     stream_requests = 10 if args.quick else 30
+    turn_requests = 10 if args.quick else 30
 
     workdir = Path(tempfile.mkdtemp(prefix="hookproxy-bench-"))
     upstream_port = free_port()
@@ -300,7 +372,10 @@ def main() -> int:
             print("bench: LiteLLM is not installed (no `litellm` command); carrying on "
                   "without it", file=sys.stderr)
 
-        plain = _script(workdir)
+        kinds = payloads()
+        for payload in kinds:
+            payload.write_script(workdir)
+        word, agents = kinds[0], kinds[1:]
         phases = set(args.phases.split(","))
         if "memory" in phases:
             print(f"memory: {memory_marks[0]:,} then {memory_marks[1]:,} requests each",
@@ -311,32 +386,55 @@ def main() -> int:
                 hey(contender.url, mark - served)
                 served = mark
                 contender.results[f"rss_after_{mark}"] = rss_mb(contender.pid)[0]
+        if "agent-memory" in phases:
+            # The realistic pipeline, 200 KB agent turns in both formats, alternating.
+            print(f"agent memory: {agent_marks[0]:,} then {agent_marks[1]:,} agent requests",
+                  file=sys.stderr)
+            served = 0
+            for mark in agent_marks:
+                half = (mark - served) // 2
+                hey(realistic.url, half, agents[0])
+                hey(realistic.url, mark - served - half, agents[1])
+                served = mark
+                realistic.results[f"agent_rss_after_{mark}"] = rss_mb(realistic.pid)[0]
 
         print(f"throughput: {rounds} rounds of {seconds}s at 50 connections", file=sys.stderr)
         for _ in range(rounds if "throughput" in phases else 0):
-            for contender in contenders:
-                result = wrk(contender.url, plain, connections=50, threads=1, seconds=seconds)
-                contender.add("rps", result["rps"])
-                contender.add("errors", result["errors"])
+            for payload in kinds:
+                for contender in contenders:
+                    result = wrk(contender.url, payload, connections=50, threads=1,
+                                 seconds=seconds)
+                    contender.add(_key(payload, "rps"), result["rps"])
+                    contender.add(_key(payload, "errors"), result["errors"])
 
         print("sequential latency", file=sys.stderr)
         for _ in range(rounds if "latency" in phases else 0):
-            for contender in [direct, *contenders]:
-                result = wrk(contender.url, plain, connections=1, threads=1,
-                             seconds=max(3, seconds // 2), latency=True)
-                contender.add("p50", result["p50"])
-                contender.add("p99", result["p99"])
+            for payload in kinds:
+                for contender in [direct, *contenders]:
+                    result = wrk(contender.url, payload, connections=1, threads=1,
+                                 seconds=max(3, seconds // 2), latency=True)
+                    contender.add(_key(payload, "p50"), result["p50"])
+                    contender.add(_key(payload, "p99"), result["p99"])
 
         print("streaming", file=sys.stderr)
         for _ in range(rounds if "streaming" in phases else 0):
+            for payload in kinds:
+                for contender in [direct, *contenders]:
+                    ttft, rate = stream_stats(contender.url, stream_requests,
+                                              payload=None if payload is word else payload)
+                    contender.add(_key(payload, "ttft"), ttft)
+                    contender.add(_key(payload, "chunks_per_s"), rate)
+
+        print("turns: an agent's first and second turn", file=sys.stderr)
+        for _ in range(rounds if "turns" in phases else 0):
             for contender in [direct, *contenders]:
-                ttft, rate = stream_stats(contender.url, stream_requests)
-                contender.add("ttft", ttft)
-                contender.add("chunks_per_s", rate)
+                first, second = turn_latencies(contender.url, turn_requests)
+                contender.add("turn1_p50", first)
+                contender.add("turn2_p50", second)
 
         for contender in [direct, *contenders]:
             for key, values in contender.runs.items():
-                contender.results[key] = (sum(values) if key == "errors"
+                contender.results[key] = (sum(values) if key.endswith("errors")
                                           else statistics.median(values))
             contender.results["peak_rss"] = rss_mb(contender.pid)[1]
     finally:
@@ -346,7 +444,7 @@ def main() -> int:
             stop(contender)
         stop(upstream)
 
-    if phases != {"memory", "throughput", "latency", "streaming"}:
+    if phases != set(PHASES):
         for contender in [direct, *contenders]:
             print(contender.name, {k: round(v, 3) for k, v in contender.results.items()})
         return 0
@@ -398,6 +496,17 @@ def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, in
         errors = "" if is_direct or not r.get("errors") else f" ({r['errors']:.0f} errors)"
         rows.append(f"| {contender.name} | {rps}{errors} | {ratio} | {p50} | {r['p99']:.3f} | "
                     f"{ttft} | {chunks} | {r['peak_rss']:.1f} | {memory} |")
+    rows.extend(["", _agent_table(direct, contenders), "", _turn_table(direct, contenders)])
+    memory: dict[str, Any] = {}
+    for candidate in contenders:
+        if candidate.name == "hookproxy":
+            memory = candidate.results
+    marks_seen = sorted(int(k.rsplit("_", 1)[1]) for k in memory if k.startswith("agent_rss"))
+    if marks_seen:
+        rows.append("")
+        rows.append("Memory of the realistic pipeline under 200 KB agent turns (both formats): "
+                    + " / ".join(f"{memory[f'agent_rss_after_{m}']:.1f} MiB after {m:,}"
+                                 for m in marks_seen) + ".")
     command = "python bench/run.py" + (" --quick" if args.quick else "") + " --write-docs"
     return {
         "table": "\n".join(rows),
@@ -408,6 +517,46 @@ def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, in
                  "contenders": {c.name: c.results for c in [direct, *contenders]}},
         "contenders": [direct, *contenders],
     }
+
+
+def _agent_table(direct: Contender, contenders: list[Contender]) -> str:
+    floor = contenders[0].results
+    rows = ["| 200 KB agent turn | contender | req/s at 50 conc. | x floor | p50 ms (+ direct) "
+            "| p99 ms | first chunk ms (+ floor) |", "|" + " --- |" * 7]
+    for kind in ("agent-openai", "agent-anthropic"):
+        for contender in [direct, *contenders]:
+            r = contender.results
+            if f"{kind}:p50" not in r:
+                continue
+            is_direct = contender is direct
+            rps = "-" if is_direct else f"{r[f'{kind}:rps']:,.0f}"
+            errors = r.get(f"{kind}:errors")
+            if errors:
+                rps += f" ({errors:.0f} errors)"
+            ratio = "-" if is_direct else f"{r[f'{kind}:rps'] / floor[f'{kind}:rps']:.2f}"
+            added = r[f"{kind}:p50"] - direct.results[f"{kind}:p50"]
+            p50 = f"{r[f'{kind}:p50']:.3f}" + ("" if is_direct else f" ({added:+.3f})")
+            ttft = f"{r[f'{kind}:ttft']:.2f}" + (
+                "" if is_direct or contender is contenders[0]
+                else f" ({r[f'{kind}:ttft'] - floor[f'{kind}:ttft']:+.2f})")
+            rows.append(f"| {kind.removeprefix('agent-')} | {contender.name} | {rps} | {ratio} | "
+                        f"{p50} | {r[f'{kind}:p99']:.3f} | {ttft} |")
+    return "\n".join(rows)
+
+
+def _turn_table(direct: Contender, contenders: list[Contender]) -> str:
+    if "turn1_p50" not in direct.results:
+        return ""
+    rows = ["| an agent's turns, sequential p50 ms | turn 1 (+ direct) | turn 2 (+ direct) |",
+            "| --- | --- | --- |"]
+    for contender in [direct, *contenders]:
+        r = contender.results
+        cells = []
+        for turn in ("turn1_p50", "turn2_p50"):
+            added = "" if contender is direct else f" ({r[turn] - direct.results[turn]:+.3f})"
+            cells.append(f"{r[turn]:.3f}{added}")
+        rows.append(f"| {contender.name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
 
 
 def _svg(contenders: list[Contender], direct: Contender) -> str:

@@ -119,28 +119,30 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int) -> Any:
     whose JSON fits in its budget and names nothing secret-looking is embedded as it was
     encoded (one msgspec encode); a larger one becomes a bounded view: the first message and
     the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values,
-    and ``truncated_from_bytes`` the size it came from. No step walks a whole large body key
+    and ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole large body key
     by key in Python.
     """
     if bodies == "none" or value is None:
         return None
-    encoded = _encode(value)
     budget = cap if bodies == "full" else min(cap, limit)
-    if len(encoded) <= budget:
+    messages = getattr(value, "messages", None)
+    omitted = len(messages) - KEEP_NEWEST - 1 if isinstance(messages, list) else 0
+    if omitted > 0 and isinstance(messages, list):
+        # A long history: only its first and newest messages are ever converted.
+        value = msgspec.structs.replace(value, messages=[messages[0], *messages[-KEEP_NEWEST:]])
+    encoded = _encode(value)
+    if omitted <= 0 and len(encoded) <= budget:
         if _SECRET_KEY.search(encoded) is None:
             return msgspec.Raw(encoded)
         # Small (at most ``budget`` bytes): walked whole, only to replace the secrets.
         return _Walker(len(encoded), max_nodes=len(encoded)).view(msgspec.to_builtins(value))
-    data = msgspec.to_builtins(value)
-    if isinstance(data, dict):
-        messages = data.get("messages")
-        if isinstance(messages, list) and len(messages) > KEEP_NEWEST + 1:
-            data = {**data, "messages": [messages[0], *messages[-KEEP_NEWEST:]],
-                    "messages_omitted": len(messages) - KEEP_NEWEST - 1}
     walker = _Walker(limit if bodies == "truncated" else max(cap // 4, limit))
-    view = walker.view(data)
-    if walker.cut and isinstance(view, dict):
-        view["truncated_from_bytes"] = len(encoded)
+    view = walker.view(msgspec.to_builtins(value))
+    if isinstance(view, dict):
+        if omitted > 0:
+            view["messages_omitted"] = omitted
+        if walker.cut:
+            view["truncated_from_bytes"] = len(encoded)
     return view
 
 
