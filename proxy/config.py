@@ -135,6 +135,8 @@ class RouteConfig(_Strict):
     # Globs on the requested model and on the caller's key name.
     model: str = ""
     caller: str = ""
+    # Let tags from classifiers whose settings a request changed match this rule.
+    allow_client_tags: bool = False
 
 
 class RoutingConfig(_Strict):

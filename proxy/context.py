@@ -87,6 +87,10 @@ class RequestContext:
             {} if plugin_settings is None else plugin_settings)
         self.classifier_settings: dict[str, dict[str, Any]] = (
             {} if classifier_settings is None else classifier_settings)
+        # Classifiers whose settings this request changed, and the tags only they gave:
+        # route rules ignore those tags unless a rule says allow_client_tags.
+        self.client_classifiers: frozenset[str] = frozenset()
+        self.client_tags: set[str] = set()
         # plugin name -> what it did: modified, short_circuit, rejected, failed
         self.plugin_actions: dict[str, str] = {}
         self.classifier_errors: dict[str, str] = {}

@@ -153,7 +153,7 @@ class Pipeline:
         if not impls:
             return
         started = time.perf_counter()
-        results: list[Iterable[str]] = []
+        results: list[tuple[str, Iterable[str]]] = []
         pending: list[tuple[str, Any]] = []
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
@@ -172,23 +172,29 @@ class Pipeline:
             if inspect.isawaitable(result):
                 pending.append((name, result))
             else:
-                results.append(result or ())
+                results.append((name, result or ()))
 
-        async def finish(name: str, awaitable: Any) -> Iterable[str]:
+        async def finish(name: str, awaitable: Any) -> tuple[str, Iterable[str]]:
             try:
-                return await finish_impl(name, "classify", awaitable,
-                                         self.classifier_timeout) or ()
+                return name, await finish_impl(name, "classify", awaitable,
+                                               self.classifier_timeout) or ()
             except (HookFailed, ProxyError) as exc:
                 await self._classifier_failed(ctx, name, exc)
-                return ()
+                return name, ()
 
         # Sync classifiers have already run; async ones run side by side, each bounded.
         if pending:
             results.extend(await asyncio.gather(*(finish(n, a) for n, a in pending)))
-        for tags in results:
-            for tag in tags:
+        operator_tags: set[str] = set()
+        for name, tags in results:
+            from_client = name in ctx.client_classifiers
+            for tag in map(str, tags):
                 if tag not in ctx.tags:
-                    ctx.tags.append(str(tag))
+                    ctx.tags.append(tag)
+                if not from_client:
+                    operator_tags.add(tag)
+        if ctx.client_classifiers:
+            ctx.client_tags = set(ctx.tags) - operator_tags
         ctx.timings["classify"] = time.perf_counter() - started
 
     async def _classifier_failed(self, ctx: RequestContext, name: str,

@@ -21,7 +21,8 @@ from proxy.dispatch import (
     forget_implementations,
     implementations,
 )
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ProxyError
+from proxy.settings import client_adjustable_fields
 
 PLUGIN_GROUP = "hookproxy.plugins"
 CLASSIFIER_GROUP = "hookproxy.classifiers"
@@ -29,7 +30,7 @@ GROUPS = {PLUGIN_GROUP: "plugin", CLASSIFIER_GROUP: "classifier"}
 _encode = msgspec.json.Encoder().encode
 SELF = "hookproxy"
 # Keys of a [plugins.NAME] table that are hookproxy's, not the plugin's settings.
-RESERVED = frozenset({"enabled", "locked"})
+RESERVED = frozenset({"enabled", "locked", "per_request", "client_settings"})
 
 
 class PluginInfo(msgspec.Struct):
@@ -40,6 +41,8 @@ class PluginInfo(msgspec.Struct):
     hooks: list[str] = []
     enabled: bool = False
     error: str | None = None
+    # The settings the plugin marks client-adjustable in its ``Settings`` Struct.
+    client_settings: list[str] = []
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -60,6 +63,9 @@ class PluginHost:
         # Every configured table's settings, enabled or not, and the locked names.
         self.configured: dict[str, dict[str, Any]] = {}
         self.locked: set[str] = set()
+        # What a request may do: switch these on, and set these settings of each.
+        self.per_request: set[str] = set()
+        self.adjustable: dict[str, frozenset[str]] = {}
         self.max_request_settings_bytes = 64 * 1024
 
     def discover(self) -> None:
@@ -115,12 +121,15 @@ class PluginHost:
                               version="")
             self.installed[name] = info
         info.hooks = sorted(hooks)
+        info.client_settings = sorted(client_adjustable_fields(getattr(plugin, "Settings",
+                                                                       None)))
         return info
 
     def enable(self, config: Config) -> None:
         """Turns on what config.toml enables; a plugin that is missing, failed to load or
         rejects its settings is a ConfigError naming it."""
         self.enabled, self.enabled_classifiers = {}, {}
+        self.configured, self.locked, self.per_request, self.adjustable = {}, set(), set(), {}
         self.max_request_settings_bytes = config.server.max_request_settings_bytes
         # The memo plugins and classifiers share is bounded by the same config.
         memo.configure(config.server.memo_bytes, config.server.memo_entries)
@@ -129,14 +138,14 @@ class PluginHost:
             for name, table in getattr(config, section).items():
                 settings = {k: v for k, v in table.items() if k not in RESERVED}
                 self.configured[name] = settings
-                if table.get("locked"):
-                    self.locked.add(name)
+                where = f"{config.source}: [{section}.{name}]"
                 info = self.installed.get(name)
+                self._request_rights(name, table, info, where)
                 if not table.get("enabled", True):
                     if info:
                         info.enabled = False
-                    continue
-                where = f"{config.source}: [{section}.{name}]"
+                    if name not in self.per_request:
+                        continue
                 if info is None:
                     known = ", ".join(sorted(n for n, i in self.installed.items()
                                              if i.kind == kind)) or "none"
@@ -144,6 +153,8 @@ class PluginHost:
                                       f"(installed: {known})")
                 if info.error:
                     raise ConfigError(f"{where}: {kind} {name!r} cannot be used: {info.error}")
+                if not table.get("enabled", True):
+                    continue  # only per request: checked with what each request adds
                 problem = self.settings_error(name, settings)
                 if problem:
                     raise ConfigError(f"{where}: {problem}")
@@ -151,6 +162,29 @@ class PluginHost:
                 target[name] = settings
         if config.auth.keys:
             self._enable_auth(config)
+
+    def _request_rights(self, name: str, table: dict[str, Any], info: PluginInfo | None,
+                        where: str) -> None:
+        """What the operator lets a request do with this plugin: ``per_request = true``
+        lets a request switch it on; ``client_settings`` names the settings a request may
+        set (default: those the plugin marks client-adjustable); ``locked = true``: none."""
+        per_request = table.get("per_request", False)
+        chosen = table.get("client_settings")
+        if not isinstance(per_request, bool) or not isinstance(table.get("locked", False),
+                                                               bool):
+            raise ConfigError(f"{where}: per_request and locked must be true or false")
+        if chosen is not None and not (isinstance(chosen, list)
+                                       and all(isinstance(c, str) for c in chosen)):
+            raise ConfigError(f"{where}: client_settings must be a list of setting names")
+        if per_request:
+            self.per_request.add(name)
+        if table.get("locked"):
+            self.locked.add(name)
+            self.adjustable[name] = frozenset()
+        elif chosen is not None:
+            self.adjustable[name] = frozenset(chosen)
+        elif info is not None:
+            self.adjustable[name] = frozenset(info.client_settings)
 
     def _enable_auth(self, config: Config) -> None:
         """[auth.keys] switch on the ``auth`` plugin, which no request may override."""
@@ -179,18 +213,21 @@ class PluginHost:
         return None
 
     def for_request(self, field: object) -> tuple[dict[str, dict[str, Any]],
-                                                  dict[str, dict[str, Any]]]:
-        """The plugins and classifiers for one request: what config.toml enables, plus
-        what the request's ``hookproxy`` field adds or overrides::
+                                                  dict[str, dict[str, Any]], frozenset[str]]:
+        """The plugins and classifiers for one request, and the classifiers whose settings
+        the request changed: what config.toml enables, plus what the request's
+        ``hookproxy`` field adds or overrides::
 
             {"hookproxy": {"plugins": {"NAME": {...settings...} | true},
                            "classifiers": {"NAME": {...} | true}}}
 
-        A request cannot switch off what the config enables, nor change the settings of
-        a plugin whose table says ``locked = true``.
+        The operator decides what this may do. A request may switch on only what the
+        config marks ``per_request = true``, and set only the settings the plugin marks
+        client-adjustable (or the config lists in ``client_settings``); nothing of a
+        ``locked`` table. It cannot switch off or weaken anything else the config enables.
         """
         if field is None:
-            return self.enabled, self.enabled_classifiers
+            return self.enabled, self.enabled_classifiers, _NONE
         size = len(_encode(field))
         if size > self.max_request_settings_bytes:
             raise BadRequest(f"Invalid request: `hookproxy` is {size:,} bytes of JSON; at most "
@@ -200,6 +237,7 @@ class PluginHost:
             raise BadRequest("Invalid request: `hookproxy` must be an object with "
                              "`plugins` and/or `classifiers`")
         chosen = []
+        client_set: set[str] = set()
         for section, kind, base in (("plugins", "plugin", self.enabled),
                                     ("classifiers", "classifier", self.enabled_classifiers)):
             overrides = field.get(section) or {}
@@ -212,18 +250,39 @@ class PluginHost:
                 if info is None or info.kind != kind or info.error:
                     raise BadRequest(f"Invalid request: {where}: no usable {kind} named "
                                      f"{name!r}")
+                if name not in base and name not in self.per_request:
+                    raise _forbidden(f"{where}: the {kind} {name!r} is not available per "
+                                     "request on this proxy")
                 if value is True:
                     value = {}
                 if not isinstance(value, dict):
                     raise BadRequest(f"Invalid request: {where} must be true or an object "
                                      "of settings")
-                if value and name in self.locked:
-                    raise BadRequest(f"Invalid request: {where}: the settings of {name!r} "
-                                     "are locked by the proxy's config")
+                refused = sorted(set(value) - self.adjustable.get(name, frozenset()))
+                if refused:
+                    why = ("its settings are locked by the proxy's config"
+                           if name in self.locked else
+                           f"a request may set only {_names(self.adjustable.get(name))}")
+                    raise _forbidden(f"{where}: may not set {_names(refused)} of {name!r}: "
+                                     f"{why}")
                 settings = {**self.configured.get(name, {}), **value}
-                problem = self.settings_error(name, settings) if value else None
-                if problem:
-                    raise BadRequest(f"Invalid request: {where}: {problem}")
+                if value or name not in base:
+                    problem = self.settings_error(name, settings)
+                    if problem:
+                        raise BadRequest(f"Invalid request: {where}: {problem}")
+                if value and kind == "classifier":
+                    client_set.add(name)
                 result[name] = settings
             chosen.append(result)
-        return chosen[0], chosen[1]
+        return chosen[0], chosen[1], frozenset(client_set)
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _names(names: Any) -> str:
+    return ", ".join(f"`{n}`" for n in sorted(names or ())) or "none of them"
+
+
+def _forbidden(message: str) -> ProxyError:
+    return ProxyError(403, f"Not allowed: {message}", code="not_allowed", stage="request")

@@ -119,8 +119,8 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int) -> Any:
     whose JSON fits in its budget and names nothing secret-looking is embedded as it was
     encoded (one msgspec encode); a larger one becomes a bounded view: the first message and
     the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values,
-    and ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole large body key
-    by key in Python.
+    and ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole
+    large body key by key in Python.
     """
     if bodies == "none" or value is None:
         return None

@@ -83,8 +83,11 @@ class Router:
     # --- choosing -----------------------------------------------------------------------
 
     def match_route(self, ctx: RequestContext) -> RouteConfig | None:
-        tags = set(ctx.tags)
+        every = set(ctx.tags)
+        # Without the tags that only classifiers with the request's own settings gave.
+        trusted = every - ctx.client_tags
         for route in self.routes:
+            tags = every if route.allow_client_tags else trusted
             if route.tags_all and not tags.issuperset(route.tags_all):
                 continue
             if route.tags_any and not tags.intersection(route.tags_any):

@@ -186,11 +186,12 @@ class Gateway:
                                  f"{self.config.server.max_messages})", code="too_many_messages")
             check_parameters(request, wire.NAME)
             own_field = request.extra.pop("hookproxy", None)
-            plugins, classifiers = self.host.for_request(own_field)
+            plugins, classifiers, client_set = self.host.for_request(own_field)
             ctx = RequestContext(
                 request, request_id=request_id, endpoint=http.scope["path"],
                 client_format=wire.NAME, headers=dict(http.headers),
                 plugin_settings=plugins, classifier_settings=classifiers)
+            ctx.client_classifiers = client_set
             if own_field is None and not request.stream:
                 ctx.raw_body = body
             if request.stream:

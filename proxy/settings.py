@@ -1,8 +1,17 @@
 """Typed plugin settings: a plugin describes its settings as a msgspec Struct and gets
-validation (naming the bad key) and conversion from these two helpers."""
+validation (naming the bad key) and conversion from these two helpers.
+
+A request may change only the settings a plugin marks client-adjustable in that Struct
+(the module's ``Settings``)::
+
+    class Settings(msgspec.Struct):
+        shout: Annotated[bool, client_adjustable] = False   # a request may set this
+        blocked: list[str] = []                             # the operator's alone
+"""
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from typing import Any, TypeVar
 
@@ -11,6 +20,9 @@ import msgspec
 from proxy.textmatch import regex_problem
 
 T = TypeVar("T")
+
+# Marks a settings field a request may set for itself (see the module docstring).
+client_adjustable = msgspec.Meta(extra={"hookproxy": "client_adjustable"})
 _converted: OrderedDict[tuple[int, type], tuple[dict[str, Any], Any]] = OrderedDict()
 _KEEP = 256
 
@@ -32,6 +44,19 @@ def regex_error(patterns: dict[str, str] | list[str], where: str) -> str | None:
         if problem:
             return f"{where}.{key}: {problem}"
     return None
+
+
+def client_adjustable_fields(kind: object) -> frozenset[str]:
+    """The fields of the settings Struct ``kind`` marked ``client_adjustable``."""
+    if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+        return frozenset()
+    found = set()
+    for name, hint in typing.get_type_hints(kind, include_extras=True).items():
+        if typing.get_origin(hint) is typing.Annotated and any(
+                isinstance(meta, msgspec.Meta) and (meta.extra or {}).get("hookproxy")
+                == "client_adjustable" for meta in hint.__metadata__):
+            found.add(name)
+    return frozenset(found)
 
 
 def settings_as(settings: dict[str, Any], kind: type[T]) -> T:

@@ -183,7 +183,8 @@ def test_metrics_series_do_not_grow_with_made_up_names(upstream):
 
 @pytest.mark.parametrize("words", [6_000])
 def test_request_keyword_table_is_bounded_by_the_settings_cap(upstream, words):
-    with ProxyServer(upstream_config(upstream, classifiers={"keyword": {}})) as proxy:
+    classifiers = {"keyword": {"client_settings": ["tags"]}}
+    with ProxyServer(upstream_config(upstream, classifiers=classifiers)) as proxy:
         allowed = {"classifiers": {"keyword": {"tags": {"t": [f"w{i}" for i in range(words)]}}}}
         status, headers, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
             {"model": "mock-1", "messages": [{"role": "user", "content": "say w5999"}],

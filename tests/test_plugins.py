@@ -156,7 +156,8 @@ def test_hook_validate_settings_names_the_plugin(upstream):
 
 
 def test_request_field_adds_plugins_and_is_not_forwarded(upstream):
-    with serving(upstream) as proxy:
+    # The operator makes the plugin available per request; the request switches it on.
+    with serving(upstream, {"example": {"enabled": False, "per_request": True}}) as proxy:
         result = proxy.openai().chat.completions.create(
             model="gpt-test", messages=HI,
             extra_body={"hookproxy": {"plugins": {"example": {"shout": True}}}})
@@ -175,14 +176,15 @@ def test_request_field_adds_plugins_and_is_not_forwarded(upstream):
     ({"colour": 1}, "`hookproxy` must be an object"),
 ])
 def test_request_field_errors_are_400(upstream, field, match):
-    with serving(upstream) as proxy, pytest.raises(openai.BadRequestError, match=match):
+    with serving(upstream, {"example": {"enabled": False, "per_request": True}}) as proxy, \
+            pytest.raises(openai.BadRequestError, match=match):
         proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
                                                extra_body={"hookproxy": field})
 
 
 def test_locked_settings_cannot_be_overridden(upstream):
     with serving(upstream, {"example": {"locked": True}}) as proxy, \
-            pytest.raises(openai.BadRequestError, match="locked"):
+            pytest.raises(openai.PermissionDeniedError, match="locked"):
         proxy.openai().chat.completions.create(
             model="gpt-test", messages=HI,
             extra_body={"hookproxy": {"plugins": {"example": {"pong": False}}}})

@@ -22,12 +22,19 @@ from tests.test_cli import HOOKPROXY, ROOT, _env, _free_port
 # Generous on purpose: a stalled loop waited 5-17 s here before; speed itself is the
 # benchmark's business.
 BOUND = 1.0
+# The operator lets requests bring their own patterns and keyword tables here (not the
+# default): the worst a request can then do must still not stall anyone.
 EXTRA = """
 [plugins.redact]
 [plugins.content_guard]
 patterns = ["(?i)ignore (all )?previous instructions"]
+client_settings = ["patterns"]
+[classifiers.keyword]
+client_settings = ["tags"]
 [classifiers.keyword.tags]
 billing = ["invoice", "refund", "credit card"]
+[classifiers.regex]
+client_settings = ["tags"]
 [classifiers.regex.tags]
 ticket = "\\\\b[A-Z]{2,}-\\\\d+\\\\b"
 """

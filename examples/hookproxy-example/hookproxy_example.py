@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,14 +24,15 @@ from proxy import (
     TextPart,
     hookimpl,
 )
-from proxy.settings import settings_as, settings_error
+from proxy.settings import client_adjustable, settings_as, settings_error
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     blocked: list[str] = []
-    pong: bool = True
+    # A request may set these two for itself; the rest is the operator's alone.
+    pong: Annotated[bool, client_adjustable] = True
     note: str = ""
-    shout: bool = False
+    shout: Annotated[bool, client_adjustable] = False
     route_to: str = ""
 
 
