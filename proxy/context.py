@@ -95,6 +95,10 @@ class RequestContext:
         self.plugin_actions: dict[str, str] = {}
         self.classifier_errors: dict[str, str] = {}
         self.errors: list[PipelineError] = []
+        # stream_chunk failures per plugin (reported once, counted), and the plugins whose
+        # traceback is in the app log already.
+        self.chunk_failures: dict[str, int] = {}
+        self.logged_failures: set[str] = set()
         self.attempts: list[Attempt] = []
         self.provider: str | None = None
         self.model: str | None = None

@@ -55,8 +55,10 @@ def pre_routing(ctx: Any, settings: dict[str, Any]) -> Any:
 def stream_chunk(ctx: Any, event: Any, settings: dict[str, Any]) -> Any:
     """Each stream event on its way to the client (streaming requests only).
 
-    Return a replacement event, ``DROP`` to drop this event, or ``None`` to leave it.
-    ``StreamStart`` and ``StreamEnd`` cannot be dropped. Errors are logged and the stream
+    Return a replacement event, a list of events, ``DROP`` to drop this event, or ``None``
+    to leave it. ``StreamStart`` and ``StreamEnd`` cannot be dropped; producing a
+    ``StreamEnd`` ends the stream there. Raise ``Reject`` to end the stream with an error
+    event in the client's format. Other errors are logged once per request and the stream
     goes on. Sync or awaitable.
     """
 
@@ -66,8 +68,10 @@ def post_response(ctx: Any, response: Any, settings: dict[str, Any]) -> Any:
     """PostResponse: the whole response is known (for a stream: assembled after its end).
 
     May change ``response`` in place or return a replacement ``Response`` (for a stream,
-    the change reaches the log and later hooks, not the bytes already sent). Errors are
-    logged and the response still goes out. Sync or awaitable.
+    the change reaches the log and later hooks, not the bytes already sent). Raise
+    ``Reject`` to refuse the answer: the client gets that error instead (a stream: an error
+    event in place of its end). Other errors are logged and the response still goes out.
+    Sync or awaitable.
     """
 
 
@@ -75,8 +79,9 @@ def post_response(ctx: Any, response: Any, settings: dict[str, Any]) -> Any:
 def request_end(ctx: Any, settings: dict[str, Any]) -> Any:
     """End: always runs once per request, answered, rejected or failed.
 
-    Observe only: ``ctx.response``, ``ctx.error``, ``ctx.status``, ``ctx.timings``.
-    Errors are logged. Sync or awaitable.
+    Observe only: ``ctx.response``, ``ctx.error``, ``ctx.status``, ``ctx.timings``. Runs
+    after the answer has gone out, so it never delays it. Errors are logged. Sync or
+    awaitable.
     """
 
 
@@ -84,7 +89,8 @@ def request_end(ctx: Any, settings: dict[str, Any]) -> Any:
 def on_error(ctx: Any, error: Any, settings: dict[str, Any]) -> Any:
     """Observes every failure: a plugin's exception, a rejection, an upstream error or
     timeout. ``error`` is a ``PipelineError`` (stage, plugin, status, message,
-    exception). Errors raised here are logged and ignored. Sync or awaitable.
+    exception). Runs after the answer has gone out, before request_end. Errors raised here
+    are logged and ignored. Sync or awaitable.
     """
 
 

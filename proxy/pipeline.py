@@ -55,6 +55,7 @@ class Pipeline:
                  classifier_timeout: float = 1.0,
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.pm = host.pm
+        self.host = host
         self.router = router
         self.providers = providers
         self.routing = routing or RoutingConfig()
@@ -82,7 +83,7 @@ class Pipeline:
             _client_left(ctx)
             raise
         finally:
-            await self._end(ctx)
+            self._end(ctx)
 
     async def open_stream(self, ctx: RequestContext) -> AsyncIterator[list[StreamEvent]]:
         """Runs a streaming request up to its first event and returns the whole stream.
@@ -99,10 +100,10 @@ class Pipeline:
             first = await anext(events)
         except ProxyError as exc:
             await self._fail(ctx, exc)
-            await self._end(ctx)
+            self._end(ctx)
             raise
         except BaseException:
-            await self._end(ctx)
+            self._end(ctx)
             raise
         return self._stream(ctx, first, events)
 
@@ -128,16 +129,26 @@ class Pipeline:
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
             try:
-                result = await call_impl(name, hook, impl, arguments, self.plugin_timeout)
+                result = await call_impl(name, hook, impl, arguments, self._timeout(name))
             except ProxyError as exc:
                 ctx.plugin_actions[name] = "rejected"
                 exc.stage = hook
                 raise
             except HookFailed as exc:
-                ctx.plugin_actions[name] = "failed"
-                raise ProxyError(500, f"Plugin {name!r} failed in {hook}: "
-                                      f"{_describe(exc.error)}",
-                                 code="plugin_error", stage=hook, plugin=name) from exc.error
+                timed_out = isinstance(exc.error, TimeoutError)
+                if timed_out and self.host.on_timeout.get(name) == "skip":
+                    # The operator chose: a slow plugin is passed over, not waited for.
+                    await self._report_hook_error(ctx, hook, name, exc)
+                    ctx.plugin_actions[name] = "timed_out"
+                    continue
+                ctx.plugin_actions[name] = "timed_out" if timed_out else "failed"
+                _log_failure(ctx, hook, name, exc)
+                raise ProxyError(504 if timed_out else 500,
+                                 f"Plugin {name!r} {_describe(exc.error)} in {hook}"
+                                 if timed_out else
+                                 f"Plugin {name!r} failed in {hook}: {_describe(exc.error)}",
+                                 code="plugin_timeout" if timed_out else "plugin_error",
+                                 stage=hook, plugin=name) from exc.error
             if isinstance(result, Response):
                 ctx.plugin_actions[name] = "short_circuit"
                 ctx.short_circuited_by = name
@@ -290,10 +301,15 @@ class Pipeline:
     async def _stream(self, ctx: RequestContext, first: list[StreamEvent],
                       events: AsyncIterator[list[StreamEvent]]
                       ) -> AsyncIterator[list[StreamEvent]]:
-        """Passes the provider's batches on, each event through the stream_chunk hooks."""
+        """Passes the provider's batches on, each event through the stream_chunk hooks.
+
+        The stream's end event is held back until post_response has run, so that a plugin
+        there can still refuse the answer (the client then gets an error event instead of
+        the end). A stream_chunk hook that produces an end event ends the stream there."""
         accumulator = StreamAccumulator()
         chunk_impls = implementations(self.pm, "stream_chunk", ctx.plugin_settings)
         batch = first
+        held: list[StreamEvent] = []
         try:
             while True:
                 if chunk_impls:
@@ -301,18 +317,31 @@ class Pipeline:
                     for event in batch:
                         changed.extend(await self._chunk(ctx, chunk_impls, event))
                     batch = changed
+                ended = False
+                for position, item in enumerate(batch):
+                    if isinstance(item, StreamEnd):
+                        # What follows an end (a plugin's or the provider's) is not sent.
+                        batch, held, ended = batch[:position], [item], True
+                        break
                 for item in batch:
                     accumulator.add(item)
                 ctx.stream_chunks += len(batch)
                 if batch:
                     yield batch
+                if ended:
+                    break
                 try:
                     batch = await anext(events)
                 except StopAsyncIteration:
                     break
+            for item in held:
+                accumulator.add(item)
             response = accumulator.response
             response.model = response.model or (ctx.model or "")
             await self._post_response(ctx, response)
+            if held:
+                ctx.stream_chunks += len(held)
+                yield held
         except ProxyError as exc:
             ctx.response = accumulator.response
             ctx.failed_at_chunk = ctx.stream_chunks
@@ -326,7 +355,7 @@ class Pipeline:
             # The client may have left and this task may be cancelled: finish regardless.
             with anyio.CancelScope(shield=True):
                 await _aclose(events)
-                await self._end(ctx)
+            self._end(ctx)
 
     async def _chunk(self, ctx: RequestContext, impls: list[tuple[str, Any]],
                      event: StreamEvent) -> list[StreamEvent]:
@@ -339,9 +368,18 @@ class Pipeline:
                 arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
                 try:
                     result = await call_impl(name, "stream_chunk", impl, arguments,
-                                             self.plugin_timeout)
-                except (HookFailed, ProxyError) as exc:
-                    await self._report_hook_error(ctx, "stream_chunk", name, exc)
+                                             self._timeout(name))
+                except ProxyError as exc:
+                    # A Reject mid-stream ends it with an error event in the client's format.
+                    ctx.plugin_actions[name] = "rejected"
+                    exc.stage, exc.plugin = "stream_chunk", name
+                    raise
+                except HookFailed as exc:
+                    # Once per request in the log and to on_error; the rest are counted.
+                    failures = ctx.chunk_failures.get(name, 0)
+                    ctx.chunk_failures[name] = failures + 1
+                    if not failures:
+                        await self._report_hook_error(ctx, "stream_chunk", name, exc)
                     result = None
                 if result is None or result is item or (
                         result is DROP and isinstance(item, StreamStart | StreamEnd)):
@@ -362,8 +400,13 @@ class Pipeline:
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
                 result = await call_impl(name, "post_response", impl, arguments,
-                                         self.plugin_timeout)
-            except (HookFailed, ProxyError) as exc:
+                                         self._timeout(name))
+            except ProxyError as exc:
+                # A Reject here refuses the answer: the client gets this error instead.
+                ctx.plugin_actions[name] = "rejected"
+                exc.stage, exc.plugin = "post_response", name
+                raise
+            except HookFailed as exc:
                 await self._report_hook_error(ctx, "post_response", name, exc)
                 continue
             if isinstance(result, Response):
@@ -375,16 +418,37 @@ class Pipeline:
                 ctx.raw_response = None
         return response
 
-    async def _end(self, ctx: RequestContext) -> None:
-        for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
-            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
-            try:
-                await call_impl(name, "request_end", impl, arguments, self.plugin_timeout)
-            except (HookFailed, ProxyError) as exc:
-                await self._report_hook_error(ctx, "request_end", name, exc)
+    def _end(self, ctx: RequestContext) -> None:
+        """The request is over for the client. What observes it — on_error for each error,
+        then request_end, then the record — runs in a task of its own, so that no
+        observer ever delays an answer; ``drain`` awaits these at shutdown."""
         ctx.timings["total"] = time.perf_counter() - ctx.started
-        if self.on_finish is not None:
-            self.on_finish(ctx)
+        task = asyncio.get_running_loop().create_task(self._after(ctx))
+        _after_tasks.add(task)
+        task.add_done_callback(_after_tasks.discard)
+
+    async def _after(self, ctx: RequestContext) -> None:
+        try:
+            for name, count in ctx.chunk_failures.items():
+                if count > 1:
+                    log.warning("plugin_failed_repeatedly", request_id=ctx.request_id,
+                                plugin=name, hook="stream_chunk", failures=count,
+                                status=ctx.status)
+            for error in list(ctx.errors):
+                await self._observe_error(ctx, error)
+            for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
+                arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+                try:
+                    await call_impl(name, "request_end", impl, arguments, self._timeout(name))
+                except (HookFailed, ProxyError) as exc:
+                    error = self._hook_error(ctx, "request_end", name, exc)
+                    await self._observe_error(ctx, error)
+        finally:
+            if self.on_finish is not None:
+                self.on_finish(ctx)
+
+    def _timeout(self, plugin: str) -> float:
+        return self.host.timeouts.get(plugin, self.plugin_timeout)
 
     # --- errors -------------------------------------------------------------------------
 
@@ -399,21 +463,57 @@ class Pipeline:
 
     async def _report_hook_error(self, ctx: RequestContext, hook: str, plugin: str,
                                  exc: HookFailed | ProxyError) -> None:
+        self._hook_error(ctx, hook, plugin, exc)
+
+    def _hook_error(self, ctx: RequestContext, hook: str, plugin: str,
+                    exc: HookFailed | ProxyError) -> PipelineError:
         error = exc.error if isinstance(exc, HookFailed) else exc
-        ctx.plugin_actions[plugin] = "failed"
-        await self._report(ctx, PipelineError(stage=hook, plugin=plugin, message=_describe(error),
-                                              type=type(error).__name__, exception=error))
+        if ctx.plugin_actions.get(plugin) != "timed_out":
+            ctx.plugin_actions[plugin] = "failed"
+        if isinstance(exc, HookFailed):
+            _log_failure(ctx, hook, plugin, exc)
+        found = PipelineError(stage=hook, plugin=plugin, message=_describe(error),
+                              type=type(error).__name__, exception=error)
+        ctx.errors.append(found)
+        return found
 
     async def _report(self, ctx: RequestContext, error: PipelineError) -> None:
+        """Keeps ``error`` for the record and the on_error observers, who see it once the
+        answer has gone out."""
         ctx.errors.append(error)
+        # The status only where it is the one the client gets.
+        status = {"status": error.status} if error is ctx.error else {}
         log.warning("request_error", request_id=ctx.request_id, stage=error.stage,
-                    plugin=error.plugin, status=error.status, error=error.message)
+                    plugin=error.plugin, error=error.message, **status)
+
+    async def _observe_error(self, ctx: RequestContext, error: PipelineError) -> None:
         for name, impl in implementations(self.pm, "on_error", ctx.plugin_settings):
             arguments = {"ctx": ctx, "error": error, "settings": ctx.plugin_settings[name]}
             try:
-                await call_impl(name, "on_error", impl, arguments, self.plugin_timeout)
+                await call_impl(name, "on_error", impl, arguments, self._timeout(name))
             except (HookFailed, ProxyError) as exc:
-                log.warning("on_error_failed", plugin=name, error=str(exc))
+                log.warning("on_error_failed", request_id=ctx.request_id, plugin=name,
+                            error=str(exc))
+
+
+_after_tasks: set[asyncio.Task[None]] = set()
+
+
+async def drain(timeout: float = 10.0) -> None:
+    """Waits (at most ``timeout`` seconds) for what observes finished requests."""
+    if _after_tasks:
+        await asyncio.wait(list(_after_tasks), timeout=timeout)
+
+
+def _log_failure(ctx: RequestContext, hook: str, plugin: str, exc: HookFailed) -> None:
+    """A plugin's exception, with its traceback, once per request and plugin."""
+    if plugin in ctx.logged_failures:
+        return
+    ctx.logged_failures.add(plugin)
+    error = exc.error
+    log.warning("plugin_failed", request_id=ctx.request_id, plugin=plugin, hook=hook,
+                error=_describe(error),
+                exc_info=None if isinstance(error, TimeoutError) else error)
 
 
 def _client_left(ctx: RequestContext) -> None:

@@ -7,6 +7,7 @@ point from another distribution with the same name as a built-in replaces the bu
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 from typing import Any
 
@@ -30,7 +31,8 @@ GROUPS = {PLUGIN_GROUP: "plugin", CLASSIFIER_GROUP: "classifier"}
 _encode = msgspec.json.Encoder().encode
 SELF = "hookproxy"
 # Keys of a [plugins.NAME] table that are hookproxy's, not the plugin's settings.
-RESERVED = frozenset({"enabled", "locked", "per_request", "client_settings"})
+RESERVED = frozenset({"enabled", "locked", "per_request", "client_settings", "timeout",
+                      "on_timeout"})
 
 
 class PluginInfo(msgspec.Struct):
@@ -66,18 +68,37 @@ class PluginHost:
         # What a request may do: switch these on, and set these settings of each.
         self.per_request: set[str] = set()
         self.adjustable: dict[str, frozenset[str]] = {}
+        # Per-plugin hook time limits, and what a timeout does: "fail" the request (a 504)
+        # or "skip" the plugin.
+        self.timeouts: dict[str, float] = {}
+        self.on_timeout: dict[str, str] = {}
+        # Installed packages that make any config unusable until fixed (two packages with
+        # one plugin name, a plugin with no hooks): check and serve refuse to go on.
+        self.fatal: list[str] = []
         self.max_request_settings_bytes = 64 * 1024
 
     def discover(self) -> None:
-        """Imports every installed plugin; failures are recorded, not raised."""
+        """Imports every installed plugin; failures are recorded, not raised.
+
+        Another package's plugin of the same name replaces a built-in; two other packages
+        with the same name is an error on that name, naming both."""
+        importlib.invalidate_caches()  # packages installed since the process started
         for group, kind in GROUPS.items():
             chosen: dict[str, md.EntryPoint] = {}
+            clashes: dict[str, set[str]] = {}
             for ep in md.entry_points(group=group):
-                # Another package's plugin of the same name replaces a built-in.
-                if ep.name not in chosen or (ep.dist and ep.dist.name != SELF):
+                earlier = chosen.get(ep.name)
+                if earlier is None or _package(earlier) == SELF:
                     chosen[ep.name] = ep
+                elif _package(ep) not in (SELF, _package(earlier)):
+                    clashes.setdefault(ep.name, {_package(earlier)}).add(_package(ep))
             for ep in chosen.values():
                 self.load(ep, kind)
+            for name, packages in clashes.items():
+                self.installed[name].error = (
+                    f"more than one package registers the {kind} {name!r}: "
+                    f"{', '.join(sorted(packages))}; uninstall all but one")
+                self.fatal.append(self.installed[name].error or "")
 
     def load(self, ep: md.EntryPoint, kind: str) -> None:
         """Imports one entry point and registers it; a failure is kept on its PluginInfo."""
@@ -94,6 +115,8 @@ class PluginHost:
             self.add(plugin, ep.name, kind, info)
         except ConfigError as exc:
             info.error = str(exc)
+            if "no hook implementations" in info.error:
+                self.fatal.append(f"{info.error} (package {package})")
 
     def add(self, plugin: object, name: str, kind: str = "plugin",
             info: PluginInfo | None = None) -> PluginInfo:
@@ -109,6 +132,10 @@ class PluginHost:
                 self.pm.unregister(plugin)
             raise ConfigError(f"plugin {name!r}: {exc}") from None
         hooks = [caller.name for caller in self.pm.get_hookcallers(plugin) or ()]
+        if not hooks:
+            self.pm.unregister(plugin)
+            raise ConfigError(f"{kind} {name!r} has no hook implementations (no function "
+                              "marked @hookimpl): nothing would ever call it")
         for caller in self.pm.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
@@ -130,6 +157,9 @@ class PluginHost:
         rejects its settings is a ConfigError naming it."""
         self.enabled, self.enabled_classifiers = {}, {}
         self.configured, self.locked, self.per_request, self.adjustable = {}, set(), set(), {}
+        self.timeouts, self.on_timeout = {}, {}
+        if self.fatal:
+            raise ConfigError("installed plugins: " + "; ".join(self.fatal))
         self.max_request_settings_bytes = config.server.max_request_settings_bytes
         # The memo plugins and classifiers share is bounded by the same config.
         memo.configure(config.server.memo_bytes, config.server.memo_entries)
@@ -176,6 +206,15 @@ class PluginHost:
         if chosen is not None and not (isinstance(chosen, list)
                                        and all(isinstance(c, str) for c in chosen)):
             raise ConfigError(f"{where}: client_settings must be a list of setting names")
+        timeout, on_timeout = table.get("timeout"), table.get("on_timeout", "fail")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+                    not 0 < timeout <= 3600:
+                raise ConfigError(f"{where}: timeout must be a number of seconds (0-3600]")
+            self.timeouts[name] = float(timeout)
+        if on_timeout not in ("fail", "skip"):
+            raise ConfigError(f"{where}: on_timeout must be \"fail\" or \"skip\"")
+        self.on_timeout[name] = on_timeout
         if per_request:
             self.per_request.add(name)
         if table.get("locked"):
@@ -278,6 +317,10 @@ class PluginHost:
 
 
 _NONE: frozenset[str] = frozenset()
+
+
+def _package(ep: md.EntryPoint) -> str:
+    return ep.dist.name if ep.dist else "?"
 
 
 def _names(names: Any) -> str:

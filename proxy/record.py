@@ -12,7 +12,8 @@ model               the model the client asked for
 route               the model group a route rule sent it to
 provider, provider_model   who answered (``plugin`` + plugin name for a short-circuit)
 tags                classifiers' tags; classifier_errors: classifier -> why it has none
-plugins             plugin -> modified | short_circuit | rejected | failed
+plugins             plugin -> modified | short_circuit | rejected | failed | timed_out
+plugin_errors       plugin -> the message of its first error
 attempts            provider calls: provider, model, status (0: no answer), error, latency_ms
 stream              streaming or not; chunks: events sent; failed_at_chunk: where it broke
 status              HTTP status the client got (499: the client left)
@@ -67,6 +68,8 @@ class Record(msgspec.Struct, omit_defaults=True):
     tags: list[str] = []
     classifier_errors: dict[str, str] = {}
     plugins: dict[str, str] = {}
+    # plugin -> its first error's message (what failed, and why, beyond "failed")
+    plugin_errors: dict[str, str] = {}
     attempts: list[Attempt] = []
     stream: bool = False
     chunks: int = 0
@@ -85,6 +88,14 @@ class Record(msgspec.Struct, omit_defaults=True):
     response: Any = None
     # The record would have been this many bytes with its bodies: over [log].max_record_bytes.
     bodies_dropped: int | None = None
+
+
+def _plugin_errors(ctx: RequestContext) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for error in ctx.errors:
+        if error.plugin and error.plugin not in found:
+            found[error.plugin] = _cut(error.message, 1000)
+    return found
 
 
 def _cut(text: str, limit: int) -> str:
@@ -210,6 +221,7 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         tags=list(ctx.tags),
         classifier_errors=dict(ctx.classifier_errors),
         plugins=dict(ctx.plugin_actions),
+        plugin_errors=_plugin_errors(ctx),
         attempts=list(ctx.attempts),
         stream=ctx.stream,
         chunks=ctx.stream_chunks,

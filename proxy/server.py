@@ -28,6 +28,7 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from proxy import pipeline as pipeline_module
 from proxy.admin import AdminGuard
 from proxy.canonical import StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
@@ -45,6 +46,10 @@ from proxy.providers import Provider, build_provider
 from proxy.routing import Router
 
 log = structlog.get_logger("hookproxy.server")
+# What a reload cannot do, said every time it runs.
+RELOAD_NOTE = ("plugins installed since the start are found; the code of plugins already "
+               "loaded is not re-imported, so changed plugin code needs a restart, as do "
+               "[log] and [dashboard] changes")
 _encode = msgspec.json.Encoder().encode
 JSON = "application/json"
 T = TypeVar("T")
@@ -100,7 +105,8 @@ class Gateway:
         need a restart."""
         self._apply(config)
         log.info("config reloaded", config=config.source, providers=sorted(self.providers),
-                 models=self.router.model_names(), plugins=sorted(self.host.enabled))
+                 models=self.router.model_names(), plugins=sorted(self.host.enabled),
+                 note=RELOAD_NOTE)
 
     async def admin_reload(self, http: HttpRequest) -> HttpResponse:
         try:
@@ -109,7 +115,8 @@ class Gateway:
             log.warning("reload refused", error=str(exc))
             return HttpResponse(_encode({"status": "refused", "error": str(exc)}),
                                 status_code=400, media_type=JSON)
-        return HttpResponse(_encode({"status": "reloaded", "config": self.config.source}),
+        return HttpResponse(_encode({"status": "reloaded", "config": self.config.source,
+                                     "note": RELOAD_NOTE}),
                             media_type=JSON)
 
     def _finished(self, ctx: RequestContext) -> None:
@@ -129,6 +136,7 @@ class Gateway:
         self.observer.start()
 
     async def close(self) -> None:
+        await pipeline_module.drain()  # what observes the last requests
         if self._session is not None:
             await self._session.close()
         await asyncio.to_thread(self.observer.close)

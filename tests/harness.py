@@ -139,3 +139,14 @@ class ServedApp:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Polls ``predicate`` until it is truthy: what observes a request (on_error,
+    request_end, the record) runs just after its answer has gone out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)

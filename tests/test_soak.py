@@ -112,6 +112,7 @@ def _levels(proxy: ProxyServer) -> tuple[int, int, int]:
 # response generator is then finalized by the garbage collector, which pytest reports as an
 # unraisable exception in the *client*. The server side is what the assertions check.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.timeout(600)  # about two minutes on 2 shared cores; the default 120 s is too tight
 def test_soak(upstream, tmp_path):
     config = upstream_config(upstream)
     config["log"] = {"path": str(tmp_path / "requests.jsonl"), "bodies": "none"}
