@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from proxy import Reject, Request, RequestContext, Response, TextPart, hookimpl
+from proxy.errors import is_error_status
 from proxy.memo import memo
 from proxy.settings import regex_error, settings_as, settings_error
 from proxy.textmatch import PatternSet, pattern_set
@@ -40,7 +41,11 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> str | None:
-    return settings_error(settings, Settings) or regex_error(settings["patterns"], "patterns")
+    problem = settings_error(settings, Settings) or regex_error(settings["patterns"],
+                                                                "patterns")
+    if problem is None and not is_error_status(settings.get("status", 400)):
+        problem = f"status must be an HTTP error status (400-599), not {settings['status']!r}"
+    return problem
 
 
 @hookimpl(trylast=True)

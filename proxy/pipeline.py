@@ -82,6 +82,9 @@ class Pipeline:
         except asyncio.CancelledError:
             _client_left(ctx)
             raise
+        except Exception as exc:
+            _internal_error(ctx, exc)
+            raise
         finally:
             self._end(ctx)
 
@@ -100,6 +103,10 @@ class Pipeline:
             first = await anext(events)
         except ProxyError as exc:
             await self._fail(ctx, exc)
+            self._end(ctx)
+            raise
+        except Exception as exc:
+            _internal_error(ctx, exc)
             self._end(ctx)
             raise
         except BaseException:
@@ -514,6 +521,14 @@ def _log_failure(ctx: RequestContext, hook: str, plugin: str, exc: HookFailed) -
     log.warning("plugin_failed", request_id=ctx.request_id, plugin=plugin, hook=hook,
                 error=_describe(error),
                 exc_info=None if isinstance(error, TimeoutError) else error)
+
+
+def _internal_error(ctx: RequestContext, exc: Exception) -> None:
+    """A bug of hookproxy's own: the client gets a 500, and the record must say so."""
+    ctx.status = 500
+    ctx.error = PipelineError(stage="proxy", status=500, type="internal_error",
+                              message=f"Internal error in hookproxy: {type(exc).__name__}",
+                              exception=exc)
 
 
 def _client_left(ctx: RequestContext) -> None:

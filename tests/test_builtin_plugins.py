@@ -213,3 +213,11 @@ def test_json_repair_mends_answers_to_json_requests(upstream):
         # Not asked for JSON: left alone.
         plain = client.chat.completions.create(model="gpt-test", messages=ask)
         assert plain.choices[0].message.content == 'echo: {"answer": 42,}'
+
+
+def test_content_guard_status_must_be_an_error_status(upstream):
+    from proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="status must be an HTTP error status"), \
+            serving(upstream, {"content_guard": {"patterns": ["x"], "status": 204}}):
+        pass
