@@ -48,6 +48,6 @@ def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     table = keyword_table(tuple((tag, tuple(words)) for tag, words in config.tags.items()))
     if not table.tags:
         return []
-    found = union_over_texts(ctx.request, config.scope, config.max_chars, table,
-                             table.tags_in)
+    found = union_over_texts(ctx.request, config.scope, config.max_chars,
+                             ("keyword", table.key), table.tags_in)
     return [tag for tag in table.tags if tag in found]

@@ -46,6 +46,6 @@ def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     def find(text: str) -> frozenset[str]:
         return frozenset(tags[i] for i in patterns.matching(text))
 
-    found = union_over_texts(ctx.request, config.scope, config.max_chars, (patterns, tags),
-                             find)
+    found = union_over_texts(ctx.request, config.scope, config.max_chars,
+                             ("regex", patterns.key, tags), find)
     return [tag for tag in tags if tag in found]

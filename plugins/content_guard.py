@@ -36,7 +36,8 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
     def found(text: str) -> bool:
         return bool(patterns.matching(text))
 
-    return any(memo.get_or_compute(patterns, text, found) for text in request.message_texts())
+    return any(memo.get_or_compute(("content_guard", patterns.key), text, found)
+               for text in request.message_texts())
 
 
 @hookimpl

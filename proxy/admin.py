@@ -176,8 +176,12 @@ class AdminGuard:
         """POST /dashboard/login: the form on the login page."""
         if not _same_origin(request):
             return _login_page("Sign in from this proxy's own page.", 403)
-        body = await request.body()
-        key = urllib.parse.parse_qs(body[:4096].decode("utf-8", "replace")).get("key", [""])[0]
+        body = b""
+        async for chunk in request.stream():  # a login form is small: read no more
+            body += chunk
+            if len(body) > 4096:
+                return _login_page("That form is too large.", 413)
+        key = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("key", [""])[0]
         if not self.required:
             return RedirectResponse("/dashboard", status_code=303)
         outcome = self._check_key(request, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Any
@@ -98,6 +99,9 @@ class RequestContext:
         # stream_chunk failures per plugin (reported once, counted), and the plugins whose
         # traceback is in the app log already.
         self.chunk_failures: dict[str, int] = {}
+        # Set by the server once the answer has gone out: what observes the request
+        # (on_error, request_end, the record) waits for it. None: nobody will set it.
+        self.answered: asyncio.Event | None = None
         self.logged_failures: set[str] = set()
         self.attempts: list[Attempt] = []
         self.provider: str | None = None
@@ -112,6 +116,8 @@ class RequestContext:
         # The client's body as it came (None once it no longer stands for the request),
         # and the provider's answer as it came when it is in the client's format.
         self.raw_body: bytes | None = None
+        # The size of the client's body as it came.
+        self.body_bytes = 0
         self.raw_response: bytes | None = None
         # For a stream that broke after it began: how many chunks had gone out.
         self.failed_at_chunk: int | None = None

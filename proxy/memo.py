@@ -12,6 +12,7 @@ hand one text's result to another). Least recently used results go first.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ class Memo:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -40,34 +42,36 @@ class Memo:
         """``compute(text)``, or what it gave the last time for this ``what`` and text.
 
         ``what`` names the computation and everything else its result depends on (a
-        classifier's name and its compiled settings, say); it must not be the text."""
+        classifier's name and a digest of its settings, say): small, and not the text. A
+        compiled object would do, but the memo would then keep it alive."""
         if len(text) < MIN_CHARS:
             return compute(text)
         key = (what, text)
         entries = self._entries
-        try:
-            result: T = entries[key]
-        except KeyError:
-            pass
-        else:
-            entries.move_to_end(key)
-            self.hits += 1
-            return result
-        self.misses += 1
-        result = compute(text)
+        with self._lock:  # plugins may call this from worker threads too
+            if key in entries:
+                entries.move_to_end(key)
+                self.hits += 1
+                found: T = entries[key]
+                return found
+            self.misses += 1
+        result = compute(text)  # outside the lock: the slow part, run by each caller
         size = _size(text)
         if size > self.max_bytes:
             return result
-        entries[key] = result
-        self.bytes += size
-        while self.bytes > self.max_bytes or len(entries) > self.max_entries:
-            (_, old), _ = entries.popitem(last=False)
-            self.bytes -= _size(old)
+        with self._lock:
+            if key not in entries:
+                entries[key] = result
+                self.bytes += size
+            while entries and (self.bytes > self.max_bytes or len(entries) > self.max_entries):
+                (_, old), _ = entries.popitem(last=False)
+                self.bytes -= _size(old)
         return result
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
 
 
 def _size(text: str) -> int:

@@ -21,6 +21,9 @@ from proxy.metrics import Metrics
 from proxy.record import ErrorInfo, Record, body_view, build_record, rejected_record
 
 _encode = msgspec.json.Encoder().encode
+# Request bodies waiting for the observer's thread, at most; beyond, records go out at
+# once without their bodies (a burst of huge requests cannot pile up in memory).
+PENDING_BYTES = 64 * 1024 * 1024
 
 
 class Observer:
@@ -44,8 +47,10 @@ class Observer:
         self.metrics = Metrics(lambda: self.writer.dropped if self.writer else 0)
         self.loop: asyncio.AbstractEventLoop | None = None
         # Records waiting for their bodies; past queue_size they go out without them.
-        self._pending: queue.SimpleQueue[tuple[Record, Any, Any] | None] = queue.SimpleQueue()
+        self._pending: queue.SimpleQueue[tuple[Record, Any, Any, int] | None] = \
+            queue.SimpleQueue()
         self._pending_count = 0
+        self._pending_bytes = 0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -70,20 +75,28 @@ class Observer:
         log = self.config.log
         record = build_record(ctx, bodies="none")
         self.metrics.observe(record)
+        size = ctx.body_bytes
         if log.bodies == "none" or self._thread is None or \
-                self._pending_count >= log.queue_size:
+                self._pending_count >= log.queue_size or \
+                self._pending_bytes + size > PENDING_BYTES:
+            # Bodies are what keeps memory: past the backlog's bounds, records go without.
+            if log.bodies != "none":
+                record.bodies_dropped = size
             self._publish(record)
             return
         self._pending_count += 1
-        self._pending.put((record, ctx.request, ctx.response))
+        self._pending_bytes += size
+        self._pending.put((record, ctx.request, ctx.response, size))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
-                 started_wall: float, started: float) -> None:
+                 started_wall: float, started: float, duration: float | None = None) -> None:
         """A request that failed before it could be decoded still leaves its record."""
         info = ErrorInfo(type=error.code or error_type(error.status), message=error.message,
                          stage=error.stage)
+        if duration is None:
+            duration = time.perf_counter() - started
         record = rejected_record(request_id, endpoint, client_format, error.status, info,
-                                 started_wall, time.perf_counter() - started)
+                                 started_wall, duration)
         self.metrics.observe(record)
         self._publish(record)
 
@@ -108,7 +121,7 @@ class Observer:
             item = self._pending.get()
             if item is None:
                 return
-            record, request, response = item
+            record, request, response, size = item
             try:
                 record.request = body_view(request, log.bodies, log.truncate_chars,
                                            log.max_record_bytes)
@@ -125,12 +138,16 @@ class Observer:
             loop = self.loop
             if loop is not None and not loop.is_closed():
                 try:
-                    loop.call_soon_threadsafe(self._feed, data)
+                    loop.call_soon_threadsafe(self._feed, data, size)
+                    continue
                 except RuntimeError:  # the loop closed meanwhile
-                    self._pending_count -= 1
-            else:
-                self._pending_count -= 1
+                    pass
+            self._done(size)
 
-    def _feed(self, data: bytes) -> None:
-        self._pending_count -= 1
+    def _feed(self, data: bytes, size: int) -> None:
+        self._done(size)
         self.feed.publish(data)
+
+    def _done(self, size: int) -> None:
+        self._pending_count -= 1
+        self._pending_bytes -= size

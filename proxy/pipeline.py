@@ -10,9 +10,11 @@ best effort: errors are reported to on_error observers and the answer still goes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -56,6 +58,8 @@ class Pipeline:
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.pm = host.pm
         self.host = host
+        # Set when the last finished request's record has gone out (see _end).
+        self._last_record: asyncio.Future[None] | None = None
         self.router = router
         self.providers = providers
         self.routing = routing or RoutingConfig()
@@ -177,10 +181,16 @@ class Pipeline:
             arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
             if name not in self.inline_classifiers and not inspect.iscoroutinefunction(
                     impl.function):
-                # Another package's sync classifier runs in a worker thread, so that however
-                # long it takes, the event loop keeps serving; it is bounded like the rest.
-                pending.append((name, asyncio.to_thread(start_impl, name, "classify", impl,
-                                                        arguments)))
+                # Another package's sync classifier runs in a worker thread of its own pool,
+                # so that however long it takes, the event loop (and aiohttp's DNS lookups
+                # in the default pool) keep going; it is bounded like the rest.
+                if _classifier_threads.busy >= CLASSIFIER_THREADS:
+                    await self._classifier_failed(ctx, name, ProxyError(
+                        503, "every classifier thread is busy with slower requests",
+                        code="classifier_busy"))
+                    continue
+                pending.append((name, _classifier_threads.run(start_impl, name, "classify",
+                                                              impl, arguments)))
                 continue
             try:
                 result = start_impl(name, "classify", impl, arguments)
@@ -358,6 +368,11 @@ class Pipeline:
             ctx.response = accumulator.response
             _client_left(ctx)
             raise
+        except Exception as exc:
+            ctx.response = accumulator.response
+            ctx.failed_at_chunk = ctx.stream_chunks
+            _internal_error(ctx, exc)
+            raise
         finally:
             # The client may have left and this task may be cancelled: finish regardless.
             with anyio.CancelScope(shield=True):
@@ -427,32 +442,71 @@ class Pipeline:
 
     def _end(self, ctx: RequestContext) -> None:
         """The request is over for the client. What observes it — on_error for each error,
-        then request_end, then the record — runs in a task of its own, so that no
-        observer ever delays an answer; ``drain`` awaits these at shutdown."""
+        then request_end, then the record — runs in a task of its own once the answer has
+        gone out, so that no observer ever delays an answer; ``drain`` awaits these at
+        shutdown. Records still leave in the order requests finished."""
         ctx.timings["total"] = time.perf_counter() - ctx.started
-        task = asyncio.get_running_loop().create_task(self._after(ctx))
+        loop = asyncio.get_running_loop()
+        previous, self._last_record = self._last_record, loop.create_future()
+        task = loop.create_task(self._after(ctx, previous, self._last_record))
         _after_tasks.add(task)
         task.add_done_callback(_after_tasks.discard)
 
-    async def _after(self, ctx: RequestContext) -> None:
+    async def _after(self, ctx: RequestContext, previous: asyncio.Future[None] | None,
+                     recorded: asyncio.Future[None]) -> None:
         try:
-            for name, count in ctx.chunk_failures.items():
-                if count > 1:
-                    log.warning("plugin_failed_repeatedly", request_id=ctx.request_id,
-                                plugin=name, hook="stream_chunk", failures=count,
-                                status=ctx.status)
-            for error in list(ctx.errors):
-                await self._observe_error(ctx, error)
-            for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
-                arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
-                try:
-                    await call_impl(name, "request_end", impl, arguments, self._timeout(name))
-                except (HookFailed, ProxyError) as exc:
-                    error = self._hook_error(ctx, "request_end", name, exc)
-                    await self._observe_error(ctx, error)
+            if ctx.answered is not None and not ctx.answered.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ANSWER_WAIT):
+                        await ctx.answered.wait()
+            await self._observe(ctx)
         finally:
-            if self.on_finish is not None:
-                self.on_finish(ctx)
+            try:
+                if previous is not None and not previous.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(previous), ANSWER_WAIT)
+                if self.on_finish is not None:
+                    self.on_finish(ctx)
+            finally:
+                recorded.set_result(None)
+
+    def in_order(self, publish: Callable[[], None]) -> None:
+        """Calls ``publish`` (a record of a request that never reached the pipeline) once
+        the records of the requests that finished before it have gone out."""
+        previous = self._last_record
+        if previous is None or previous.done():
+            publish()
+            return
+        loop = asyncio.get_running_loop()
+        self._last_record = recorded = loop.create_future()
+
+        async def after_previous() -> None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(previous), ANSWER_WAIT)
+                publish()
+            finally:
+                recorded.set_result(None)
+
+        task = loop.create_task(after_previous())
+        _after_tasks.add(task)
+        task.add_done_callback(_after_tasks.discard)
+
+    async def _observe(self, ctx: RequestContext) -> None:
+        for name, count in ctx.chunk_failures.items():
+            if count > 1:
+                log.warning("plugin_failed_repeatedly", request_id=ctx.request_id,
+                            plugin=name, hook="stream_chunk", failures=count,
+                            status=ctx.status)
+        for error in list(ctx.errors):
+            await self._observe_error(ctx, error)
+        for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
+            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            try:
+                await call_impl(name, "request_end", impl, arguments, self._timeout(name))
+            except (HookFailed, ProxyError) as exc:
+                error = self._hook_error(ctx, "request_end", name, exc)
+                await self._observe_error(ctx, error)
 
     def _timeout(self, plugin: str) -> float:
         return self.host.timeouts.get(plugin, self.plugin_timeout)
@@ -503,7 +557,30 @@ class Pipeline:
                             error=str(exc))
 
 
+class _Threads:
+    """A small thread pool for other packages' sync classifiers, with a count of the
+    threads in use (a classifier past its time bound still holds one until it returns)."""
+
+    def __init__(self, size: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=size,
+                                       thread_name_prefix="hookproxy-classify")
+        self.busy = 0
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        self.busy += 1
+        future = asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+        future.add_done_callback(self._release)
+        return await asyncio.shield(future)
+
+    def _release(self, _: object) -> None:
+        self.busy -= 1
+
+
+CLASSIFIER_THREADS = 4
+_classifier_threads = _Threads(CLASSIFIER_THREADS)
 _after_tasks: set[asyncio.Task[None]] = set()
+# Observers wait this long at most for the server to say the answer went out.
+ANSWER_WAIT = 60.0
 
 
 async def drain(timeout: float = 10.0) -> None:

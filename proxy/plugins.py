@@ -237,7 +237,9 @@ class PluginHost:
             raise ConfigError(f"{config.source}: [auth]: {problem}")
         info.enabled = True
         self.enabled = {"auth": settings, **self.enabled}
+        self.configured["auth"] = settings
         self.locked.add("auth")
+        self.adjustable["auth"] = frozenset()
 
     def settings_error(self, name: str, settings: dict[str, Any]) -> str | None:
         """What the plugin's validate_settings hook says is wrong, or None."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ import msgspec
 import structlog
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
@@ -74,8 +76,12 @@ class Gateway:
 
     def rejected(self, request_id: str, endpoint: str, client_format: str,
                  error: ProxyError, started_wall: float, started: float) -> None:
-        self.observer.rejected(request_id, endpoint, client_format, error, started_wall,
-                               started)
+        """The record of a request refused before the pipeline, in its place among the
+        records of the requests that finished before it."""
+        duration = time.perf_counter() - started
+        self.pipeline.in_order(functools.partial(
+            self.observer.rejected, request_id, endpoint, client_format, error,
+            started_wall, started, duration))
 
     def _apply(self, config: Config, host: PluginHost | None = None) -> None:
         """Builds providers, router, plugins and pipeline for ``config``, then puts them
@@ -200,41 +206,49 @@ class Gateway:
                 client_format=wire.NAME, headers=dict(http.headers),
                 plugin_settings=plugins, classifier_settings=classifiers)
             ctx.client_classifiers = client_set
+            ctx.answered = asyncio.Event()
+            ctx.body_bytes = len(body)
             if own_field is None and not request.stream:
                 ctx.raw_body = body
             if request.stream:
                 events = await self._unless_client_leaves(
                     http, ctx, self.pipeline.open_stream(ctx))
-                return StreamingResponse(self._stream_body(ctx, wire, events),
-                                         media_type="text/event-stream",
-                                         headers=_headers(ctx, request_id))
+                return _when_sent(StreamingResponse(
+                    self._stream_body(ctx, wire, events), media_type="text/event-stream",
+                    headers=_headers(ctx, request_id)), ctx)
             response = await self._unless_client_leaves(http, ctx, self.pipeline.run(ctx))
             content = ctx.raw_response
             if content is None:
                 content = wire.encode_response(response, same_format=ctx.same_format)
-            return HttpResponse(content, media_type=JSON, headers=_headers(ctx, request_id))
+            return _when_sent(HttpResponse(content, media_type=JSON,
+                                           headers=_headers(ctx, request_id)), ctx)
         except ClientDisconnect:
             # The client left while sending its body: nobody to answer, but a record.
             error = ProxyError(499, "The client left while sending the request",
                                code="client_disconnected")
-            self.observer.rejected(request_id, http.scope["path"], wire.NAME, error,
-                                   started_wall, started)
-            return _error_response(wire, error, ctx, request_id)
+            self.rejected(request_id, http.scope["path"], wire.NAME, error,
+                          started_wall, started)
+            return _when_sent(_error_response(wire, error, ctx, request_id), ctx)
         except ProxyError as exc:
             if ctx is None:
                 log.warning("bad_request", request_id=request_id, endpoint=http.scope["path"],
                             status=exc.status, error=exc.message)
-                self.observer.rejected(request_id, http.scope["path"], wire.NAME, exc,
-                                       started_wall, started)
-            return _error_response(wire, exc, ctx, request_id)
+                self.rejected(request_id, http.scope["path"], wire.NAME, exc,
+                              started_wall, started)
+            return _when_sent(_error_response(wire, exc, ctx, request_id), ctx)
         except Exception as exc:
             log.exception("internal_error", request_id=request_id)
             error = ProxyError(500, f"Internal error in hookproxy: {type(exc).__name__}",
                                stage="proxy")
             if ctx is None:
-                self.observer.rejected(request_id, http.scope["path"], wire.NAME, error,
-                                       started_wall, started)
-            return _error_response(wire, error, ctx, request_id)
+                self.rejected(request_id, http.scope["path"], wire.NAME, error,
+                              started_wall, started)
+            else:
+                # After the pipeline (encoding the answer, say): the record must agree.
+                ctx.status = 500
+                ctx.error = PipelineError(stage="proxy", status=500, type="internal_error",
+                                          message=error.message, exception=exc)
+            return _when_sent(_error_response(wire, error, ctx, request_id), ctx)
 
     async def _unless_client_leaves(self, http: HttpRequest, ctx: RequestContext,
                                     work: Awaitable[T]) -> T:
@@ -309,6 +323,13 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
     """Returns when the client disconnects (the body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpResponse:
+    """Tells whoever observes the request once ``response`` has gone out."""
+    if ctx is not None and ctx.answered is not None:
+        response.background = BackgroundTask(ctx.answered.set)
+    return response
 
 
 def _too_large(limit: int) -> ProxyError:

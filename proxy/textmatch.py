@@ -12,6 +12,7 @@ settings table is compiled once, and no client can grow them without bound.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -26,6 +27,13 @@ _OPTIONS.log_errors = False  # a refused pattern is reported to whoever gave it
 # Keywords longer than this are refused: each text position can then end only so many
 # overlapping matches, which keeps a scan linear.
 MAX_KEYWORD_CHARS = 200
+
+
+def digest(source: object) -> bytes:
+    """A short, stable name for a compiled table's source (what ``proxy.memo`` keys
+    results by, so that the memo never keeps a compiled object alive)."""
+    return hashlib.blake2b(repr(source).encode("utf-8", "surrogatepass"),
+                           digest_size=16).digest()
 
 
 def regex(pattern: str) -> re2._Regexp:
@@ -58,6 +66,7 @@ class PatternSet:
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self.size = len(patterns)
+        self.key = digest(patterns)
         self._set: re2.Set | None = None
         if patterns:
             self._set = re2.Set.SearchSet(_OPTIONS)
@@ -87,6 +96,7 @@ class KeywordTable:
 
     def __init__(self, table: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         self.tags = tuple(tag for tag, words in table if words)
+        self.key = digest(table)
         self._automaton: ahocorasick.Automaton | None = None
         if not self.tags:
             return

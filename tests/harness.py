@@ -6,13 +6,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.config import parse_config
 from proxy.connections import uvicorn_config
 from proxy.context import RequestContext
 from proxy.plugins import PluginHost
 from proxy.server import Gateway, GatewayServer, create_app
+
+T = TypeVar("T")
 
 
 class ProxyServer:
@@ -46,6 +48,15 @@ class ProxyServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+    def settled(self, value: T) -> T:
+        """``value``, once what observes the requests answered so far (on_error,
+        request_end, on_finish, the record) has run: that happens just after each answer
+        has gone out."""
+        from proxy import pipeline
+
+        wait_for(lambda: not pipeline._after_tasks)
+        return value
 
     def openai(self, **kwargs: Any) -> Any:
         import openai

@@ -183,6 +183,7 @@ def test_metrics(upstream, tmp_path):
             client.chat.completions.create(model="oai/x-status-503", messages=HI)
         import urllib.request
 
+        proxy.settled(None)  # the metrics count records, which follow the answers
         text = urllib.request.urlopen(f"{proxy.url}/metrics").read().decode()
     assert 'hookproxy_requests_total{model="priced",provider="oai",status="200"} 3.0' in text
     assert 'hookproxy_tokens_total{direction="input",model="priced",provider="oai"} 33.0' in text

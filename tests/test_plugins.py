@@ -77,7 +77,7 @@ def test_short_circuit_skips_the_provider_in_both_formats(upstream):
             assert "".join(s.text_stream) == "pong"
         assert len(upstream.received) == before
         # End still ran for each of them.
-        assert len(hookproxy_example.FINISHED) == 4
+        assert len(proxy.settled(hookproxy_example.FINISHED)) == 4
 
 
 def test_short_circuit_still_runs_post_response(upstream):
@@ -97,6 +97,8 @@ def test_reject_in_the_client_format(upstream):
             proxy.anthropic().messages.create(model="claude-test", max_tokens=9,
                                               messages=secret, stream=True)
         assert caught2.value.body["error"]["type"] == "permission_error"
+        # Observers run once the answers are out.
+        wait_for(lambda: len(hookproxy_example.ERRORS) == 2)
         assert [e.stage for e in hookproxy_example.ERRORS] == ["request_start"] * 2
         assert hookproxy_example.ERRORS[0].plugin == "example"
 
@@ -129,7 +131,7 @@ def test_hook_on_error_sees_upstream_failures(upstream):
     with serving(upstream, {"example": {}}) as proxy:
         with pytest.raises(openai.InternalServerError):
             proxy.openai().chat.completions.create(model="oai/x-status-500", messages=HI)
-        (error,) = hookproxy_example.ERRORS
+        (error,) = wait_for(lambda: hookproxy_example.ERRORS)
         assert error.stage == "upstream" and error.status == 502
         assert "fake upstream says 500" in error.message
 
@@ -142,7 +144,7 @@ def test_hook_request_end_runs_once_per_request(upstream):
         stream = proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
                                                         stream=True)
         list(stream)
-        assert len(hookproxy_example.FINISHED) == 3
+        assert len(proxy.settled(hookproxy_example.FINISHED)) == 3
         assert len(set(hookproxy_example.FINISHED)) == 3
 
 
@@ -241,7 +243,8 @@ def test_start_and_pre_routing_errors_fail_the_request_naming_the_plugin(upstrea
         assert e.value.status_code == 500 and f"boom in {hook}" in e.value.message
         with pytest.raises(anthropic.InternalServerError, match="'boom'"):
             proxy.anthropic().messages.create(model="gpt-test", max_tokens=9, messages=HI)
-        assert {(e.stage, e.plugin) for e in hookproxy_example.ERRORS} == {(hook, "boom")}
+        errors = proxy.settled(hookproxy_example.ERRORS)
+        assert {(e.stage, e.plugin) for e in errors} == {(hook, "boom")}
 
 
 @pytest.mark.parametrize("hook", ["post_response", "stream_chunk", "request_end"])
@@ -252,7 +255,9 @@ def test_later_stage_errors_are_reported_and_the_answer_goes_out(upstream, hook)
         stream = proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
                                                         stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream) == "echo: hello"
-        assert hookproxy_example.ERRORS
+        # Once per request: two requests (only the stream has chunks), one report each.
+        expected = 1 if hook == "stream_chunk" else 2
+        assert wait_for(lambda: len(hookproxy_example.ERRORS) == expected)
         assert all(e.stage == hook and e.plugin == "boom" for e in hookproxy_example.ERRORS)
 
 

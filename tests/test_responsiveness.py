@@ -117,6 +117,8 @@ HOSTILE = {
     # redact's e-mail pattern backtracked over every position of a long local part.
     "email_run": _chat("a." * 50_000),
     "phone_run": _chat("1 " * 100_000),
+    # Phone numbers back to back that an e-mail branch could keep scanning past.
+    "phone_dashes": _chat("1234567890-" * 100_000),
     # The largest pattern and keyword inputs a request can still bring (64 KB of settings),
     # against a long text: a nested quantifier and 6,000 keywords.
     "client_pattern": _chat("a" * 1_000_000 + "!", hookproxy={"plugins": {"content_guard": {

@@ -51,7 +51,7 @@ def test_transient_failures_are_retried_then_fall_back(upstream):
         assert raw.parse().choices[0].message.content == "echo: hello"
         assert raw.headers["x-hookproxy-provider"] == "ant"
         assert raw.headers["x-hookproxy-attempts"] == "4"
-        attempts = finished[-1].attempts
+        attempts = proxy.settled(finished)[-1].attempts
         assert [(a.provider, a.status) for a in attempts] == [
             ("oai", 503), ("oai", 0), ("oai", 500), ("ant", 200)]
         assert all(a.latency_ms > 0 for a in attempts)
@@ -64,7 +64,7 @@ def test_a_retry_can_succeed_on_the_same_target(upstream):
     with serving(upstream, models) as (proxy, finished):
         message = proxy.anthropic().messages.create(model="solo", max_tokens=9, messages=HI)
         assert message.content[0].text == "echo: hello"
-        assert [a.status for a in finished[-1].attempts] == [502, 200]
+        assert [a.status for a in proxy.settled(finished)[-1].attempts] == [502, 200]
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -78,7 +78,7 @@ def test_non_transient_errors_are_neither_retried_nor_fallen_back(upstream, stat
         proxy.openai().chat.completions.create(model="duo", messages=HI)
     assert caught.value.status_code == status
     assert upstream.count(model) == 1 and upstream.count("r3-backup") == 0
-    assert len(finished[-1].attempts) == 1
+    assert len(proxy.settled(finished)[-1].attempts) == 1
 
 
 def test_retry_after_is_honoured_up_to_the_cap(upstream):
@@ -101,7 +101,7 @@ def test_context_length_error_falls_back_to_a_larger_context(upstream):
     with serving(upstream, models) as (proxy, finished):
         message = proxy.anthropic().messages.create(model="ctx", max_tokens=9, messages=HI)
         assert message.content[0].text == "echo: hello"
-        assert [a.model for a in finished[-1].attempts] == ["r5-small", "r5-large"]
+        assert [a.model for a in proxy.settled(finished)[-1].attempts] == ["r5-small", "r5-large"]
         assert upstream.count("r5-same") == 0
     # With no larger context configured, the 400 reaches the client.
     models = [{"name": "ctx", "provider": "oai", "model": "r5-small", "context": 8000}]
@@ -121,7 +121,7 @@ def test_cooldown_skips_a_failing_target_then_brings_it_back(upstream):
             client.chat.completions.create(model="duo", messages=HI)
         # Two failures put it in cooldown: the next two went straight to the backup.
         assert upstream.count("r6-flaky") == 2
-        assert [len(ctx.attempts) for ctx in finished] == [2, 2, 1, 1]
+        assert [len(ctx.attempts) for ctx in proxy.settled(finished)] == [2, 2, 1, 1]
         time.sleep(0.6)
         raw = client.chat.completions.with_raw_response.create(model="duo", messages=HI)
         assert raw.headers["x-hookproxy-model"] == "r6-flaky"
@@ -149,7 +149,7 @@ def test_streaming_falls_back_before_the_first_byte(upstream):
     with serving(upstream, models) as (proxy, finished):
         with proxy.anthropic().messages.stream(model="duo", max_tokens=9, messages=HI) as s:
             assert "".join(s.text_stream) == "echo: hello"
-        assert [a.status for a in finished[-1].attempts] == [503, 0, 529, 200]
+        assert [a.status for a in proxy.settled(finished)[-1].attempts] == [503, 0, 529, 200]
 
 
 def test_a_stream_cut_after_the_first_byte_records_the_chunk(upstream):
@@ -159,7 +159,7 @@ def test_a_stream_cut_after_the_first_byte_records_the_chunk(upstream):
             model="cut", messages=[{"role": "user", "content": "a b c d"}], stream=True)
         with pytest.raises(openai.APIError):
             list(stream)
-        ctx = finished[-1]
+        ctx = proxy.settled(finished)[-1]
         assert ctx.failed_at_chunk == 3 and ctx.status == 502
         assert ctx.error is not None and ctx.error.stage == "upstream"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -48,18 +48,20 @@ class _Inflater:
         self._inflate = zlib.decompressobj(31 if encoding == "gzip" else 15)
         self._first = True
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """What ``data`` inflates to, one bounded step at a time: the caller checks its
+        caps between steps, so no more than a step is ever produced past them."""
         try:
-            out = [self._inflate.decompress(data, _INFLATE_STEP)]
+            piece = self._inflate.decompress(data, _INFLATE_STEP)
         except zlib.error:
             if not (self._first and self.encoding == "deflate"):
                 raise
             self._inflate = zlib.decompressobj(-15)
-            out = [self._inflate.decompress(data, _INFLATE_STEP)]
+            piece = self._inflate.decompress(data, _INFLATE_STEP)
         self._first = False
+        yield piece
         while self._inflate.unconsumed_tail:
-            out.append(self._inflate.decompress(self._inflate.unconsumed_tail, _INFLATE_STEP))
-        return out
+            yield self._inflate.decompress(self._inflate.unconsumed_tail, _INFLATE_STEP)
 
 
 class HttpProvider:
@@ -138,19 +140,18 @@ class HttpProvider:
                 yield chunk
                 continue
             try:
-                pieces = inflater.feed(chunk)
+                for piece in inflater.feed(chunk):
+                    produced += len(piece)
+                    if whole and produced > config.max_decompressed_bytes:
+                        raise self._too_large("an answer that decompresses to",
+                                              config.max_decompressed_bytes,
+                                              "max_decompressed_bytes", status)
+                    if piece:
+                        yield piece
             except zlib.error as exc:
                 raise UpstreamError(502, f"Provider {self.name} sent a corrupt {encoding} "
                                          f"body: {exc}", upstream_status=status,
                                     code="upstream_invalid") from None
-            for piece in pieces:
-                produced += len(piece)
-                if whole and produced > config.max_decompressed_bytes:
-                    raise self._too_large("an answer that decompresses to",
-                                          config.max_decompressed_bytes,
-                                          "max_decompressed_bytes", status)
-                if piece:
-                    yield piece
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         return b"".join([chunk async for chunk in self._chunks(response)])
