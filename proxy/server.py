@@ -328,8 +328,14 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
 def _when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpResponse:
     """Tells whoever observes the request once ``response`` has gone out."""
     if ctx is not None and ctx.answered is not None:
-        response.background = BackgroundTask(ctx.answered.set)
+        response.background = BackgroundTask(_set, ctx.answered)
     return response
+
+
+async def _set(event: asyncio.Event) -> None:
+    # A coroutine, so that starlette runs it on the event loop: a plain function would
+    # go to a worker thread, and an asyncio.Event must be set from the loop.
+    event.set()
 
 
 def _too_large(limit: int) -> ProxyError:

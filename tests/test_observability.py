@@ -352,3 +352,29 @@ def test_tail_prints_filters_and_follows(upstream, tmp_path):
         finally:
             follower.terminate()
             follower.wait(10)
+
+
+def test_records_follow_a_burst_of_answers_promptly(upstream, tmp_path):
+    """Observers run after each answer has gone out, and records keep the order requests
+    finished; neither may hold records back (a wake-up lost between threads once held
+    them for a minute)."""
+    async def burst(url: str) -> list[str]:
+        gate = asyncio.Semaphore(50)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k",
+                                      max_retries=0) as client:
+            async def one(i: int) -> str:
+                async with gate:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="gpt-test", messages=[{"role": "user", "content": f"b{i}"}])
+                    return str(raw.headers["x-request-id"])
+
+            return await asyncio.gather(*(one(i) for i in range(400)))
+
+    with ProxyServer(_config(upstream, tmp_path)) as proxy:
+        ids = asyncio.run(burst(proxy.url))
+        feed = proxy.gateway.observer.feed
+        started = time.monotonic()
+        while feed.last_id < 400 and time.monotonic() - started < 5:
+            time.sleep(0.02)
+        assert feed.last_id == 400, f"{feed.last_id} of 400 records after 5 s"
+        assert {json.loads(data)["id"] for _, data in feed.entries} == set(ids)
