@@ -39,11 +39,9 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """`hookproxy serve` on a copy of the shipped config.toml, as a subprocess."""
-    workdir = tmp_path_factory.mktemp("serve")
-    shutil.copy(ROOT / "config.toml", workdir / "config.toml")
+def serve_in(workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """`hookproxy serve` on the config.toml in ``workdir``, as a subprocess, once it
+    answers /health."""
     port = _free_port()
     process = subprocess.Popen([*HOOKPROXY, "serve", "--port", str(port)], cwd=workdir,
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -53,12 +51,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=1).read()
-            break
+            return process, url
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
                 raise RuntimeError(f"serve did not start: {process.communicate()[0]}") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`hookproxy serve` on a copy of the shipped config.toml, as a subprocess."""
+    workdir = tmp_path_factory.mktemp("serve")
+    shutil.copy(ROOT / "config.toml", workdir / "config.toml")
+    process, url = serve_in(workdir)
     yield url, str(workdir)
     process.terminate()
     output = process.communicate(timeout=20)[0]

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.test_cli import HOOKPROXY, ROOT, _env, _free_port
+from tests.test_cli import ROOT, serve_in
 
 # Generous on purpose: a stalled loop waited 5-17 s here before; speed itself is the
 # benchmark's business.
@@ -42,27 +42,11 @@ ticket = "\\\\b[A-Z]{2,}-\\\\d+\\\\b"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import subprocess
-
     workdir = tmp_path_factory.mktemp("responsive")
     shutil.copy(ROOT / "config.toml", workdir / "config.toml")
     with (workdir / "config.toml").open("a") as config:
         config.write(EXTRA)
-    port = _free_port()
-    process = subprocess.Popen([*HOOKPROXY, "serve", "--port", str(port)], cwd=workdir,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"serve did not start: {process.communicate()[0]}") from None
-            time.sleep(0.1)
+    process, url = serve_in(workdir)
     yield url
     process.terminate()
     output = process.communicate(timeout=30)[0]
