@@ -149,7 +149,7 @@ class Pipeline:
                 timed_out = isinstance(exc.error, TimeoutError)
                 if timed_out and self.host.on_timeout.get(name) == "skip":
                     # The operator chose: a slow plugin is passed over, not waited for.
-                    await self._report_hook_error(ctx, hook, name, exc)
+                    self._hook_error(ctx, hook, name, exc)
                     ctx.plugin_actions[name] = "timed_out"
                     continue
                 ctx.plugin_actions[name] = "timed_out" if timed_out else "failed"
@@ -401,7 +401,7 @@ class Pipeline:
                     failures = ctx.chunk_failures.get(name, 0)
                     ctx.chunk_failures[name] = failures + 1
                     if not failures:
-                        await self._report_hook_error(ctx, "stream_chunk", name, exc)
+                        self._hook_error(ctx, "stream_chunk", name, exc)
                     result = None
                 if result is None or result is item or (
                         result is DROP and isinstance(item, StreamStart | StreamEnd)):
@@ -429,7 +429,7 @@ class Pipeline:
                 exc.stage, exc.plugin = "post_response", name
                 raise
             except HookFailed as exc:
-                await self._report_hook_error(ctx, "post_response", name, exc)
+                self._hook_error(ctx, "post_response", name, exc)
                 continue
             if isinstance(result, Response):
                 response = ctx.response = result
@@ -448,9 +448,7 @@ class Pipeline:
         ctx.timings["total"] = time.perf_counter() - ctx.started
         loop = asyncio.get_running_loop()
         previous, self._last_record = self._last_record, loop.create_future()
-        task = loop.create_task(self._after(ctx, previous, self._last_record))
-        _after_tasks.add(task)
-        task.add_done_callback(_after_tasks.discard)
+        _track(loop.create_task(self._after(ctx, previous, self._last_record)))
 
     async def _after(self, ctx: RequestContext, previous: asyncio.Future[None] | None,
                      recorded: asyncio.Future[None]) -> None:
@@ -488,9 +486,7 @@ class Pipeline:
             finally:
                 recorded.set_result(None)
 
-        task = loop.create_task(after_previous())
-        _after_tasks.add(task)
-        task.add_done_callback(_after_tasks.discard)
+        _track(loop.create_task(after_previous()))
 
     async def _observe(self, ctx: RequestContext) -> None:
         for name, count in ctx.chunk_failures.items():
@@ -521,10 +517,6 @@ class Pipeline:
                                   message=exc.message, type=exc.code or type(exc).__name__,
                                   exception=cause)
         await self._report(ctx, ctx.error)
-
-    async def _report_hook_error(self, ctx: RequestContext, hook: str, plugin: str,
-                                 exc: HookFailed | ProxyError) -> None:
-        self._hook_error(ctx, hook, plugin, exc)
 
     def _hook_error(self, ctx: RequestContext, hook: str, plugin: str,
                     exc: HookFailed | ProxyError) -> PipelineError:
@@ -581,6 +573,12 @@ _classifier_threads = _Threads(CLASSIFIER_THREADS)
 _after_tasks: set[asyncio.Task[None]] = set()
 # Observers wait this long at most for the server to say the answer went out.
 ANSWER_WAIT = 60.0
+
+
+def _track(task: asyncio.Task[None]) -> None:
+    """Keeps a task that observes finished requests until it is done (see ``drain``)."""
+    _after_tasks.add(task)
+    task.add_done_callback(_after_tasks.discard)
 
 
 async def drain(timeout: float = 10.0) -> None:
