@@ -95,6 +95,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     extra: dict[str, Any] = {}
+    # Vendor headers the client sent (anthropic-beta, anthropic-version, openai-organization,
+    # openai-project...), never credentials: they go to a provider of the client's format.
+    headers: dict[str, str] = {}
 
     @property
     def system_text(self) -> str:
