@@ -383,7 +383,7 @@ def encode_error(error: ProxyError) -> bytes:
 class StreamDecoder:
     """Turns a provider's SSE events into canonical stream events."""
 
-    def __init__(self, request: Request | None = None) -> None:
+    def __init__(self, request: Request | None = None, same_format: bool = False) -> None:
         self.ended = False
         self.index: dict[int, int] = {}  # provider block index -> canonical index
         self.finish: FinishReason = "stop"

@@ -458,7 +458,7 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 class StreamDecoder:
     """Turns a provider's ``data:`` payloads into canonical stream events."""
 
-    def __init__(self, request: Request | None = None) -> None:
+    def __init__(self, request: Request | None = None, same_format: bool = False) -> None:
         self.started = False
         self.ended = False
         self.next_index = 0

@@ -207,7 +207,7 @@ class HttpProvider:
     async def stream(self, request: Request, model: str, client_format: str
                      ) -> AsyncIterator[list[StreamEvent]]:
         body = self._body(request, model, client_format)
-        decoder: Any = self._wire.StreamDecoder(request)
+        decoder: Any = self._wire.StreamDecoder(request, same_format=client_format == self.format)
         answering = False
         try:
             async with self._session().post(self.url, data=body, headers=self.headers,
