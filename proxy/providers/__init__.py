@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -9,6 +10,30 @@ import aiohttp
 
 from proxy.canonical import Request, Response, StreamEvent
 from proxy.config import ProviderConfig
+
+# The client's vendor headers that reach a provider of the client's own format, by
+# format. Nothing else a client sends is passed on: its credentials, cookies, Host and
+# proxy headers stay here.
+VENDOR_HEADERS: dict[str, frozenset[str]] = {
+    "anthropic": frozenset({"anthropic-beta", "anthropic-version"}),
+    "openai": frozenset({"openai-organization", "openai-project", "openai-beta"}),
+}
+# A vendor header's value is at most this many bytes (beta lists, IDs and versions are far
+# shorter).
+MAX_VENDOR_HEADER_BYTES = 8 * 1024
+# Visible ASCII, spaces and tabs: what a header value may be when it is passed on.
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+
+
+def vendor_header_error(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be passed on as header ``name``, or None when it can."""
+    if not isinstance(value, str):
+        return f"header {name} must be text"
+    if len(value) > MAX_VENDOR_HEADER_BYTES:
+        return f"header {name} is longer than {MAX_VENDOR_HEADER_BYTES} bytes"
+    if not _HEADER_VALUE.fullmatch(value):
+        return f"header {name} may hold only visible ASCII characters, spaces and tabs"
+    return None
 
 
 class Provider(Protocol):

@@ -10,12 +10,16 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import structlog
 
 from proxy.canonical import Request, Response, StreamEvent
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamError, upstream_error
 from proxy.formats import FORMATS
+from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.sse import EventTooLarge, iter_sse
+
+log = structlog.get_logger("hookproxy.providers")
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Pieces of decompressed output are at most this large, however much a chunk inflates.
@@ -36,6 +40,14 @@ def _error_message(body: bytes) -> str:
     if isinstance(error, str):
         return error
     return body[:500].decode("utf-8", "replace")
+
+
+class _TokenCount(msgspec.Struct):
+    input_tokens: int
+
+
+# Checks that a count_tokens answer is one (other fields it has are passed on too).
+_decode_count = msgspec.json.Decoder(_TokenCount).decode
 
 
 class _Inflater:
@@ -77,19 +89,51 @@ class HttpProvider:
         headers = {"content-type": "application/json", "accept-encoding": "gzip, deflate"}
         if config.type == "anthropic":
             self.url = f"{config.base_url}/v1/messages"
+            self.count_url = f"{config.base_url}/v1/messages/count_tokens"
             headers["anthropic-version"] = ANTHROPIC_VERSION
             if key:
                 headers["x-api-key"] = key
         else:
             self.url = f"{config.base_url}/chat/completions"
+            self.count_url = ""  # the OpenAI API has no such endpoint
             if key:
                 headers["authorization"] = f"Bearer {key}"
-        headers.update(config.headers)
+        # The operator's headers, by lower-case name: they win over the defaults and over
+        # any vendor header a client sends (the operator may pin a version or a beta list).
+        self.operator_headers = {name.lower(): value for name, value in config.headers.items()}
+        headers.update(self.operator_headers)
         self.headers = headers
+        # The vendor headers a client of this format may add (never its credentials).
+        self.vendor_names = VENDOR_HEADERS.get(config.type, frozenset()) - set(
+            self.operator_headers)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout)
         # A stream may run long; what is bounded is the wait for each next byte.
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeout, sock_read=config.timeout)
+
+    def request_headers(self, vendor: dict[str, str], client_format: str) -> dict[str, str]:
+        """The headers of a call made for a client of ``client_format`` that sent the
+        vendor headers ``vendor`` (``Request.headers``, which plugins may have changed).
+
+        Only a client of this provider's own format adds any, and only the vendor
+        headers of that format (the client's ``anthropic-version`` replaces the default,
+        ``anthropic-beta`` is added...); a header the operator configured for this
+        provider wins. A value no header can carry (a plugin's mistake) is left out and
+        logged."""
+        if client_format != self.format or not vendor:
+            return self.headers
+        added: dict[str, str] = {}
+        for name, value in vendor.items():
+            name = name.lower() if isinstance(name, str) else ""
+            if name not in self.vendor_names:
+                continue
+            problem = vendor_header_error(name, value)
+            if problem is not None:
+                log.warning("vendor_header_dropped", provider=self.name, header=name,
+                            reason=problem)
+                continue
+            added[name] = value
+        return {**self.headers, **added} if added else self.headers
 
     def _body(self, request: Request, model: str, client_format: str) -> bytes:
         same = client_format == self.format
@@ -186,7 +230,9 @@ class HttpProvider:
                        raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
         body = raw_body if raw_body is not None else self._body(request, model, client_format)
         try:
-            async with self._session().post(self.url, data=body, headers=self.headers,
+            async with self._session().post(self.url, data=body,
+                                            headers=self.request_headers(request.headers,
+                                                                         client_format),
                                             timeout=self.timeout, allow_redirects=False,
                                             auto_decompress=False) as response:
                 await self._raise_for_status(response)
@@ -204,13 +250,39 @@ class HttpProvider:
             raise self._invalid(exc) from None
         return decoded, payload if client_format == self.format else None
 
+    async def count_tokens(self, body: bytes, vendor: dict[str, str]) -> bytes:
+        """Asks an Anthropic provider to count the input tokens of ``body`` (a
+        ``/v1/messages/count_tokens`` request naming the provider's model), sending an
+        Anthropic client's ``vendor`` headers as a message request would. Returns the
+        provider's JSON answer as it came; raises ``UpstreamError`` as ``complete`` does."""
+        if not self.count_url:
+            raise ValueError(f"provider {self.name} ({self.format}) does not count tokens")
+        try:
+            async with self._session().post(self.count_url, data=body,
+                                            headers=self.request_headers(vendor, self.format),
+                                            timeout=self.timeout, allow_redirects=False,
+                                            auto_decompress=False) as response:
+                await self._raise_for_status(response)
+                payload = await self._read(response)
+        except UpstreamError:
+            raise
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc) from None
+        try:
+            _decode_count(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise self._invalid(exc) from None
+        return payload
+
     async def stream(self, request: Request, model: str, client_format: str
                      ) -> AsyncIterator[list[StreamEvent]]:
         body = self._body(request, model, client_format)
         decoder: Any = self._wire.StreamDecoder(request, same_format=client_format == self.format)
         answering = False
         try:
-            async with self._session().post(self.url, data=body, headers=self.headers,
+            async with self._session().post(self.url, data=body,
+                                            headers=self.request_headers(request.headers,
+                                                                         client_format),
                                             timeout=self.stream_timeout, allow_redirects=False,
                                             auto_decompress=False) as response:
                 await self._raise_for_status(response)

@@ -25,10 +25,26 @@ from proxy.canonical import (
 from proxy.config import ProviderConfig
 
 _WORDS = re.compile(r"\S+\s*")
+_encode = msgspec.json.Encoder().encode
 
 
 def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
+
+
+def estimate_request_tokens(request: Request) -> int:
+    """A rough count of a request's input tokens, at about four characters a token: its
+    system prompt and message text, tool results, the calls it made and its tool
+    definitions. Images and documents are not measured. An estimate, not any model's
+    tokenizer: it can be off by a good margin either way."""
+    chars = len(request.prompt_text())
+    for message in request.messages:
+        for part in message.content:
+            if isinstance(part, ToolCallPart):
+                chars += len(part.name) + len(part.arguments)
+    if request.tools:
+        chars += len(_encode(request.tools))
+    return max(1, chars // 4)
 
 
 def _placeholder(schema: dict[str, Any]) -> object:
@@ -84,7 +100,7 @@ class MockProvider:
         return Response(
             id=f"mock-{digest}",
             model=model,
-            content=content,
+            content=[*content],
             finish_reason=finish,  # type: ignore[arg-type]
             usage=Usage(input_tokens=estimate_tokens(prompt), output_tokens=output),
         )
