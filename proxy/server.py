@@ -7,11 +7,8 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import socket
-import string
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any, TypeVar
@@ -22,7 +19,6 @@ import msgspec
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
@@ -32,10 +28,19 @@ from starlette.routing import Route
 
 from proxy import pipeline as pipeline_module
 from proxy.admin import AdminGuard
-from proxy.canonical import StreamEvent
+from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
 from proxy.context import PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
+from proxy.endpoints import (
+    JSON,
+    count_tokens,
+    error_response,
+    not_routed,
+    response_headers,
+    vendor_headers,
+    when_sent,
+)
 from proxy.errors import BadRequest, ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
@@ -53,7 +58,6 @@ RELOAD_NOTE = ("plugins installed since the start are found; the code of plugins
                "loaded is not re-imported, so changed plugin code needs a restart, as do "
                "[log] and [dashboard] changes")
 _encode = msgspec.json.Encoder().encode
-JSON = "application/json"
 T = TypeVar("T")
 
 
@@ -155,6 +159,12 @@ class Gateway:
     async def messages(self, http: HttpRequest) -> HttpResponse:
         return await self._handle(http, anthropic_format)
 
+    async def count_tokens(self, http: HttpRequest) -> HttpResponse:
+        return await count_tokens(self, http)
+
+    async def not_routed(self, http: HttpRequest, exc: Exception) -> HttpResponse:
+        return not_routed(self, http, exc)
+
     async def models(self, http: HttpRequest) -> HttpResponse:
         names = self.router.model_names()
         if "anthropic-version" in http.headers:
@@ -185,57 +195,55 @@ class Gateway:
     # --- the request path ---------------------------------------------------------------
 
     async def _handle(self, http: HttpRequest, wire: ModuleType) -> HttpResponse:
+        def prepare(body: bytes, request_id: str) -> RequestContext:
+            return self.request_context(http, wire, wire.decode_request, body, request_id)
+
+        async def answer(ctx: RequestContext) -> HttpResponse:
+            request_id = ctx.request_id
+            if ctx.request.stream:
+                events = await self.unless_client_leaves(
+                    http, ctx, self.pipeline.open_stream(ctx))
+                return when_sent(StreamingResponse(
+                    self._stream_body(ctx, wire, events), media_type="text/event-stream",
+                    headers=response_headers(ctx, request_id)), ctx)
+            response = await self.unless_client_leaves(http, ctx, self.pipeline.run(ctx))
+            content = ctx.raw_response
+            if content is None:
+                content = wire.encode_response(response, same_format=ctx.same_format)
+            return when_sent(HttpResponse(content, media_type=JSON,
+                                           headers=response_headers(ctx, request_id)), ctx)
+
+        return await self.serve(http, wire, prepare, answer)
+
+    async def serve(self, http: HttpRequest, wire: ModuleType,
+                    prepare: Callable[[bytes, str], RequestContext],
+                    answer: Callable[[RequestContext], Awaitable[HttpResponse]]
+                    ) -> HttpResponse:
+        """An API request from its body to its answer: ``prepare`` turns the body (read
+        here, within the caps) into the request's context, ``answer`` runs it. Whatever
+        fails is answered in ``wire``'s error format and leaves one record: one the
+        pipeline writes once there is a context, one written here before."""
         request_id = os.urandom(16).hex()
         started, started_wall = time.perf_counter(), time.time()
         ctx: RequestContext | None = None
         try:
             body = await self._read_body(http)
-            try:
-                request = wire.decode_request(body)
-            except (TypeError, AttributeError, ValueError, KeyError) as exc:
-                # A shape the decoder did not foresee is still the client's error.
-                raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
-            if len(request.messages) > self.config.server.max_messages:
-                raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
-                                 f"{self.config.server.max_messages})", code="too_many_messages")
-            check_parameters(request, wire.NAME)
-            own_field = request.extra.pop("hookproxy", None)
-            plugins, classifiers, client_set = self.host.for_request(own_field)
-            ctx = RequestContext(
-                request, request_id=request_id, endpoint=http.scope["path"],
-                client_format=wire.NAME, headers=dict(http.headers),
-                plugin_settings=plugins, classifier_settings=classifiers)
-            ctx.client_classifiers = client_set
-            ctx.answered = asyncio.Event()
-            ctx.body_bytes = len(body)
-            if own_field is None and not request.stream:
-                ctx.raw_body = body
-            if request.stream:
-                events = await self._unless_client_leaves(
-                    http, ctx, self.pipeline.open_stream(ctx))
-                return _when_sent(StreamingResponse(
-                    self._stream_body(ctx, wire, events), media_type="text/event-stream",
-                    headers=_headers(ctx, request_id)), ctx)
-            response = await self._unless_client_leaves(http, ctx, self.pipeline.run(ctx))
-            content = ctx.raw_response
-            if content is None:
-                content = wire.encode_response(response, same_format=ctx.same_format)
-            return _when_sent(HttpResponse(content, media_type=JSON,
-                                           headers=_headers(ctx, request_id)), ctx)
+            ctx = prepare(body, request_id)
+            return await answer(ctx)
         except ClientDisconnect:
             # The client left while sending its body: nobody to answer, but a record.
             error = ProxyError(499, "The client left while sending the request",
                                code="client_disconnected")
             self.rejected(request_id, http.scope["path"], wire.NAME, error,
                           started_wall, started)
-            return _when_sent(_error_response(wire, error, ctx, request_id), ctx)
+            return when_sent(error_response(wire, error, ctx, request_id), ctx)
         except ProxyError as exc:
             if ctx is None:
                 log.warning("bad_request", request_id=request_id, endpoint=http.scope["path"],
                             status=exc.status, error=exc.message)
                 self.rejected(request_id, http.scope["path"], wire.NAME, exc,
                               started_wall, started)
-            return _when_sent(_error_response(wire, exc, ctx, request_id), ctx)
+            return when_sent(error_response(wire, exc, ctx, request_id), ctx)
         except Exception as exc:
             log.exception("internal_error", request_id=request_id)
             error = ProxyError(500, f"Internal error in hookproxy: {type(exc).__name__}",
@@ -248,10 +256,40 @@ class Gateway:
                 ctx.status = 500
                 ctx.error = PipelineError(stage="proxy", status=500, type="internal_error",
                                           message=error.message, exception=exc)
-            return _when_sent(_error_response(wire, error, ctx, request_id), ctx)
+            return when_sent(error_response(wire, error, ctx, request_id), ctx)
 
-    async def _unless_client_leaves(self, http: HttpRequest, ctx: RequestContext,
-                                    work: Awaitable[T]) -> T:
+    def request_context(self, http: HttpRequest, wire: ModuleType,
+                        decode: Callable[[bytes], Request], body: bytes,
+                        request_id: str) -> RequestContext:
+        """Decodes ``body`` with ``decode`` into the context the pipeline runs on, with
+        the checks every API request passes; raises ``ProxyError`` for the client's
+        mistakes."""
+        headers = vendor_headers(http.headers, wire.NAME)
+        try:
+            request = decode(body)
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:
+            # A shape the decoder did not foresee is still the client's error.
+            raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
+        if len(request.messages) > self.config.server.max_messages:
+            raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
+                             f"{self.config.server.max_messages})", code="too_many_messages")
+        check_parameters(request, wire.NAME)
+        request.headers = headers
+        own_field = request.extra.pop("hookproxy", None)
+        plugins, classifiers, client_set = self.host.for_request(own_field)
+        ctx = RequestContext(
+            request, request_id=request_id, endpoint=http.scope["path"],
+            client_format=wire.NAME, headers=dict(http.headers),
+            plugin_settings=plugins, classifier_settings=classifiers)
+        ctx.client_classifiers = client_set
+        ctx.answered = asyncio.Event()
+        ctx.body_bytes = len(body)
+        if own_field is None and not request.stream:
+            ctx.raw_body = body
+        return ctx
+
+    async def unless_client_leaves(self, http: HttpRequest, ctx: RequestContext,
+                                   work: Awaitable[T]) -> T:
         """Runs ``work`` (the pipeline up to the answer, or up to a stream's first event);
         if the client disconnects first, it is cancelled, and with it the provider call,
         and the record says the client left."""
@@ -325,66 +363,13 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         pass
 
 
-def _when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpResponse:
-    """Tells whoever observes the request once ``response`` has gone out."""
-    if ctx is not None and ctx.answered is not None:
-        response.background = BackgroundTask(_set, ctx.answered)
-    return response
-
-
-async def _set(event: asyncio.Event) -> None:
-    # A coroutine, so that starlette runs it on the event loop: a plain function would
-    # go to a worker thread, and an asyncio.Event must be set from the loop.
-    event.set()
-
-
 def _too_large(limit: int) -> ProxyError:
     return ProxyError(413, f"Request body is larger than {limit} bytes",
                       code="request_too_large")
 
 
-# Printable ASCII but "%", which marks what was encoded.
-_HEADER_SAFE = (string.punctuation + " ").replace("%", "")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def header_value(value: str) -> str:
-    """``value`` fit for a response header: anything beyond printable ASCII (non-Latin-1
-    text, CR and LF that would end the header) is percent-encoded as UTF-8."""
-    if value.isascii() and value.isprintable() and "%" not in value:
-        return value
-    return urllib.parse.quote(value, safe=_HEADER_SAFE)
-
-
 def _shown(value: str) -> str:
     return repr(value[:100])
-
-
-def _headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
-    if ctx.provider:
-        headers["x-hookproxy-provider"] = header_value(ctx.provider)
-    if ctx.model:
-        headers["x-hookproxy-model"] = header_value(ctx.model)
-    if ctx.tags:
-        headers["x-hookproxy-tags"] = header_value(",".join(map(str, ctx.tags)))
-    # What the proxy itself added so far: everything but the time spent waiting upstream.
-    overhead = ctx.elapsed_ms() - ctx.timings.get("upstream", 0.0) * 1000
-    headers["x-hookproxy-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
-    if ctx.attempts:
-        headers["x-hookproxy-attempts"] = str(len(ctx.attempts))
-    return headers
-
-
-def _error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | None,
-                    request_id: str) -> HttpResponse:
-    # A plugin's extra headers (Retry-After...): only well-formed names, safe values.
-    extra = {name: header_value(str(value)) for name, value in error.headers.items()
-             if isinstance(name, str) and _TOKEN.fullmatch(name)}
-    headers = {**extra, **(_headers(ctx, request_id) if ctx else
-                           {"x-request-id": request_id})}
-    return HttpResponse(wire.encode_error(error), status_code=error.status, media_type=JSON,
-                        headers=headers)
 
 
 class GatewayServer(uvicorn.Server):
@@ -413,11 +398,15 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/messages", gateway.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", gateway.count_tokens, methods=["POST"]),
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/models", gateway.models, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive, gateway.guard),
         Route("/admin/reload", gateway.guard.protect(gateway.admin_reload), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
+    # A path nothing serves, or a method a path does not take: an error in the client's
+    # own format, and a record.
+    handlers = {404: gateway.not_routed, 405: gateway.not_routed}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
                      middleware=[Middleware(HostCheck, gateway=gateway)])

@@ -1,5 +1,6 @@
 """Fake providers on loopback: real aiohttp servers speaking the OpenAI and Anthropic wire
-formats, streaming included, that record what reached them.
+formats, streaming included, that record what reached them. Anthropic's
+``/v1/messages/count_tokens`` answers ``COUNTED_TOKENS``.
 
 Behaviour is picked by the model name the proxy sends:
   ``*-status-NNN``   answers with HTTP status NNN and an error body in the API's format
@@ -27,6 +28,8 @@ from typing import Any
 from aiohttp import web
 
 TOOL_ARGUMENTS = {"city": "Paris", "unit": "celsius"}
+# What the fake Anthropic count_tokens endpoint answers.
+COUNTED_TOKENS = 4242
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -82,6 +85,7 @@ class FakeUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.openai)
         app.router.add_post("/v1/messages", self.anthropic)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         runner = web.AppRunner(app, access_log=None)
         self.loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -261,6 +265,12 @@ class FakeUpstream:
         await send("message_stop", {})
         await response.write_eof()
         return response
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/messages/count_tokens``: ``COUNTED_TOKENS`` for any request (the
+        model-name behaviours above apply)."""
+        _, early = await self._common(request, "anthropic")
+        return early or web.json_response({"input_tokens": COUNTED_TOKENS})
 
 
 def _pieces(text: str) -> list[str]:

@@ -1,0 +1,260 @@
+"""What API endpoints answer with (their headers, errors in the client's own format), the
+client's vendor headers, and the endpoints beside the two message APIs:
+``POST /v1/messages/count_tokens`` and the answer to a path or a method nothing serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import string
+import time
+import urllib.parse
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+
+from proxy.context import Attempt, RequestContext
+from proxy.errors import BadRequest, ProxyError, UpstreamError
+from proxy.formats import anthropic as anthropic_format
+from proxy.formats import openai as openai_format
+from proxy.formats.common import decode_json
+from proxy.providers import VENDOR_HEADERS, vendor_header_error
+from proxy.providers.http import HttpProvider
+from proxy.providers.mock import estimate_request_tokens
+
+if TYPE_CHECKING:
+    from proxy.pipeline import Pipeline
+    from proxy.server import Gateway
+
+log = structlog.get_logger("hookproxy.server")
+JSON = "application/json"
+_encode = msgspec.json.Encoder().encode
+
+# --- what every API answer carries ------------------------------------------------------
+
+
+def when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpResponse:
+    """Tells whoever observes the request once ``response`` has gone out."""
+    if ctx is not None and ctx.answered is not None:
+        response.background = BackgroundTask(_set, ctx.answered)
+    return response
+
+
+async def _set(event: asyncio.Event) -> None:
+    # A coroutine, so that starlette runs it on the event loop: a plain function would
+    # go to a worker thread, and an asyncio.Event must be set from the loop.
+    event.set()
+
+
+# Printable ASCII but "%", which marks what was encoded.
+_HEADER_SAFE = (string.punctuation + " ").replace("%", "")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_value(value: str) -> str:
+    """``value`` fit for a response header: anything beyond printable ASCII (non-Latin-1
+    text, CR and LF that would end the header) is percent-encoded as UTF-8."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return urllib.parse.quote(value, safe=_HEADER_SAFE)
+
+
+def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if ctx.provider:
+        headers["x-hookproxy-provider"] = header_value(ctx.provider)
+    if ctx.model:
+        headers["x-hookproxy-model"] = header_value(ctx.model)
+    if ctx.tags:
+        headers["x-hookproxy-tags"] = header_value(",".join(map(str, ctx.tags)))
+    # What the proxy itself added so far: everything but the time spent waiting upstream.
+    overhead = ctx.elapsed_ms() - ctx.timings.get("upstream", 0.0) * 1000
+    headers["x-hookproxy-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
+    if ctx.attempts:
+        headers["x-hookproxy-attempts"] = str(len(ctx.attempts))
+    return headers
+
+
+def error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | None,
+                   request_id: str) -> HttpResponse:
+    # A plugin's extra headers (Retry-After...): only well-formed names, safe values.
+    extra = {name: header_value(str(value)) for name, value in error.headers.items()
+             if isinstance(name, str) and _TOKEN.fullmatch(name)}
+    headers = {**extra, **(response_headers(ctx, request_id) if ctx else
+                           {"x-request-id": request_id})}
+    return HttpResponse(wire.encode_error(error), status_code=error.status, media_type=JSON,
+                        headers=headers)
+
+
+# --- the client's vendor headers --------------------------------------------------------
+
+
+def vendor_headers(headers: Headers, client_format: str) -> dict[str, str]:
+    """The vendor headers of ``client_format`` the client sent (``anthropic-beta``,
+    ``openai-organization``...: ``proxy.providers.VENDOR_HEADERS``), by lower-case name,
+    each value as it was sent; one sent more than once has its values joined by ", ".
+    Raises ``BadRequest`` naming one that could not be passed on (too long, or not
+    printable ASCII)."""
+    names = VENDOR_HEADERS.get(client_format, frozenset())
+    found: dict[str, str] = {}
+    for raw_name, raw_value in headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if name not in names:
+            continue
+        value = raw_value.decode("latin-1")
+        if name in found:
+            value = f"{found[name]}, {value}"
+        problem = vendor_header_error(name, value)
+        if problem is not None:
+            raise BadRequest(f"Invalid request: {problem}", code="invalid_header")
+        found[name] = value
+    return found
+
+
+# --- POST /v1/messages/count_tokens -----------------------------------------------------
+
+# A count_tokens request names no max_tokens; the Messages decoder needs one.
+_PLACEHOLDER_MAX_TOKENS = 1
+# Sent on to the provider when plugins changed the request and it is encoded anew, beside
+# the fields the client sent (a plugin may have added a system prompt or tools).
+_COUNTED_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+ESTIMATE_HEADER = "x-hookproxy-estimate"
+
+
+async def count_tokens(gateway: Gateway, http: HttpRequest) -> HttpResponse:
+    """``POST /v1/messages/count_tokens``: the body is an Anthropic Messages request
+    without ``max_tokens``. It passes the checks, plugins and classifiers a message
+    request passes before its provider call (a key the auth plugin refuses is refused
+    here the same way) and is routed as that request would be. An Anthropic provider
+    counts it (the body as the client sent it, with the provider's model name, or as the
+    plugins left it); any other target gets an estimate, marked by an
+    ``x-hookproxy-estimate: true`` header. One record, as for any request."""
+    fields: dict[str, Any] = {}
+
+    def prepare(body: bytes, request_id: str) -> RequestContext:
+        fields.update(decode_json(body))
+        decodable = body
+        if "max_tokens" not in fields:
+            decodable = _encode({**fields, "max_tokens": _PLACEHOLDER_MAX_TOKENS})
+        ctx = gateway.request_context(http, anthropic_format, anthropic_format.decode_request,
+                                      decodable, request_id)
+        fields.pop("hookproxy", None)  # the request's own settings are for hookproxy
+        ctx.raw_body, ctx.body_bytes = None, len(body)
+        return ctx
+
+    async def answer(ctx: RequestContext) -> HttpResponse:
+        payload, estimated = await gateway.unless_client_leaves(
+            http, ctx, _count(gateway.pipeline, ctx, fields))
+        headers = response_headers(ctx, ctx.request_id)
+        if estimated:
+            headers[ESTIMATE_HEADER] = "true"
+        return when_sent(HttpResponse(payload, media_type=JSON, headers=headers), ctx)
+
+    return await gateway.serve(http, anthropic_format, prepare, answer)
+
+
+async def _count(pipeline: Pipeline, ctx: RequestContext, fields: dict[str, Any]
+                 ) -> tuple[bytes, bool]:
+    """The count's JSON and whether it is an estimate. The pipeline's stages before the
+    provider call run as they do for a message request, and what observes a request
+    (on_error, request_end, the record) runs after; the Pipeline has no public entry
+    point for this part alone, hence its private methods here."""
+    try:
+        answered = await pipeline._before_provider(ctx)
+        if answered is not None:
+            # A plugin answered (a guard, a cache hit): no provider is asked.
+            return _estimate(ctx), True
+        target = pipeline.router.route_targets(ctx)[0]
+        provider = pipeline.providers[target.provider]
+        ctx.provider, ctx.model = target.provider, target.model
+        ctx.provider_format = provider.format
+        if not (isinstance(provider, HttpProvider) and provider.count_url):
+            return _estimate(ctx), True
+        body = _upstream_body(ctx, fields, target.model)
+        started = time.perf_counter()
+        try:
+            payload = await provider.count_tokens(body, ctx.request.headers)
+        except UpstreamError as exc:
+            _attempt(ctx, started, exc)
+            raise
+        _attempt(ctx, started)
+        return payload, False
+    except ProxyError as exc:
+        await pipeline._fail(ctx, exc)
+        raise
+    finally:
+        pipeline._end(ctx)
+
+
+def _estimate(ctx: RequestContext) -> bytes:
+    return _encode({"input_tokens": estimate_request_tokens(ctx.request)})
+
+
+def _upstream_body(ctx: RequestContext, fields: dict[str, Any], model: str) -> bytes:
+    """What the provider counts: the client's fields with the provider's model name, or,
+    when a plugin changed the request (a redaction, an added system prompt), the request
+    as it is now, in the fields a count takes."""
+    if any(action == "modified" for action in ctx.plugin_actions.values()):
+        encoded = msgspec.json.decode(
+            anthropic_format.encode_request(ctx.request, model, same_format=True))
+        kept = fields.keys() | _COUNTED_FIELDS
+        body = {name: value for name, value in encoded.items() if name in kept}
+    else:
+        body = dict(fields)
+    body["model"] = model
+    return _encode(body)
+
+
+def _attempt(ctx: RequestContext, started: float, error: UpstreamError | None = None) -> None:
+    elapsed = time.perf_counter() - started
+    ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
+    ctx.attempts.append(Attempt(
+        provider=ctx.provider or "", model=ctx.model or "",
+        status=error.upstream_status if error else 200,
+        error=error.message if error else None, latency_ms=round(elapsed * 1000, 3)))
+
+
+# --- a path or a method nothing serves ----------------------------------------------------
+
+# A path is shown in errors, the log and the record up to this many characters.
+MAX_SHOWN_PATH = 256
+API_ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, "
+                 "POST /v1/messages/count_tokens, GET /v1/models")
+
+
+def not_routed(gateway: Gateway, http: HttpRequest, exc: Exception) -> HttpResponse:
+    """A 404 (no such path) or 405 (not with this method, with ``Allow``) in the client's
+    own error format: Anthropic's for a path under /v1/messages or a request with an
+    ``anthropic-version`` header, OpenAI's otherwise. Logged, and recorded with the path
+    as its endpoint."""
+    started, started_wall = time.perf_counter(), time.time()
+    request_id = os.urandom(16).hex()
+    path, method = http.scope["path"], http.scope["method"]
+    wire = (anthropic_format if path.startswith("/v1/messages")
+            or "anthropic-version" in http.headers else openai_format)
+    shown = path if len(path) <= MAX_SHOWN_PATH else path[:MAX_SHOWN_PATH] + "..."
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    allow = (exc.headers or {}).get("Allow", "") if isinstance(exc, HTTPException) else ""
+    # Starlette keeps a route's methods in a set: the same order every time.
+    allow = ", ".join(sorted(m.strip() for m in allow.split(",") if m.strip()))
+    if status == 405:
+        error = ProxyError(405, f"Method {method[:20]} is not allowed on {shown}; use "
+                                f"{allow or 'another method'}", code="method_not_allowed")
+    else:
+        error = ProxyError(404, f"Unknown endpoint {method[:20]} {shown}; hookproxy serves "
+                                f"{API_ENDPOINTS}", code="not_found")
+    log.info("not_routed", request_id=request_id, method=method[:20], endpoint=shown,
+             status=error.status)
+    gateway.rejected(request_id, shown, wire.NAME, error, started_wall, started)
+    response = error_response(wire, error, None, request_id)
+    if allow:
+        response.headers["allow"] = allow
+    return response
