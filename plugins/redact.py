@@ -165,7 +165,7 @@ def post_response(ctx: RequestContext, response: Response, settings: dict[str, A
     for part in response.content:
         if isinstance(part, TextPart):
             part.text = masker.restore(part.text)
-        else:
+        elif isinstance(part, ToolCallPart):
             part.arguments = masker.restore(part.arguments)
 
 

@@ -8,12 +8,15 @@ vendor parameter added last week still reaches it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
 
-Role = Literal["user", "assistant"]
+# "system": a system (or developer) message in the middle of the conversation; the
+# leading system prompt is ``Request.system``.
+Role = Literal["user", "assistant", "system"]
 # Canonical finish reasons; each wire format maps its own names onto these.
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -32,6 +35,34 @@ class ImagePart(msgspec.Struct, tag="image", omit_defaults=True):
     extra: dict[str, Any] = {}
 
 
+class DocumentPart(msgspec.Struct, tag="document", omit_defaults=True):
+    """A document (a PDF, say): inline as base64 ``data`` with its ``media_type``, by
+    ``url``, or as plain ``text``. ``name`` is its title or file name."""
+
+    url: str = ""
+    media_type: str = ""
+    data: str = ""
+    text: str = ""
+    name: str = ""
+    extra: dict[str, Any] = {}
+
+
+class ThinkingPart(msgspec.Struct, tag="thinking", omit_defaults=True):
+    """The model's reasoning, with the provider's ``signature`` that vouches for it (a
+    client sends it back unchanged in the next turn)."""
+
+    thinking: str
+    signature: str = ""
+    extra: dict[str, Any] = {}
+
+
+class RedactedThinkingPart(msgspec.Struct, tag="redacted_thinking", omit_defaults=True):
+    """Reasoning the provider encrypted: ``data`` goes back as it came."""
+
+    data: str
+    extra: dict[str, Any] = {}
+
+
 class ToolCallPart(msgspec.Struct, tag="tool_call", omit_defaults=True):
     """A call the assistant makes; ``arguments`` is the JSON text of the arguments."""
 
@@ -41,19 +72,34 @@ class ToolCallPart(msgspec.Struct, tag="tool_call", omit_defaults=True):
     extra: dict[str, Any] = {}
 
 
+class OpaquePart(msgspec.Struct, tag="opaque", omit_defaults=True):
+    """A block the canonical model has no type for (a server tool's call or result, an
+    audio part, a block type added last week): ``data`` is its JSON as it came in wire
+    format ``format``. It goes back unchanged to a provider (or client) of that format;
+    another format refuses it with a 400 naming ``kind`` (its type there)."""
+
+    format: str
+    kind: str
+    data: dict[str, Any] = {}
+
+
 class ToolResultPart(msgspec.Struct, tag="tool_result", omit_defaults=True):
     """The result of a tool call, sent back in a user turn."""
 
     tool_call_id: str
-    content: list[TextPart | ImagePart] = []
+    content: list[TextPart | ImagePart | DocumentPart | OpaquePart] = []
     is_error: bool = False
     extra: dict[str, Any] = {}
 
 
-Part = TextPart | ImagePart | ToolCallPart | ToolResultPart
+Part = (TextPart | ImagePart | DocumentPart | ThinkingPart | RedactedThinkingPart
+        | ToolCallPart | ToolResultPart | OpaquePart)
 
 
-class Message(msgspec.Struct, omit_defaults=True):
+class Message(msgspec.Struct, omit_defaults=True, dict=True):
+    """One turn. A decoded message remembers the wire JSON it came from (``wire``, not a
+    field): sent back to the same format unchanged, it goes out as it came."""
+
     role: Role
     content: list[Part]
     name: str | None = None
@@ -65,10 +111,16 @@ class Message(msgspec.Struct, omit_defaults=True):
 
 
 class Tool(msgspec.Struct, omit_defaults=True):
+    """A function the model may call. ``type`` names a provider's built-in (server) tool
+    instead, such as Anthropic's ``web_search_20250305``: ``format`` is that provider's wire
+    format, ``extra`` its settings; it cannot go to another format."""
+
     name: str
     description: str = ""
     parameters: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    type: str = ""
+    format: str = ""
 
 
 class ToolChoice(msgspec.Struct, omit_defaults=True):
@@ -76,9 +128,13 @@ class ToolChoice(msgspec.Struct, omit_defaults=True):
 
     mode: Literal["auto", "none", "required", "tool"] = "auto"
     name: str | None = None
+    extra: dict[str, Any] = {}
 
 
-class Request(msgspec.Struct, omit_defaults=True):
+class Request(msgspec.Struct, omit_defaults=True, dict=True):
+    """The request. A decoded request remembers its wire JSON (``wire``, not a field), so
+    that what did not change goes back to a provider of the same format as it came."""
+
     model: str
     messages: list[Message]
     system: list[TextPart] = []
@@ -88,6 +144,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] = []
+    # False: at most one tool call per turn (OpenAI parallel_tool_calls, Anthropic
+    # tool_choice.disable_parallel_tool_use); None: the provider's default.
+    parallel_tool_calls: bool | None = None
     stream: bool = False
     # OpenAI's stream_options.include_usage: send a usage chunk at the end of a stream.
     stream_usage: bool = False
@@ -132,9 +191,28 @@ class Request(msgspec.Struct, omit_defaults=True):
         return "\n".join(texts)
 
 
+def remember_wire(item: Message | Request, wire: Any) -> None:
+    """Notes the wire JSON ``item`` was decoded from (not a field: never encoded or
+    compared, and gone from a copy)."""
+    item.__dict__["wire"] = wire
+
+
+def wire_of(item: Message | Request) -> Any:
+    """The wire JSON ``item`` was decoded from, or None."""
+    return item.__dict__.get("wire")
+
+
 class Usage(msgspec.Struct, omit_defaults=True):
+    """Tokens. ``input_tokens`` counts every input token, the cached ones included;
+    ``cache_read_tokens`` and ``cache_write_tokens`` say how many of them were read from or
+    written to the provider's prompt cache."""
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    # What the provider's usage carried beyond these, in its own format.
+    extra: dict[str, Any] = {}
 
     @property
     def total_tokens(self) -> int:
@@ -142,13 +220,20 @@ class Usage(msgspec.Struct, omit_defaults=True):
 
 
 class Response(msgspec.Struct, omit_defaults=True):
+    """The answer. ``content`` holds text, tool calls, thinking and opaque blocks in
+    order. With more than one choice (OpenAI ``n``), the first is this response and the
+    others are in ``alternatives``. ``extra`` holds the unmodeled top-level fields,
+    ``choice_extra`` those of the (first) choice and its message (``logprobs``...)."""
+
     id: str
     model: str
-    content: list[TextPart | ToolCallPart] = []
+    content: list[Part] = []
     finish_reason: FinishReason = "stop"
     usage: Usage = msgspec.field(default_factory=Usage)
     stop_sequence: str | None = None
     extra: dict[str, Any] = {}
+    choice_extra: dict[str, Any] = {}
+    alternatives: list[Response] = []
 
     @property
     def text(self) -> str:
@@ -162,99 +247,228 @@ class Response(msgspec.Struct, omit_defaults=True):
 # --- streaming -------------------------------------------------------------------------
 # A stream is StreamStart, then deltas for content blocks numbered from 0 in order, then
 # StreamEnd. Wire formats translate these one by one, never buffering the whole answer.
+#
+# ``raw`` is the provider's event as it came, when the client speaks the provider's
+# format: such an event goes out as those bytes, so a same-format stream reaches the
+# client byte for byte. b"" marks an event that came in the same provider event as the one
+# before it (its bytes went out with that one). A plugin that changes an event makes the
+# proxy encode that event (and the others from its provider event) from the canonical form.
 
 
 class StreamStart(msgspec.Struct, tag="start"):
     id: str
     model: str
     usage: Usage = msgspec.field(default_factory=Usage)
+    raw: bytes | None = None
 
 
 class TextDelta(msgspec.Struct, tag="text_delta"):
+    """Text for block ``index`` (the first delta opens the block). ``choice``: which of
+    OpenAI's ``n`` choices; ``logprobs`` as OpenAI sends them, when asked for."""
+
     index: int
     text: str
+    choice: int = 0
+    logprobs: Any = None
+    raw: bytes | None = None
+
+
+class ThinkingDelta(msgspec.Struct, tag="thinking_delta"):
+    index: int
+    thinking: str
+    raw: bytes | None = None
+
+
+class SignatureDelta(msgspec.Struct, tag="signature_delta"):
+    index: int
+    signature: str
+    raw: bytes | None = None
 
 
 class ToolCallStart(msgspec.Struct, tag="tool_call_start"):
     index: int
     id: str
     name: str
+    choice: int = 0
+    raw: bytes | None = None
 
 
 class ToolCallDelta(msgspec.Struct, tag="tool_call_delta"):
     index: int
     arguments: str
+    choice: int = 0
+    raw: bytes | None = None
+
+
+class BlockStart(msgspec.Struct, tag="block_start"):
+    """Opens a block the model has no delta type for (redacted thinking, a server tool's
+    call or result), given whole as JSON in wire format ``format``."""
+
+    index: int
+    format: str
+    block: dict[str, Any]
+    raw: bytes | None = None
+
+
+class BlockDelta(msgspec.Struct, tag="block_delta"):
+    """A delta the model has no type for (a citation, a server tool's input), as JSON."""
+
+    index: int
+    format: str
+    delta: dict[str, Any]
+    raw: bytes | None = None
+
+
+class BlockStop(msgspec.Struct, tag="block_stop"):
+    index: int
+    raw: bytes | None = None
+
+
+class WireEvent(msgspec.Struct, tag="wire"):
+    """A provider event with no canonical meaning (a ping, an event added last week): it
+    reaches a client of its format as it came, and no one else."""
+
+    format: str
+    raw: bytes | None = None
 
 
 class StreamEnd(msgspec.Struct, tag="end"):
     finish_reason: FinishReason = "stop"
     usage: Usage = msgspec.field(default_factory=Usage)
     stop_sequence: str | None = None
+    raw: bytes | None = None
 
 
-StreamEvent = StreamStart | TextDelta | ToolCallStart | ToolCallDelta | StreamEnd
+StreamEvent = (StreamStart | TextDelta | ThinkingDelta | SignatureDelta | ToolCallStart
+               | ToolCallDelta | BlockStart | BlockDelta | BlockStop | WireEvent | StreamEnd)
+
+
+def _set_usage(usage: Usage, new: Usage) -> None:
+    usage.input_tokens = new.input_tokens or usage.input_tokens
+    usage.output_tokens = new.output_tokens or usage.output_tokens
+    usage.cache_read_tokens = new.cache_read_tokens or usage.cache_read_tokens
+    usage.cache_write_tokens = new.cache_write_tokens or usage.cache_write_tokens
+    if new.extra:
+        usage.extra = {**usage.extra, **new.extra}
 
 
 class StreamAccumulator:
-    """Assembles stream events into the Response they add up to. Text arrives in many
-    small pieces: they are kept in lists and joined once, when ``response`` is read."""
+    """Assembles stream events into the Response they add up to (the first choice).
+    Text arrives in many small pieces: they are kept in lists and joined once, when
+    ``response`` is read."""
 
     def __init__(self) -> None:
         self._response = Response(id="", model="")
-        # One (part, pieces) per content block, in order.
-        self._blocks: list[tuple[TextPart | ToolCallPart, list[str]]] = []
+        # block index -> (part, pieces); pieces are text, thinking or argument pieces.
+        self._blocks: dict[int, tuple[Part, list[str]]] = {}
 
     def add(self, event: StreamEvent) -> None:
         blocks = self._blocks
         if isinstance(event, TextDelta):
-            if blocks and isinstance(blocks[-1][0], TextPart):
-                blocks[-1][1].append(event.text)
+            if event.choice:
+                return
+            block = blocks.get(event.index)
+            if block is None:
+                blocks[event.index] = (TextPart(text=""), [event.text])
             else:
-                blocks.append((TextPart(text=""), [event.text]))
-        elif isinstance(event, ToolCallDelta):
-            for part, pieces in reversed(blocks):
-                if isinstance(part, ToolCallPart):
-                    pieces.append(event.arguments)
-                    break
+                block[1].append(event.text)
+        elif isinstance(event, ToolCallDelta | ThinkingDelta):
+            if getattr(event, "choice", 0):
+                return
+            block = blocks.get(event.index)
+            piece = event.arguments if isinstance(event, ToolCallDelta) else event.thinking
+            if block is not None:
+                block[1].append(piece)
+            elif isinstance(event, ThinkingDelta):
+                blocks[event.index] = (ThinkingPart(thinking=""), [piece])
+        elif isinstance(event, SignatureDelta):
+            block = blocks.get(event.index)
+            if block is None:
+                blocks[event.index] = block = (ThinkingPart(thinking=""), [])
+            if isinstance(block[0], ThinkingPart):
+                block[0].signature += event.signature
         elif isinstance(event, ToolCallStart):
-            blocks.append((ToolCallPart(id=event.id, name=event.name, arguments=""), []))
+            if not event.choice:
+                blocks[event.index] = (ToolCallPart(id=event.id, name=event.name,
+                                                    arguments=""), [])
+        elif isinstance(event, BlockStart):
+            data = dict(event.block)
+            part: Part
+            if data.get("type") == "redacted_thinking" and isinstance(data.get("data"), str):
+                part = RedactedThinkingPart(data=data["data"])
+            else:
+                part = OpaquePart(format=event.format, kind=str(data.get("type", "")),
+                                  data=data)
+            blocks[event.index] = (part, [])
+        elif isinstance(event, BlockDelta):
+            block = blocks.get(event.index)
+            if block is not None:
+                _add_opaque_delta(block[0], event.delta, block[1])
         elif isinstance(event, StreamStart):
             response = self._response
             response.id, response.model = event.id, event.model
-            response.usage.input_tokens = event.usage.input_tokens
+            _set_usage(response.usage, event.usage)
         elif isinstance(event, StreamEnd):
             response = self._response
             response.finish_reason = event.finish_reason
             response.stop_sequence = event.stop_sequence
-            if event.usage.input_tokens:
-                response.usage.input_tokens = event.usage.input_tokens
-            response.usage.output_tokens = event.usage.output_tokens
+            _set_usage(response.usage, event.usage)
 
     @property
     def response(self) -> Response:
-        content: list[TextPart | ToolCallPart] = []
-        for part, pieces in self._blocks:
+        content: list[Part] = []
+        for _, (part, pieces) in sorted(self._blocks.items()):
             if isinstance(part, TextPart):
                 part.text = "".join(pieces)
-            else:
+            elif isinstance(part, ThinkingPart):
+                part.thinking = "".join(pieces)
+            elif isinstance(part, ToolCallPart):
                 part.arguments = "".join(pieces) or "{}"
+            elif isinstance(part, OpaquePart) and pieces:
+                # A server tool's input, streamed as JSON text like a tool call's.
+                with contextlib.suppress(msgspec.DecodeError):
+                    part.data["input"] = msgspec.json.decode("".join(pieces))
             content.append(part)
         self._response.content = content
         return self._response
 
 
+def _add_opaque_delta(part: Part, delta: dict[str, Any], pieces: list[str]) -> None:
+    kind = delta.get("type")
+    if kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
+        pieces.append(delta["partial_json"])
+    elif kind == "citations_delta" and isinstance(part, TextPart | OpaquePart):
+        holder = part.extra if isinstance(part, TextPart) else part.data
+        holder.setdefault("citations", []).append(delta.get("citation"))
+
+
 def response_events(response: Response) -> list[StreamEvent]:
     """Replays a whole Response as stream events (short-circuits and cache hits)."""
+    usage = response.usage
     events: list[StreamEvent] = [
         StreamStart(id=response.id, model=response.model,
-                    usage=Usage(input_tokens=response.usage.input_tokens))
+                    usage=Usage(input_tokens=usage.input_tokens,
+                                cache_read_tokens=usage.cache_read_tokens,
+                                cache_write_tokens=usage.cache_write_tokens))
     ]
     for index, part in enumerate(response.content):
         if isinstance(part, TextPart):
             events.append(TextDelta(index=index, text=part.text))
-        else:
+        elif isinstance(part, ToolCallPart):
             events.append(ToolCallStart(index=index, id=part.id, name=part.name))
             events.append(ToolCallDelta(index=index, arguments=part.arguments))
+        elif isinstance(part, ThinkingPart):
+            events.append(ThinkingDelta(index=index, thinking=part.thinking))
+            if part.signature:
+                events.append(SignatureDelta(index=index, signature=part.signature))
+        elif isinstance(part, RedactedThinkingPart):
+            events.append(BlockStart(index=index, format="", block={
+                "type": "redacted_thinking", "data": part.data}))
+        elif isinstance(part, OpaquePart):
+            events.append(BlockStart(index=index, format=part.format, block=part.data))
+        else:
+            continue
+        events.append(BlockStop(index=index))
     events.append(StreamEnd(finish_reason=response.finish_reason, usage=response.usage,
                             stop_sequence=response.stop_sequence))
     return events

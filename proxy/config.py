@@ -107,6 +107,10 @@ class TargetConfig(_Strict):
     # Prices in currency units per million tokens, for ``cheapest`` and for cost in the log.
     input_price: float = 0.0
     output_price: float = 0.0
+    # Prices of input tokens read from and written to the provider's prompt cache; unset:
+    # the input price.
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
     # Context window in tokens (0: unknown); a context-length error falls back to a
     # target with a larger one.
     context: int = 0
@@ -120,6 +124,8 @@ class ModelConfig(_Strict):
     model: str = ""
     input_price: float = 0.0
     output_price: float = 0.0
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
     context: int = 0
     # Or several targets, tried in the order the strategy gives.
     targets: list[TargetConfig] = []
@@ -302,7 +308,10 @@ def _check_model(model: ModelConfig, where: str, config: Config) -> None:
     if model.provider:
         model.targets = [TargetConfig(provider=model.provider, model=model.model,
                                       input_price=model.input_price,
-                                      output_price=model.output_price, context=model.context)]
+                                      output_price=model.output_price,
+                                      cache_read_price=model.cache_read_price,
+                                      cache_write_price=model.cache_write_price,
+                                      context=model.context)]
     if not model.targets:
         raise ConfigError(f"{where}: needs a provider or a list of targets")
     for j, target in enumerate(model.targets):
@@ -314,7 +323,8 @@ def _check_model(model: ModelConfig, where: str, config: Config) -> None:
         if target.weight <= 0:
             raise ConfigError(f"{where}.targets[{j}].weight must be a positive number, "
                               f"not {target.weight:g}")
-        if min(target.input_price, target.output_price, target.context) < 0:
+        if min(target.input_price, target.output_price, target.context,
+               target.cache_read_price or 0.0, target.cache_write_price or 0.0) < 0:
             raise ConfigError(f"{where}.targets[{j}]: prices and context must not be negative")
         target.model = target.model or model.name
 

@@ -107,8 +107,9 @@ class RequestContext:
         self.provider: str | None = None
         self.model: str | None = None
         self.provider_format: str | None = None
-        # The answering target's prices per million input and output tokens.
-        self.price: tuple[float, float] = (0.0, 0.0)
+        # The answering target's prices per million tokens: input, output, cache read,
+        # cache write.
+        self.price: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
         self.short_circuited_by: str | None = None
         self.status = 200
         self.error: PipelineError | None = None
@@ -136,7 +137,11 @@ class RequestContext:
         if self.response is None:
             return 0.0
         usage = self.response.usage
-        return (usage.input_tokens * self.price[0] + usage.output_tokens * self.price[1]) / 1e6
+        read, write = usage.cache_read_tokens, usage.cache_write_tokens
+        uncached = max(usage.input_tokens - read - write, 0)
+        input_price, output_price, read_price, write_price = self.price
+        return (uncached * input_price + usage.output_tokens * output_price
+                + read * read_price + write * write_price) / 1e6
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0

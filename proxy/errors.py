@@ -84,3 +84,14 @@ def error_type(status: int) -> str:
         503: "overloaded_error",
         504: "timeout_error",
     }.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+
+
+class Untranslatable(ProxyError):
+    """What a client sent has no counterpart in the wire format of the provider it was
+    routed to: a 400 naming it (the pipeline adds the provider), never a silent drop."""
+
+    def __init__(self, what: str, target_format: str) -> None:
+        api = {"openai": "OpenAI Chat Completions", "anthropic": "Anthropic Messages"}
+        super().__init__(400, f"{what} cannot be translated to the "
+                              f"{api.get(target_format, target_format)} API",
+                         code="untranslatable", stage="upstream")

@@ -32,7 +32,7 @@ from proxy.canonical import (
 from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import HookFailed, call_impl, finish_impl, implementations, start_impl
-from proxy.errors import ProxyError, UpstreamError
+from proxy.errors import ProxyError, Untranslatable, UpstreamError
 from proxy.plugins import SELF, PluginHost
 from proxy.providers import Provider
 from proxy.routing import Router, Target, is_context_length, is_transient
@@ -273,6 +273,7 @@ class Pipeline:
         context-length error, which moves on to a target with a larger context. For a
         stream, all of this happens before its first byte reaches the client."""
         last_error: UpstreamError | None = None
+        untranslatable: Untranslatable | None = None
         context_floor: int | None = None
         for target in self.router.route_targets(ctx):
             if context_floor is not None and target.context <= context_floor:
@@ -281,10 +282,18 @@ class Pipeline:
             for retry in range(self.routing.retries + 1):
                 ctx.provider, ctx.model = target.provider, target.model
                 ctx.provider_format = provider.format
-                ctx.price = (target.input_price, target.output_price)
+                ctx.price = target.prices
                 started = time.perf_counter()
                 try:
                     result = await call(provider, target)
+                except Untranslatable as exc:
+                    # Not for this target's format: the next target may take it as it is.
+                    exc.message = f"{exc.message} (provider {target.provider})"
+                    exc.args = (exc.message,)
+                    self._attempt(ctx, started, UpstreamError(400, exc.message,
+                                                              code=exc.code))
+                    untranslatable = exc
+                    break
                 except UpstreamError as exc:
                     self._attempt(ctx, started, exc)
                     last_error = exc
@@ -301,6 +310,8 @@ class Pipeline:
                 self._attempt(ctx, started)
                 self.router.record_success(target, time.perf_counter() - started)
                 return result
+        if last_error is None and untranslatable is not None:
+            raise untranslatable
         assert last_error is not None
         raise last_error
 
@@ -330,10 +341,7 @@ class Pipeline:
         try:
             while True:
                 if chunk_impls:
-                    changed: list[StreamEvent] = []
-                    for event in batch:
-                        changed.extend(await self._chunk(ctx, chunk_impls, event))
-                    batch = changed
+                    batch = await self._chunks(ctx, chunk_impls, batch)
                 ended = False
                 for position, item in enumerate(batch):
                     if isinstance(item, StreamEnd):
@@ -378,6 +386,31 @@ class Pipeline:
             with anyio.CancelScope(shield=True):
                 await _aclose(events)
             self._end(ctx)
+
+    async def _chunks(self, ctx: RequestContext, impls: list[tuple[str, Any]],
+                      batch: list[StreamEvent]) -> list[StreamEvent]:
+        """Runs the stream_chunk hooks over a batch. Events that carry the provider's
+        bytes keep them only while no hook changed them or the events that came in the
+        same provider event (a group: its first event has the bytes, the rest b"")."""
+        out: list[StreamEvent] = []
+        group = 0  # where in ``out`` the current group began
+        group_changed = False
+        for event in batch:
+            if event.raw != b"":
+                group, group_changed = len(out), False
+            # A copy to tell whether a hook changed the event in place.
+            before = msgspec.structs.replace(event) if event.raw is not None else None
+            produced = await self._chunk(ctx, impls, event)
+            if before is not None and not group_changed and not (
+                    len(produced) == 1 and produced[0] is event and event == before):
+                group_changed = True
+                for item in out[group:]:
+                    item.raw = None
+            if group_changed:
+                for item in produced:
+                    item.raw = None
+            out.extend(produced)
+        return out
 
     async def _chunk(self, ctx: RequestContext, impls: list[tuple[str, Any]],
                      event: StreamEvent) -> list[StreamEvent]:

@@ -21,6 +21,7 @@ error               type, message, stage, plugin
 duration_ms         total time; ttft_ms: time to the first chunk (streams)
 upstream_ms         time spent waiting for providers; overhead_ms: the rest
 input_tokens, output_tokens, cost   usage, and cost from the configured prices
+cache_read_tokens, cache_write_tokens  of the input tokens, those the prompt cache served/took
 cache_hit           answered by the response cache
 finish_reason       stop | length | tool_calls | content_filter
 request, response   bodies, per ``[log].bodies``: none, truncated or full (a large body
@@ -81,6 +82,9 @@ class Record(msgspec.Struct, omit_defaults=True):
     overhead_ms: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    # Of the input tokens: read from / written to the provider's prompt cache.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     cost: float = 0.0
     cache_hit: bool = False
     finish_reason: str | None = None
@@ -235,6 +239,8 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         overhead_ms=round(max(total - upstream, 0.0) * 1000, 3),
         input_tokens=input_tokens,
         output_tokens=output_tokens,
+        cache_read_tokens=usage.cache_read_tokens if usage else 0,
+        cache_write_tokens=usage.cache_write_tokens if usage else 0,
         cost=round(ctx.cost, 8),
         cache_hit=ctx.scratch.get("cache") == "hit",
         finish_reason=response.finish_reason if response is not None and not error else None,

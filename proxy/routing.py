@@ -32,6 +32,16 @@ class Target(msgspec.Struct, frozen=True):
     input_price: float = 0.0
     output_price: float = 0.0
     context: int = 0
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
+
+    @property
+    def prices(self) -> tuple[float, float, float, float]:
+        """Per million tokens: input, output, cache read, cache write."""
+        read, write = self.cache_read_price, self.cache_write_price
+        return (self.input_price, self.output_price,
+                self.input_price if read is None else read,
+                self.input_price if write is None else write)
 
 
 def is_transient(error: UpstreamError) -> bool:
@@ -64,7 +74,8 @@ class Router:
         self.groups: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.targets = {
             m.name: [Target(t.provider, t.model, t.weight, t.input_price, t.output_price,
-                            t.context) for t in m.targets]
+                            t.context, t.cache_read_price, t.cache_write_price)
+                     for t in m.targets]
             for m in config.models
         }
         self.health: dict[Target, _Health] = {}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import openai
+import pytest
+
 from tests.test_anthropic_api import WEATHER_TOOL as ANTHROPIC_TOOL
 from tests.test_openai_api import WEATHER_TOOL as OPENAI_TOOL
 from tests.upstreams import TOOL_ARGUMENTS
@@ -13,7 +16,7 @@ def test_openai_client_anthropic_provider(proxy, upstream):
     result = proxy.openai().chat.completions.create(
         model="claude-test", messages=[{"role": "system", "content": "Be brief."},
                                        {"role": "user", "content": "hello"}],
-        max_tokens=20, stop="END", extra_body={"openai_only_param": 1})
+        max_tokens=20, stop="END")
     assert result.choices[0].message.content == "echo: hello"
     assert result.choices[0].finish_reason == "stop"
     assert result.usage.prompt_tokens == 13 and result.usage.completion_tokens == 5
@@ -21,7 +24,25 @@ def test_openai_client_anthropic_provider(proxy, upstream):
     assert sent["system"] == "Be brief." and sent["max_tokens"] == 20
     assert sent["stop_sequences"] == ["END"]
     assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
-    assert "openai_only_param" not in sent  # unknown fields only go to their own format
+
+
+def test_a_field_with_no_counterpart_is_refused_naming_it(proxy, upstream):
+    # Unknown fields go to their own format; to the other one, a 400 names the field and
+    # the provider instead of dropping it.
+    before = len(upstream.received)
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.openai().chat.completions.create(
+            model="claude-test", messages=[{"role": "user", "content": "hello"}],
+            extra_body={"openai_only_param": 1})
+    message = info.value.body["message"]
+    assert "`openai_only_param`" in message and "provider ant" in message
+    assert info.value.body["code"] == "untranslatable"
+    assert len(upstream.received) == before
+    # Defaults with no counterpart are no loss: they go.
+    proxy.openai().chat.completions.create(
+        model="claude-test", messages=[{"role": "user", "content": "hello"}], n=1,
+        presence_penalty=0, store=False)
+    assert "n" not in upstream.last and "store" not in upstream.last
 
 
 def test_openai_client_anthropic_provider_default_max_tokens(proxy, upstream):

@@ -57,6 +57,7 @@ def test_each_format_round_trips_what_it_models(wire: Any, request: Request):
     body = wire.encode_request(request, request.model, same_format=True)
     again = wire.decode_request(body)
     again.stream_usage = request.stream_usage = False
+    again.extra.pop("stream_options", None)  # what the proxy asks of a provider
     assert again == request
 
 

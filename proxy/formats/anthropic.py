@@ -2,6 +2,10 @@
 
 Client side: ``decode_request`` and ``encode_response`` / ``StreamEncoder``.
 Provider side: ``encode_request`` and ``decode_response`` / ``StreamDecoder``.
+
+Lossless: a block, field or event the canonical model does not know is kept as it came
+(``OpaquePart``, ``extra``, ``WireEvent``) and written back to this format unchanged; a
+message no plugin changed goes back as the very JSON it came as.
 """
 
 from __future__ import annotations
@@ -11,17 +15,26 @@ from typing import Any, Literal
 import msgspec
 
 from proxy.canonical import (
+    BlockDelta,
+    BlockStart,
+    BlockStop,
+    DocumentPart,
     FinishReason,
     ImagePart,
     Message,
+    OpaquePart,
     Part,
+    RedactedThinkingPart,
     Request,
     Response,
+    SignatureDelta,
     StreamEnd,
     StreamEvent,
     StreamStart,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
     Tool,
     ToolCallDelta,
     ToolCallPart,
@@ -29,8 +42,11 @@ from proxy.canonical import (
     ToolChoice,
     ToolResultPart,
     Usage,
+    WireEvent,
+    remember_wire,
+    wire_of,
 )
-from proxy.errors import BadRequest, ProxyError, UpstreamError, error_type
+from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
 from proxy.formats.common import decode_json, known_extra
 
 NAME = "anthropic"
@@ -38,10 +54,12 @@ DEFAULT_MAX_TOKENS = 4096
 _encode = msgspec.json.Encoder().encode
 # JSON output has no request field in this API: a client that asked for JSON is told so.
 JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
+# OpenAI's reasoning_effort as a thinking budget, and back.
+EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
 
 
 class _Message(msgspec.Struct):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -62,6 +80,20 @@ class _MessagesRequest(msgspec.Struct):
 _REQUEST_FIELDS = frozenset(_MessagesRequest.__struct_fields__) - {"metadata"}
 _MESSAGE_FIELDS = frozenset({"role", "content"})
 _TOOL_FIELDS = frozenset({"name", "description", "input_schema"})
+_TOOL_CHOICE_FIELDS = frozenset({"type", "name", "disable_parallel_tool_use"})
+# Fields of the other format's requests that may be left out here: each is a default, a
+# hint with no effect on the answer, or modeled already. Anything else is refused.
+_OPENAI_DROPPABLE: dict[str, tuple[Any, ...] | None] = {
+    "n": (1,), "logprobs": (False,), "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0), "store": None, "metadata": None, "service_tier": None,
+    "stream_options": None, "parallel_tool_calls": None, "prompt_cache_key": None,
+    "safety_identifier": None, "reasoning_effort": None, "modalities": (["text"],),
+}
+
+# Fields of the other format's messages that may go: the annotations of an earlier answer,
+# and reasoning that OpenAI-compatible servers send, which this API cannot take back
+# without its signature (and ignores in earlier turns anyway).
+_OPENAI_MESSAGE_DROPPABLE = frozenset({"refusal", "annotations", "reasoning_content", "role"})
 
 _FINISH_IN: dict[str | None, FinishReason] = {
     "end_turn": "stop",
@@ -80,7 +112,10 @@ _FINISH_OUT: dict[str, str] = {
 }
 
 
-def _stop_reason(finish: str, stop_sequence: str | None) -> str:
+def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) -> str:
+    """The stop reason for ``finish``: the provider's own word when it still says that."""
+    if isinstance(wire, str) and _FINISH_IN.get(wire) == finish:
+        return wire
     return "stop_sequence" if stop_sequence else _FINISH_OUT.get(finish, "end_turn")
 
 
@@ -95,20 +130,21 @@ def decode_request(body: bytes) -> Request:
         raise BadRequest(f"Invalid request: {exc}") from None
     if wire.max_tokens is None:
         raise BadRequest("Invalid request: Object missing required field `max_tokens`")
-    messages = [
-        Message(role=m.role, content=_blocks(m.content, f"messages[{i}].content"),
-                extra=known_extra(raw_m, _MESSAGE_FIELDS))
-        for i, (m, raw_m) in enumerate(zip(wire.messages, raw["messages"], strict=True))
-    ]
-    system = [p for p in _blocks(wire.system, "system") if isinstance(p, TextPart)]
-    extra = known_extra(raw, _REQUEST_FIELDS)
+    messages = [_decode_message(raw_m, i) for i, raw_m in enumerate(raw["messages"])]
+    system: list[TextPart] = []
+    for j, part in enumerate(_blocks(wire.system, "system")):
+        if not isinstance(part, TextPart):
+            raise BadRequest(f"Invalid request: `$.system[{j}]` must be a text block")
+        system.append(part)
     user = (wire.metadata or {}).get("user_id")
-    return Request(
+    choice, parallel = _decode_tool_choice(wire.tool_choice)
+    request = Request(
         model=wire.model,
         messages=messages,
         system=system,
         tools=[_decode_tool(t, i) for i, t in enumerate(wire.tools or ())],
-        tool_choice=_decode_tool_choice(wire.tool_choice),
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
         max_tokens=wire.max_tokens,
         temperature=wire.temperature,
         top_p=wire.top_p,
@@ -116,8 +152,18 @@ def decode_request(body: bytes) -> Request:
         stream=bool(wire.stream),
         stream_usage=True,
         user=user if isinstance(user, str) else None,
-        extra=extra,
+        extra=known_extra(raw, _REQUEST_FIELDS),
     )
+    remember_wire(request, raw)
+    return request
+
+
+def _decode_message(raw: dict[str, Any], index: int) -> Message:
+    message = Message(role=raw["role"], content=_blocks(raw["content"], f"messages[{index}]"
+                                                                         ".content"),
+                      extra=known_extra(raw, _MESSAGE_FIELDS))
+    remember_wire(message, raw)
+    return message
 
 
 def _blocks(content: str | list[dict[str, Any]] | None, where: str) -> list[Part]:
@@ -127,10 +173,7 @@ def _blocks(content: str | list[dict[str, Any]] | None, where: str) -> list[Part
         return [TextPart(text=content)]
     if not isinstance(content, list):
         raise BadRequest(f"Invalid request: Expected `str | array` at `$.{where}`")
-    parts: list[Part] = []
-    for j, block in enumerate(content):
-        parts.append(_block(block, f"{where}[{j}]"))
-    return parts
+    return [_block(block, f"{where}[{j}]") for j, block in enumerate(content)]
 
 
 def _require(block: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -141,6 +184,10 @@ def _require(block: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _opaque(block: dict[str, Any]) -> OpaquePart:
+    return OpaquePart(format=NAME, kind=str(block.get("type")), data=block)
+
+
 def _block(block: dict[str, Any], where: str) -> Part:
     if not isinstance(block, dict):
         raise BadRequest(f"Invalid request: Expected `object` at `$.{where}`")
@@ -148,39 +195,84 @@ def _block(block: dict[str, Any], where: str) -> Part:
     if kind == "text":
         text = _require(block, "text", str, where)
         return TextPart(text=text, extra=known_extra(block, {"type", "text"}))
-    if kind == "image":
+    if kind == "image" or kind == "document":
         source = _require(block, "source", dict, where)
-        extra = known_extra(block, {"type", "source"})
-        if source.get("type") == "url":
-            return ImagePart(url=_require(source, "url", str, f"{where}.source"), extra=extra)
-        return ImagePart(
-            media_type=_require(source, "media_type", str, f"{where}.source"),
-            data=_require(source, "data", str, f"{where}.source"),
-            extra=extra,
-        )
+        kept = {"type", "source", "title"} if kind == "document" else {"type", "source"}
+        extra = known_extra(block, kept)
+        source_type = source.get("type")
+        if set(source) - {"type", "url", "media_type", "data"}:
+            return _opaque(block)
+        if source_type == "url":
+            url = _require(source, "url", str, f"{where}.source")
+            if kind == "image":
+                return ImagePart(url=url, extra=extra)
+            return DocumentPart(url=url, name=_title(block, where), extra=extra)
+        if source_type == "base64" or (kind == "document" and source_type == "text"):
+            media_type = _require(source, "media_type", str, f"{where}.source")
+            data = _require(source, "data", str, f"{where}.source")
+            if kind == "image":
+                return ImagePart(media_type=media_type, data=data, extra=extra)
+            if source_type == "text":
+                return DocumentPart(text=data, media_type=media_type,
+                                    name=_title(block, where), extra=extra)
+            return DocumentPart(media_type=media_type, data=data, name=_title(block, where),
+                                extra=extra)
+        return _opaque(block)  # a file id, custom content...
     if kind == "tool_use":
+        arguments = block.get("input")
+        if not isinstance(arguments, dict):
+            arguments = {} if arguments is None else arguments
         return ToolCallPart(
             id=_require(block, "id", str, where),
             name=_require(block, "name", str, where),
-            arguments=_encode(block.get("input") or {}).decode(),
+            arguments=_encode(arguments).decode(),
             extra=known_extra(block, {"type", "id", "name", "input"}),
         )
     if kind == "tool_result":
-        content = [
-            p for p in _blocks(block.get("content"), f"{where}.content")
-            if isinstance(p, TextPart | ImagePart)
-        ]
+        content = block.get("content")
+        parts = _blocks(content, f"{where}.content") if content is not None else []
+        results: list[TextPart | ImagePart | DocumentPart | OpaquePart] = []
+        for part in parts:
+            if isinstance(part, TextPart | ImagePart | DocumentPart | OpaquePart):
+                results.append(part)
+            else:
+                raise BadRequest(f"Invalid request: a tool result at `$.{where}` cannot hold "
+                                 f"a {type(part).__name__}")
         return ToolResultPart(
             tool_call_id=_require(block, "tool_use_id", str, where),
-            content=content,
+            content=results,
             is_error=bool(block.get("is_error")),
             extra=known_extra(block, {"type", "tool_use_id", "content", "is_error"}),
         )
-    raise BadRequest(f"Content block type {kind!r} at `$.{where}` is not supported")
+    if kind == "thinking":
+        return ThinkingPart(thinking=_require(block, "thinking", str, where),
+                            signature=block.get("signature") or "",
+                            extra=known_extra(block, {"type", "thinking", "signature"}))
+    if kind == "redacted_thinking":
+        return RedactedThinkingPart(data=_require(block, "data", str, where),
+                                    extra=known_extra(block, {"type", "data"}))
+    if not isinstance(kind, str):
+        raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.type`")
+    # server_tool_use, web_search_tool_result, search_result, container_upload...
+    return _opaque(block)
+
+
+def _title(block: dict[str, Any], where: str) -> str:
+    title = block.get("title")
+    if title is not None and not isinstance(title, str):
+        raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.title`")
+    return title or ""
 
 
 def _decode_tool(tool: dict[str, Any], index: int) -> Tool:
+    if not isinstance(tool, dict):
+        raise BadRequest(f"Invalid request: Expected `object` at `$.tools[{index}]`")
     name = _require(tool, "name", str, f"tools[{index}]")
+    kind = tool.get("type")
+    if kind is not None and kind != "custom":
+        # A server tool (web search, code execution, text editor...): its settings as sent.
+        return Tool(name=name, type=str(kind), format=NAME,
+                    extra=known_extra(tool, {"name", "type"}))
     return Tool(
         name=name,
         description=tool.get("description") or "",
@@ -189,18 +281,22 @@ def _decode_tool(tool: dict[str, Any], index: int) -> Tool:
     )
 
 
-def _decode_tool_choice(choice: dict[str, Any] | None) -> ToolChoice | None:
+def _decode_tool_choice(choice: dict[str, Any] | None) -> tuple[ToolChoice | None, bool | None]:
     if choice is None:
-        return None
+        return None, None
     kind = choice.get("type")
     if not isinstance(kind, str):
         raise BadRequest("Invalid request: Expected `str` at `$.tool_choice.type`")
+    disable = choice.get("disable_parallel_tool_use")
+    parallel = None if disable is None else not disable
+    extra = known_extra(choice, _TOOL_CHOICE_FIELDS)
     if kind == "tool":
-        return ToolChoice(mode="tool", name=_require(choice, "name", str, "tool_choice"))
+        return ToolChoice(mode="tool", name=_require(choice, "name", str, "tool_choice"),
+                          extra=extra), parallel
     modes = {"auto": "auto", "any": "required", "none": "none"}
     if kind not in modes:
         raise BadRequest(f"Invalid request: unknown tool_choice type {kind!r}")
-    return ToolChoice(mode=modes[kind])  # type: ignore[arg-type]
+    return ToolChoice(mode=modes[kind], extra=extra), parallel  # type: ignore[arg-type]
 
 
 # --- canonical -> provider request ------------------------------------------------------
@@ -209,28 +305,42 @@ def _decode_tool_choice(choice: dict[str, Any] | None) -> ToolChoice | None:
 def encode_request(
     request: Request, model: str, *, same_format: bool, default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> bytes:
-    body: dict[str, Any] = dict(request.extra) if same_format else {}
+    max_tokens = request.max_tokens or default_max_tokens
+    if same_format:
+        body: dict[str, Any] = dict(request.extra)
+    else:
+        body = _from_openai(request, max_tokens)
     body["model"] = model
-    body["max_tokens"] = request.max_tokens or default_max_tokens
-    system = [_encode_part(p, same_format) for p in request.system]
-    if request.response_format and request.response_format.get("type") != "text":
-        system.append({"type": "text", "text": JSON_INSTRUCTION})
-    if system:
-        simple = all(len(block) == 2 for block in system)
-        body["system"] = "\n\n".join(b["text"] for b in system) if simple else system
+    body["max_tokens"] = max_tokens
+    wire: dict[str, Any] | None = wire_of(request) if same_format else None
+    if wire is not None and "system" in wire and _blocks(wire["system"], "system") == \
+            request.system:
+        body["system"] = wire["system"]
+    else:
+        system = [_encode_part(p, same_format) for p in request.system]
+        if request.response_format and request.response_format.get("type") != "text":
+            system.append({"type": "text", "text": JSON_INSTRUCTION})
+        if system:
+            simple = all(len(block) == 2 for block in system)
+            body["system"] = "\n\n".join(b["text"] for b in system) if simple else system
     body["messages"] = _encode_messages(request.messages, same_format)
     if request.tools:
         body["tools"] = [_encode_tool(t, same_format) for t in request.tools]
-    if request.tool_choice is not None:
-        choice = request.tool_choice
+    choice = request.tool_choice
+    if choice is not None or (request.parallel_tool_calls is False and request.tools):
+        choice = choice or ToolChoice()
         kinds = {"auto": "auto", "required": "any", "none": "none", "tool": "tool"}
-        wire_choice: dict[str, Any] = {"type": kinds[choice.mode]}
+        wire_choice: dict[str, Any] = dict(choice.extra) if same_format else {}
+        wire_choice["type"] = kinds[choice.mode]
         if choice.mode == "tool":
             wire_choice["name"] = choice.name
+        if request.parallel_tool_calls is not None and choice.mode != "none":
+            wire_choice["disable_parallel_tool_use"] = not request.parallel_tool_calls
         body["tool_choice"] = wire_choice
     if request.temperature is not None:
-        # OpenAI allows up to 2; Anthropic up to 1.
-        body["temperature"] = min(request.temperature, 1.0)
+        # OpenAI allows up to 2; this API up to 1.
+        body["temperature"] = (request.temperature if same_format
+                               else min(request.temperature, 1.0))
     if request.top_p is not None:
         body["top_p"] = request.top_p
     if request.stop:
@@ -242,22 +352,88 @@ def encode_request(
     return _encode(body)
 
 
+def _from_openai(request: Request, max_tokens: int) -> dict[str, Any]:
+    """The top-level fields of an OpenAI request that this API has a form for; the others
+    are defaults or hints that may go (``_OPENAI_DROPPABLE``), or a 400 names them."""
+    body: dict[str, Any] = {}
+    for key, value in request.extra.items():
+        if value is None:
+            continue
+        if key in _OPENAI_DROPPABLE:
+            allowed = _OPENAI_DROPPABLE[key]
+            if allowed is None or value in allowed:
+                continue
+        raise Untranslatable(f"Field `{key}` = {_shown(value)}", NAME)
+    effort = request.extra.get("reasoning_effort")
+    if isinstance(effort, str) and effort in EFFORT_BUDGET:
+        budget = min(EFFORT_BUDGET[effort], max_tokens - 1)
+        if budget >= 1024:  # the least this API takes
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    return body
+
+
+def _shown(value: object) -> str:
+    text = _encode(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _encode_messages(messages: list[Message], same_format: bool) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for message in messages:
-        blocks = [_encode_part(p, same_format) for p in message.content]
-        # This API wants turns to alternate: consecutive turns of one role become one.
-        if out and out[-1]["role"] == message.role and not message.extra:
+        original = wire_of(message) if same_format else None
+        if original is not None and _decode_message(original, 0) == message:
+            out.append(original)  # unchanged: as it came
+            continue
+        blocks = _encode_content(message.content, same_format,
+                                 original.get("content") if original else None)
+        if not same_format and out and out[-1]["role"] == message.role != "system" \
+                and isinstance(out[-1]["content"], list) and isinstance(blocks, list):
+            # From the other format, turns of one role in a row become one turn.
             out[-1]["content"].extend(blocks)
             continue
-        wire: dict[str, Any] = dict(message.extra) if same_format else {}
+        if same_format:
+            wire: dict[str, Any] = dict(message.extra)
+        else:
+            wire = {}
+            for key, value in message.extra.items():
+                if value is not None and key not in _OPENAI_MESSAGE_DROPPABLE:
+                    raise Untranslatable(f"Field `{key}` of a message", NAME)
         wire["role"] = message.role
         wire["content"] = blocks
         out.append(wire)
     return out
 
 
-def _encode_part(part: Part, same_format: bool) -> dict[str, Any]:
+def _encode_content(parts: list[Part], same_format: bool, original: object
+                    ) -> str | list[dict[str, Any]]:
+    """Blocks for ``parts``; where the client sent a string, a string again if it still is
+    plain text, and each block no one changed as it came."""
+    if isinstance(original, str) and len(parts) == 1 and isinstance(parts[0], TextPart) \
+            and not parts[0].extra:
+        return parts[0].text
+    originals = original if isinstance(original, list) else ()
+    out = []
+    for j, part in enumerate(parts):
+        block = originals[j] if j < len(originals) else None
+        if isinstance(block, dict) and _same_block(block, part):
+            out.append(block)
+        else:
+            out.append(_encode_part(part, same_format, block))
+    return out
+
+
+def _same_block(block: dict[str, Any], part: Part) -> bool:
+    try:
+        return _block(block, "") == part
+    except BadRequest:
+        return False
+
+
+def _encode_part(part: Part, same_format: bool, original: object = None) -> dict[str, Any]:
+    if isinstance(part, OpaquePart):
+        if part.format != NAME:
+            raise Untranslatable(f"Content part type {part.kind!r}", NAME)
+        return part.data
     block: dict[str, Any] = dict(part.extra) if same_format else {}
     if isinstance(part, TextPart):
         block.update(type="text", text=part.text)
@@ -267,27 +443,57 @@ def _encode_part(part: Part, same_format: bool) -> dict[str, Any]:
             else {"type": "base64", "media_type": part.media_type, "data": part.data}
         )
         block.update(type="image", source=source)
+    elif isinstance(part, DocumentPart):
+        if part.url:
+            source = {"type": "url", "url": part.url}
+        elif part.data:
+            source = {"type": "base64", "media_type": part.media_type, "data": part.data}
+        else:
+            source = {"type": "text", "media_type": part.media_type or "text/plain",
+                      "data": part.text}
+        block.update(type="document", source=source)
+        if part.name:
+            block["title"] = part.name
     elif isinstance(part, ToolCallPart):
         block.update(type="tool_use", id=part.id, name=part.name,
-                     input=_arguments(part.arguments))
+                     input=_arguments(part.arguments, part.name))
+    elif isinstance(part, ThinkingPart):
+        block.update(type="thinking", thinking=part.thinking, signature=part.signature)
+    elif isinstance(part, RedactedThinkingPart):
+        block.update(type="redacted_thinking", data=part.data)
     else:
+        inner = original.get("content") if isinstance(original, dict) else None
         block.update(type="tool_result", tool_use_id=part.tool_call_id,
-                     content=[_encode_part(p, same_format) for p in part.content])
+                     content=_encode_content(list(part.content), same_format, inner))
         if part.is_error:
             block["is_error"] = True
     return block
 
 
-def _arguments(arguments: str) -> dict[str, Any]:
+def _arguments(arguments: str, name: str = "") -> dict[str, Any]:
     try:
         value = msgspec.json.decode(arguments or "{}")
     except msgspec.DecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        value = None
+    if not isinstance(value, dict):
+        raise Untranslatable(f"The arguments of tool call {name!r} (not a JSON object: "
+                             f"{arguments[:60]!r})", NAME)
+    return value
 
 
 def _encode_tool(tool: Tool, same_format: bool) -> dict[str, Any]:
-    wire: dict[str, Any] = dict(tool.extra) if same_format else {}
+    if tool.type:
+        if tool.format != NAME:
+            raise Untranslatable(f"Tool {tool.name!r} of type {tool.type!r}", NAME)
+        return {"name": tool.name, "type": tool.type, **tool.extra}
+    if same_format:
+        wire: dict[str, Any] = dict(tool.extra)
+    else:
+        wire = {}
+        for key, value in tool.extra.items():
+            if key != "strict":  # the one function field both APIs have
+                raise Untranslatable(f"Field `{key}` of tool {tool.name!r}", NAME)
+            wire[key] = value
     wire["name"] = tool.name
     if tool.description:
         wire["description"] = tool.description
@@ -298,47 +504,70 @@ def _encode_tool(tool: Tool, same_format: bool) -> dict[str, Any]:
 # --- provider response -> canonical ------------------------------------------------------
 
 
-class _WireUsage(msgspec.Struct):
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
 class _WireResponse(msgspec.Struct):
     content: list[dict[str, Any]]
     id: str = ""
     model: str = ""
     stop_reason: str | None = None
     stop_sequence: str | None = None
-    usage: _WireUsage | None = None
+    usage: dict[str, Any] | None = None
 
 
 _RESPONSE_FIELDS = frozenset(
     {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
 )
+_USAGE_FIELDS = frozenset({"input_tokens", "output_tokens", "cache_creation_input_tokens",
+                           "cache_read_input_tokens"})
+
+
+def _count(usage: dict[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def decode_usage(usage: dict[str, Any] | None, keep_extra: bool = True) -> Usage:
+    """This API's usage: ``input_tokens`` there leaves out the cached tokens, which the
+    canonical count includes."""
+    if not usage:
+        return Usage()
+    read = _count(usage, "cache_read_input_tokens")
+    write = _count(usage, "cache_creation_input_tokens")
+    return Usage(input_tokens=_count(usage, "input_tokens") + read + write,
+                 output_tokens=_count(usage, "output_tokens"),
+                 cache_read_tokens=read, cache_write_tokens=write,
+                 extra=known_extra(usage, _USAGE_FIELDS) if keep_extra else {})
+
+
+def encode_usage(usage: Usage, same_format: bool) -> dict[str, Any]:
+    wire: dict[str, Any] = dict(usage.extra) if same_format else {}
+    wire.update(
+        input_tokens=max(usage.input_tokens - usage.cache_read_tokens
+                         - usage.cache_write_tokens, 0),
+        cache_creation_input_tokens=usage.cache_write_tokens,
+        cache_read_input_tokens=usage.cache_read_tokens,
+        output_tokens=usage.output_tokens,
+    )
+    return wire
 
 
 def decode_response(body: bytes) -> Response:
     try:
         raw = msgspec.json.decode(body)
         wire = msgspec.convert(raw, _WireResponse)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        raise UpstreamError(502, f"Provider sent an invalid response: {exc}") from None
-    content: list[TextPart | ToolCallPart] = []
-    for block in wire.content:
-        if block.get("type") == "text":
-            content.append(TextPart(text=block.get("text") or ""))
-        elif block.get("type") == "tool_use":
-            content.append(ToolCallPart(id=block.get("id", ""), name=block.get("name", ""),
-                                        arguments=_encode(block.get("input") or {}).decode()))
-    usage = wire.usage or _WireUsage()
+        content = [_block(block, f"content[{j}]") for j, block in enumerate(wire.content)]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, BadRequest) as exc:
+        message = exc.message if isinstance(exc, BadRequest) else str(exc)
+        raise UpstreamError(502, f"Provider sent an invalid response: {message}") from None
+    choice_extra = {"stop_reason": wire.stop_reason} if wire.stop_reason else {}
     return Response(
         id=wire.id,
         model=wire.model,
         content=content,
         finish_reason=_FINISH_IN.get(wire.stop_reason, "stop"),
-        usage=Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+        usage=decode_usage(wire.usage),
         stop_sequence=wire.stop_sequence,
         extra=known_extra(raw, _RESPONSE_FIELDS),
+        choice_extra=choice_extra,
     )
 
 
@@ -352,11 +581,16 @@ def _message_id(response_id: str) -> str:
 def encode_response(response: Response, *, same_format: bool) -> bytes:
     content: list[dict[str, Any]] = []
     for part in response.content:
-        if isinstance(part, TextPart):
-            content.append({"type": "text", "text": part.text})
+        if isinstance(part, OpaquePart) and part.format != NAME:
+            continue  # another API's server-tool block: this client has no use for it
+        if isinstance(part, ToolResultPart):
+            continue
+        if isinstance(part, ToolCallPart):
+            content.append({**(part.extra if same_format else {}), "type": "tool_use",
+                            "id": part.id, "name": part.name,
+                            "input": _answer_arguments(part.arguments)})
         else:
-            content.append({"type": "tool_use", "id": part.id, "name": part.name,
-                            "input": _arguments(part.arguments)})
+            content.append(_encode_part(part, same_format))
     body: dict[str, Any] = dict(response.extra) if same_format else {}
     body.update(
         id=_message_id(response.id),
@@ -364,12 +598,21 @@ def encode_response(response: Response, *, same_format: bool) -> bytes:
         role="assistant",
         model=response.model,
         content=content,
-        stop_reason=_stop_reason(response.finish_reason, response.stop_sequence),
+        stop_reason=_stop_reason(response.finish_reason, response.stop_sequence,
+                                 response.choice_extra.get("stop_reason")),
         stop_sequence=response.stop_sequence,
-        usage={"input_tokens": response.usage.input_tokens,
-               "output_tokens": response.usage.output_tokens},
+        usage=encode_usage(response.usage, same_format),
     )
     return _encode(body)
+
+
+def _answer_arguments(arguments: str) -> Any:
+    """A model's tool arguments as this API's ``input``: a model may have cut them short,
+    and the client still gets what there is, as text, rather than an error."""
+    try:
+        return msgspec.json.decode(arguments or "{}")
+    except msgspec.DecodeError:
+        return {"_arguments": arguments}
 
 
 def encode_error(error: ProxyError) -> bytes:
@@ -380,15 +623,23 @@ def encode_error(error: ProxyError) -> bytes:
 # --- streaming --------------------------------------------------------------------------
 
 
+def _sse(event: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
+
+
 class StreamDecoder:
-    """Turns a provider's SSE events into canonical stream events."""
+    """Turns a provider's SSE events into canonical stream events. Block indexes are the
+    provider's. ``same_format``: each event keeps its bytes (``raw``) to pass on as is."""
 
     def __init__(self, request: Request | None = None, same_format: bool = False) -> None:
+        self.keep_raw = same_format
         self.ended = False
-        self.index: dict[int, int] = {}  # provider block index -> canonical index
+        self.tool_blocks: set[int] = set()
         self.finish: FinishReason = "stop"
         self.stop_sequence: str | None = None
         self.usage = Usage()
+        self.wire_usage: dict[str, Any] = {}
+        self.pending = b""  # message_delta's bytes, which go out with message_stop
 
     def feed(self, event: str, data: bytes) -> list[StreamEvent]:
         try:
@@ -398,53 +649,73 @@ class StreamDecoder:
         if not isinstance(payload, dict):
             raise UpstreamError(502, "Provider sent a malformed stream event")
         kind = payload.get("type", event)
+        raw = (b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+               if self.keep_raw else None)
+        index = payload.get("index", 0)
+        if not isinstance(index, int):
+            raise UpstreamError(502, "Provider sent a stream event with an invalid index")
         if kind == "content_block_delta":
-            index = self.index.get(payload.get("index", 0))
             delta = payload.get("delta") or {}
-            if index is None:
-                return []
-            if delta.get("type") == "text_delta":
-                return [TextDelta(index=index, text=delta.get("text", ""))]
-            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                return [ToolCallDelta(index=index, arguments=delta["partial_json"])]
-            return []
+            delta_type = delta.get("type")
+            if delta_type == "text_delta":
+                return [TextDelta(index=index, text=delta.get("text", ""), raw=raw)]
+            if delta_type == "input_json_delta" and index in self.tool_blocks:
+                return [ToolCallDelta(index=index, arguments=delta.get("partial_json", ""),
+                                      raw=raw)]
+            if delta_type == "thinking_delta":
+                return [ThinkingDelta(index=index, thinking=delta.get("thinking", ""), raw=raw)]
+            if delta_type == "signature_delta":
+                return [SignatureDelta(index=index, signature=delta.get("signature", ""),
+                                       raw=raw)]
+            return [BlockDelta(index=index, format=NAME, delta=delta, raw=raw)]
         if kind == "content_block_start":
             block = payload.get("content_block") or {}
-            if block.get("type") not in ("text", "tool_use"):
-                return []  # thinking and server-tool blocks have no canonical form
-            index = self.index[payload.get("index", 0)] = len(self.index)
-            if block["type"] == "tool_use":
+            block_type = block.get("type")
+            if block_type == "text" and set(block) <= {"type", "text"}:
+                return [TextDelta(index=index, text=block.get("text", ""), raw=raw)]
+            if block_type == "tool_use":
+                self.tool_blocks.add(index)
                 return [ToolCallStart(index=index, id=block.get("id", ""),
-                                      name=block.get("name", ""))]
-            return [TextDelta(index=index, text=block.get("text", ""))]
+                                      name=block.get("name", ""), raw=raw)]
+            if block_type == "thinking":
+                return [ThinkingDelta(index=index, thinking=block.get("thinking", ""), raw=raw)]
+            # Redacted thinking, a server tool's call or result, text with citations...
+            return [BlockStart(index=index, format=NAME, block=block, raw=raw)]
+        if kind == "content_block_stop":
+            return [BlockStop(index=index, raw=raw)]
         if kind == "message_start":
             message = payload.get("message") or {}
-            usage = message.get("usage") or {}
-            self.usage.input_tokens = usage.get("input_tokens") or 0
+            usage = message.get("usage")
+            self.wire_usage = dict(usage) if isinstance(usage, dict) else {}
+            self.usage = decode_usage(self.wire_usage)
             return [StreamStart(id=message.get("id", ""), model=message.get("model", ""),
-                                usage=Usage(input_tokens=self.usage.input_tokens))]
+                                usage=self.usage, raw=raw)]
         if kind == "message_delta":
             delta = payload.get("delta") or {}
             self.finish = _FINISH_IN.get(delta.get("stop_reason"), "stop")
             self.stop_sequence = delta.get("stop_sequence")
-            usage = payload.get("usage") or {}
-            self.usage.output_tokens = usage.get("output_tokens") or 0
-            if usage.get("input_tokens"):
-                self.usage.input_tokens = usage["input_tokens"]
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                # Its counts are cumulative: those it has replace those of message_start.
+                self.wire_usage.update(usage)
+                self.usage = decode_usage(self.wire_usage)
+            self.pending += raw or b""
             return []
         if kind == "message_stop":
-            return self.finish_events()
+            return self.finish_events((self.pending + raw) if raw is not None else None)
         if kind == "error":
             error = payload.get("error") or {}
             raise UpstreamError(502, f"Provider error mid-stream: {error.get('message', error)}")
-        return []  # ping, content_block_stop and events added later
+        # ping, and events added later: they reach a client of this format as they came.
+        return [WireEvent(format=NAME, raw=raw)] if raw is not None else []
 
-    def finish_events(self) -> list[StreamEvent]:
+    def finish_events(self, raw: bytes | None = None) -> list[StreamEvent]:
         if self.ended:
             return []
         self.ended = True
-        return [StreamEnd(finish_reason=self.finish, usage=self.usage,
-                          stop_sequence=self.stop_sequence)]
+        end = StreamEnd(finish_reason=self.finish, usage=self.usage,
+                        stop_sequence=self.stop_sequence, raw=raw)
+        return [end]
 
     def close(self) -> list[StreamEvent]:
         if not self.ended:
@@ -452,65 +723,110 @@ class StreamDecoder:
         return []
 
 
-def _sse(event: str, payload: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
-
-
 class StreamEncoder:
-    """Turns canonical stream events into the client's SSE events."""
+    """Turns canonical stream events into the client's SSE events. An event that carries
+    the provider's bytes (``raw``) goes out as them."""
 
     media_type = "text/event-stream"
 
     def __init__(self, request: Request) -> None:
         self.model = request.model
-        self.open: int | None = None  # canonical index of the open block
-        self.blocks = 0
+        self.open: int | None = None  # the block started and not yet stopped
         self.text_prefix = b""
+        self.text_index: int | None = None
 
-    def _start_block(self, index: int, block: dict[str, Any]) -> bytes:
+    def _start(self, index: int, block: dict[str, Any]) -> bytes:
         out = self._close()
         self.open = index
-        self.blocks += 1
         return out + _sse("content_block_start", {
-            "type": "content_block_start", "index": self.blocks - 1, "content_block": block})
+            "type": "content_block_start", "index": index, "content_block": block})
 
     def _close(self) -> bytes:
         if self.open is None:
             return b""
-        self.open = None
-        return _sse("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
+        index, self.open = self.open, None
+        return _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                            "delta": delta})
 
     def encode(self, event: StreamEvent) -> bytes:
+        raw = event.raw
+        if raw is not None:
+            # The provider's own event: only the open block needs following.
+            if isinstance(event, BlockStop):
+                self.open = None
+            elif isinstance(event, TextDelta | ThinkingDelta | ToolCallStart | BlockStart):
+                self.open = event.index
+            return raw
         if isinstance(event, TextDelta):
+            if event.choice:
+                return b""
             out = b""
             if self.open != event.index:
-                out = self._start_block(event.index, {"type": "text", "text": ""})
+                out = self._start(event.index, {"type": "text", "text": ""})
+                if not event.text:
+                    return out
+            if self.text_index != event.index:
                 # Text deltas are most of a stream: their event is a template around the text.
+                self.text_index = event.index
                 self.text_prefix = (b'event: content_block_delta\ndata: {"type":'
                                     b'"content_block_delta","index":'
-                                    + str(self.blocks - 1).encode()
+                                    + str(event.index).encode()
                                     + b',"delta":{"type":"text_delta","text":')
             return out + self.text_prefix + _encode(event.text) + b"}}\n\n"
+        if isinstance(event, ThinkingDelta):
+            out = b""
+            if self.open != event.index:
+                out = self._start(event.index, {"type": "thinking", "thinking": "",
+                                                "signature": ""})
+                if not event.thinking:
+                    return out
+            return out + self._delta(event.index, {"type": "thinking_delta",
+                                                   "thinking": event.thinking})
+        if isinstance(event, SignatureDelta):
+            out = b""
+            if self.open != event.index:
+                out = self._start(event.index, {"type": "thinking", "thinking": "",
+                                                "signature": ""})
+            return out + self._delta(event.index, {"type": "signature_delta",
+                                                   "signature": event.signature})
         if isinstance(event, ToolCallDelta):
-            return _sse("content_block_delta", {
-                "type": "content_block_delta", "index": self.blocks - 1,
-                "delta": {"type": "input_json_delta", "partial_json": event.arguments}})
+            if event.choice:
+                return b""
+            return self._delta(event.index, {"type": "input_json_delta",
+                                             "partial_json": event.arguments})
         if isinstance(event, ToolCallStart):
-            return self._start_block(event.index, {
-                "type": "tool_use", "id": event.id, "name": event.name, "input": {}})
+            if event.choice:
+                return b""
+            return self._start(event.index, {"type": "tool_use", "id": event.id,
+                                             "name": event.name, "input": {}})
+        if isinstance(event, BlockStart):
+            if event.format not in (NAME, ""):
+                return b""
+            return self._start(event.index, event.block)
+        if isinstance(event, BlockDelta):
+            if event.format != NAME:
+                return b""
+            return self._delta(event.index, event.delta)
+        if isinstance(event, BlockStop):
+            return self._close() if self.open == event.index else b""
+        if isinstance(event, WireEvent):
+            return b""
         if isinstance(event, StreamStart):
+            usage = encode_usage(event.usage, True)
+            usage["output_tokens"] = event.usage.output_tokens
             return _sse("message_start", {"type": "message_start", "message": {
                 "id": _message_id(event.id), "type": "message", "role": "assistant",
                 "model": event.model or self.model, "content": [], "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": event.usage.input_tokens, "output_tokens": 0},
+                "stop_sequence": None, "usage": usage,
             }})
         return self._close() + _sse("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": _stop_reason(event.finish_reason, event.stop_sequence),
                       "stop_sequence": event.stop_sequence},
-            "usage": {"input_tokens": event.usage.input_tokens,
-                      "output_tokens": event.usage.output_tokens},
+            "usage": encode_usage(event.usage, True),
         }) + _sse("message_stop", {"type": "message_stop"})
 
     def encode_error(self, error: ProxyError) -> bytes:

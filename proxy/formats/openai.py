@@ -2,6 +2,10 @@
 
 Client side: ``decode_request`` and ``encode_response`` / ``StreamEncoder``.
 Provider side: ``encode_request`` and ``decode_response`` / ``StreamDecoder``.
+
+Lossless: a part, field or chunk the canonical model does not know is kept as it came
+(``OpaquePart``, ``extra``, ``WireEvent``) and written back to this format unchanged; a
+message no plugin changed goes back as the very JSON it came as.
 """
 
 from __future__ import annotations
@@ -12,18 +16,22 @@ from typing import Any, Literal
 import msgspec
 
 from proxy.canonical import (
+    DocumentPart,
     FinishReason,
     ImagePart,
     Message,
+    OpaquePart,
     Part,
+    RedactedThinkingPart,
     Request,
     Response,
-    Role,
     StreamEnd,
     StreamEvent,
     StreamStart,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
     Tool,
     ToolCallDelta,
     ToolCallPart,
@@ -31,8 +39,11 @@ from proxy.canonical import (
     ToolChoice,
     ToolResultPart,
     Usage,
+    WireEvent,
+    remember_wire,
+    wire_of,
 )
-from proxy.errors import BadRequest, ProxyError, UpstreamError, error_type
+from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
 from proxy.formats.common import decode_json, known_extra, parse_data_url
 
 NAME = "openai"
@@ -41,22 +52,11 @@ _encode = msgspec.json.Encoder().encode
 # --- wire types, used to validate what arrives (unknown fields are kept separately) ---
 
 
-class _Function(msgspec.Struct):
-    name: str
-    arguments: str | dict[str, Any] = "{}"
-
-
-class _ToolCall(msgspec.Struct):
-    id: str
-    function: _Function
-    type: str = "function"
-
-
 class _Message(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[_ToolCall] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
 
@@ -65,6 +65,7 @@ class _ChatRequest(msgspec.Struct):
     messages: list[_Message]
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -76,9 +77,19 @@ class _ChatRequest(msgspec.Struct):
     user: str | None = None
 
 
-_REQUEST_FIELDS = frozenset(_ChatRequest.__struct_fields__) - {"max_completion_tokens"}
-_MESSAGE_FIELDS = frozenset(_Message.__struct_fields__)
+# Kept in ``extra`` though read: max_completion_tokens (which key to write back) and
+# stream_options (its other keys).
+_REQUEST_FIELDS = frozenset(_ChatRequest.__struct_fields__) - {"max_completion_tokens",
+                                                               "stream_options"}
+_MESSAGE_FIELDS = frozenset(_Message.__struct_fields__) | {"role"}
 _TOOL_FUNCTION_FIELDS = frozenset({"name", "description", "parameters"})
+# Fields of the other format's requests this API has no place for, which may go: hints
+# with no effect on the answer, or instructions about what is left out here anyway.
+_ANTHROPIC_DROPPABLE = frozenset({"metadata", "service_tier", "thinking", "output_config",
+                                  "context_management"})
+# Fields of the other format's blocks that may go: cache hints (this API caches by
+# itself) and citations of earlier answers.
+_DROPPABLE_BLOCK_FIELDS = frozenset({"cache_control", "citations"})
 
 _FINISH_IN: dict[str | None, FinishReason] = {
     "stop": "stop",
@@ -98,46 +109,19 @@ def decode_request(body: bytes) -> Request:
         wire = msgspec.convert(raw, _ChatRequest)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"Invalid request: {exc}") from None
-    system: list[TextPart] = []
-    messages: list[Message] = []
-    for i, (message, raw_message) in enumerate(zip(wire.messages, raw["messages"], strict=True)):
-        extra = known_extra(raw_message, _MESSAGE_FIELDS)
-        if message.role in ("system", "developer"):
-            text_extra = {"role": message.role} if message.role == "developer" else {}
-            system.extend(TextPart(text=p.text, extra=text_extra)
-                          for p in _content_parts(message.content, i) if isinstance(p, TextPart))
-            continue
-        if message.role == "tool":
-            result = ToolResultPart(
-                tool_call_id=message.tool_call_id or "",
-                content=[p for p in _content_parts(message.content, i)
-                         if isinstance(p, TextPart | ImagePart)],
-            )
-            # Consecutive tool results answer one assistant turn: keep them in one message.
-            if messages and messages[-1].role == "user" and all(
-                isinstance(p, ToolResultPart) for p in messages[-1].content
-            ):
-                messages[-1].content.append(result)
-            else:
-                messages.append(Message(role="user", content=[result]))
-            continue
-        parts = _content_parts(message.content, i)
-        for call in message.tool_calls or ():
-            arguments = call.function.arguments
-            if not isinstance(arguments, str):
-                arguments = _encode(arguments).decode()
-            parts.append(ToolCallPart(id=call.id, name=call.function.name, arguments=arguments))
-        role: Role = "assistant" if message.role == "assistant" else "user"
-        messages.append(Message(role=role, content=parts, name=message.name, extra=extra))
-
+    system, messages = _decode_messages(raw["messages"])
     extra = known_extra(raw, _REQUEST_FIELDS)
+    choice = _decode_tool_choice(wire.tool_choice)
+    if choice is None and wire.tool_choice is not None:
+        extra["tool_choice"] = wire.tool_choice  # a shape not modeled: kept as it came
     stop = wire.stop
-    return Request(
+    request = Request(
         model=wire.model,
         messages=messages,
         system=system,
         tools=[_decode_tool(t, i) for i, t in enumerate(wire.tools or ())],
-        tool_choice=_decode_tool_choice(wire.tool_choice),
+        tool_choice=choice,
+        parallel_tool_calls=wire.parallel_tool_calls,
         max_tokens=wire.max_completion_tokens or wire.max_tokens,
         temperature=wire.temperature,
         top_p=wire.top_p,
@@ -148,40 +132,134 @@ def decode_request(body: bytes) -> Request:
         user=wire.user,
         extra=extra,
     )
+    remember_wire(request, raw)
+    return request
 
 
-def _content_parts(content: str | list[dict[str, Any]] | None, index: int) -> list[Part]:
+def _decode_messages(raws: list[dict[str, Any]], offset: int = 0
+                     ) -> tuple[list[TextPart], list[Message]]:
+    """The leading system/developer messages as the system prompt, and the messages;
+    each message remembers the wire message(s) it came from."""
+    system: list[TextPart] = []
+    messages: list[Message] = []
+    leading = True
+    for i, raw in enumerate(raws, offset):
+        role = raw["role"]
+        extra = known_extra(raw, _MESSAGE_FIELDS)
+        if role in ("system", "developer") and leading:
+            text_extra = {"role": role} if role == "developer" else {}
+            for part in _content_parts(raw.get("content"), i):
+                if not isinstance(part, TextPart):
+                    raise BadRequest(f"Invalid request: `$.messages[{i}]` ({role}) may only "
+                                     "hold text")
+                system.append(TextPart(text=part.text, extra={**part.extra, **text_extra}))
+            continue
+        leading = False
+        if role == "tool":
+            result = ToolResultPart(tool_call_id=raw.get("tool_call_id") or "", extra=extra)
+            for part in _content_parts(raw.get("content"), i):
+                if not isinstance(part, TextPart | ImagePart | DocumentPart | OpaquePart):
+                    raise BadRequest(f"Invalid request: `$.messages[{i}]` (tool) may not "
+                                     f"hold a {type(part).__name__}")
+                result.content.append(part)
+            # Consecutive tool results answer one assistant turn: keep them in one message.
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "user" and all(
+                    isinstance(p, ToolResultPart) for p in last.content):
+                last.content.append(result)
+                wire_of(last).append(raw)
+            else:
+                message = Message(role="user", content=[result])
+                remember_wire(message, [raw])
+                messages.append(message)
+            continue
+        parts = _content_parts(raw.get("content"), i)
+        for j, call in enumerate(raw.get("tool_calls") or ()):
+            parts.append(_decode_tool_call(call, f"messages[{i}].tool_calls[{j}]"))
+        if role in ("system", "developer"):
+            if role == "developer":
+                extra = {**extra, "role": "developer"}
+            message = Message(role="system", content=parts, name=raw.get("name"), extra=extra)
+        else:
+            message = Message(role="assistant" if role == "assistant" else "user",
+                              content=parts, name=raw.get("name"), extra=extra)
+        remember_wire(message, [raw])
+        messages.append(message)
+    return system, messages
+
+
+def _decode_tool_call(call: object, where: str) -> ToolCallPart:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict) or not isinstance(function, dict) \
+            or not isinstance(call.get("id"), str) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"Invalid request: `$.{where}` must have an `id` and a "
+                         "`function` with a `name`")
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = _encode(arguments).decode()
+    extra = known_extra(call, {"id", "type", "function"})
+    function_extra = known_extra(function, {"name", "arguments"})
+    if function_extra:
+        extra["function"] = function_extra
+    return ToolCallPart(id=call["id"], name=function["name"], arguments=arguments, extra=extra)
+
+
+def _content_parts(content: object, index: int) -> list[Part]:
     if content is None:
         return []
     if isinstance(content, str):
         return [TextPart(text=content)]
-    parts: list[Part] = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        where = f"messages[{index}].content[{j}]"
-        if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.text`")
-            parts.append(TextPart(text=text, extra=known_extra(part, {"type", "text"})))
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str):
-                raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.image_url.url`")
-            media_type, data = parse_data_url(url)
-            extra = known_extra(image, {"url"}) if isinstance(image, dict) else {}
-            parts.append(ImagePart(url="" if data else url, media_type=media_type, data=data,
-                                   extra=extra))
-        else:
-            raise BadRequest(f"Content part type {kind!r} at `$.{where}` is not supported")
-    return parts
+    if not isinstance(content, list):
+        raise BadRequest(f"Invalid request: Expected `str | array` at "
+                         f"`$.messages[{index}].content`")
+    return [_part(part, f"messages[{index}].content[{j}]") for j, part in enumerate(content)]
 
 
-def _decode_tool(tool: dict[str, Any], index: int) -> Tool:
+def _part(part: object, where: str) -> Part:
+    if not isinstance(part, dict):
+        raise BadRequest(f"Invalid request: Expected `object` at `$.{where}`")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.text`")
+        return TextPart(text=text, extra=known_extra(part, {"type", "text"}))
+    if kind == "image_url" and len(part) == 2:
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.image_url.url`")
+        media_type, data = parse_data_url(url)
+        extra = known_extra(image, {"url"}) if isinstance(image, dict) else {}
+        return ImagePart(url="" if data else url, media_type=media_type, data=data,
+                         extra=extra)
+    if kind == "file" and len(part) == 2:
+        file = part.get("file")
+        data_url = file.get("file_data") if isinstance(file, dict) else None
+        if isinstance(file, dict) and isinstance(data_url, str) \
+                and set(file) <= {"file_data", "filename"}:
+            media_type, data = parse_data_url(data_url)
+            if data:
+                name = file.get("filename")
+                return DocumentPart(media_type=media_type, data=data,
+                                    name=name if isinstance(name, str) else "")
+    if not isinstance(kind, str):
+        raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.type`")
+    # input_audio, a file by id, a refusal, a part type added last week.
+    return OpaquePart(format=NAME, kind=kind, data=part)
+
+
+def _decode_tool(tool: object, index: int) -> Tool:
+    if not isinstance(tool, dict):
+        raise BadRequest(f"Invalid request: Expected `object` at `$.tools[{index}]`")
+    kind = tool.get("type", "function")
     function = tool.get("function")
-    if tool.get("type", "function") != "function" or not isinstance(function, dict):
-        raise BadRequest(f"Invalid request: `$.tools[{index}]` must be a function tool")
+    if kind != "function":
+        name = tool.get(kind, {}).get("name") if isinstance(tool.get(kind), dict) else None
+        return Tool(name=name if isinstance(name, str) else str(kind), type=str(kind),
+                    format=NAME, extra=known_extra(tool, {"type"}))
+    if not isinstance(function, dict):
+        raise BadRequest(f"Invalid request: `$.tools[{index}]` must have a `function`")
     name = function.get("name")
     if not isinstance(name, str):
         raise BadRequest(f"Invalid request: Expected `str` at `$.tools[{index}].function.name`")
@@ -194,6 +272,7 @@ def _decode_tool(tool: dict[str, Any], index: int) -> Tool:
 
 
 def _decode_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | None:
+    """The tool choice, or None for a shape the model has no form for."""
     if choice is None:
         return None
     if isinstance(choice, str):
@@ -202,8 +281,10 @@ def _decode_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | Non
         return ToolChoice(mode=choice)  # type: ignore[arg-type]
     function = choice.get("function")
     name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(name, str):
-        raise BadRequest("Invalid request: Expected `str` at `$.tool_choice.function.name`")
+    if choice.get("type", "function") != "function" or set(choice) - {"type", "function"} \
+            or not isinstance(function, dict) or not isinstance(name, str) \
+            or len(function) != 1:
+        return None
     return ToolChoice(mode="tool", name=name)
 
 
@@ -212,11 +293,27 @@ def _decode_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | Non
 
 def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
     messages: list[dict[str, Any]] = []
-    for part in request.system:
-        messages.append({"role": part.extra.get("role", "system"), "content": part.text})
+    wire: dict[str, Any] | None = wire_of(request) if same_format else None
+    leading = _leading_system(wire["messages"]) if wire is not None else []
+    if leading and _decode_messages(leading)[0] == request.system:
+        messages.extend(leading)
+    else:
+        for part in request.system:
+            role = part.extra.get("role", "system")
+            if same_format and len(part.extra) > (1 if "role" in part.extra else 0):
+                extra = {k: v for k, v in part.extra.items() if k != "role"}
+                messages.append({"role": role, "content": [{**extra, "type": "text",
+                                                            "text": part.text}]})
+            else:
+                _check_block_fields(part, "a system text block")
+                messages.append({"role": role, "content": part.text})
     for message in request.messages:
-        messages.extend(_encode_message(message, same_format))
-    body: dict[str, Any] = dict(request.extra) if same_format else {}
+        original = wire_of(message) if same_format else None
+        if original is not None and _decode_messages(original)[1] == [message]:
+            messages.extend(original)  # unchanged: as it came
+        else:
+            messages.extend(_encode_message(message, same_format))
+    body = dict(request.extra) if same_format else _from_anthropic(request)
     body["model"] = model
     body["messages"] = messages
     if request.tools:
@@ -227,6 +324,8 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
             {"type": "function", "function": {"name": choice.name}}
             if choice.mode == "tool" else choice.mode
         )
+    if request.parallel_tool_calls is not None and request.tools:
+        body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.max_tokens is not None:
         # A client that said max_completion_tokens keeps its word (newer OpenAI models
         # refuse max_tokens); everything else gets the key every compatible server knows.
@@ -245,9 +344,64 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
     return _encode(body)
 
 
+def _leading_system(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    leading = []
+    for raw in raws:
+        if raw.get("role") not in ("system", "developer"):
+            break
+        leading.append(raw)
+    return leading
+
+
+def _from_anthropic(request: Request) -> dict[str, Any]:
+    """The top-level fields of an Anthropic request that this API has a form for; the
+    others are hints that may go (``_ANTHROPIC_DROPPABLE``), or a 400 names them."""
+    body: dict[str, Any] = {}
+    extra = request.extra
+    for key, value in extra.items():
+        if value is not None and key not in _ANTHROPIC_DROPPABLE:
+            raise Untranslatable(f"Field `{key}`", NAME)
+    edits = (extra.get("context_management") or {}).get("edits") or ()
+    for edit in edits:
+        # Clearing old thinking: thinking never goes to this API anyway.
+        if not (isinstance(edit, dict) and str(edit.get("type", "")).startswith(
+                "clear_thinking")):
+            raise Untranslatable(f"Context management edit {_shown(edit)}", NAME)
+    output = extra.get("output_config") or {}
+    if set(output) - {"effort", "format"}:
+        raise Untranslatable(f"Field `output_config` = {_shown(output)}", NAME)
+    thinking = extra.get("thinking") or {}
+    effort = output.get("effort")
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens") or 0
+        effort = effort or ("low" if budget <= 4096 else "medium" if budget <= 16384
+                            else "high")
+    if thinking.get("type") in ("enabled", "adaptive") and effort in ("low", "medium",
+                                                                      "high", "minimal"):
+        body["reasoning_effort"] = effort
+    schema = output.get("format")
+    if isinstance(schema, dict) and schema.get("type") == "json_schema" and \
+            request.response_format is None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": schema.get("schema") or {}}}
+    return body
+
+
+def _shown(value: object) -> str:
+    text = _encode(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _put(body: dict[str, Any], key: str, value: object) -> None:
     if value is not None:
         body[key] = value
+
+
+def _check_block_fields(part: Any, what: str) -> None:
+    """Fields of another format's block that would be lost here: a 400 names them."""
+    for key in part.extra:
+        if key not in _DROPPABLE_BLOCK_FIELDS and key != "role":
+            raise Untranslatable(f"Field `{key}` of {what}", NAME)
 
 
 def _encode_message(message: Message, same_format: bool) -> list[dict[str, Any]]:
@@ -256,22 +410,35 @@ def _encode_message(message: Message, same_format: bool) -> list[dict[str, Any]]
     tool_calls: list[dict[str, Any]] = []
     for part in message.content:
         if isinstance(part, ToolResultPart):
-            out.append({
-                "role": "tool",
-                "tool_call_id": part.tool_call_id,
-                "content": _simple_content([_encode_part(p, same_format) for p in part.content]),
-            })
+            result: dict[str, Any] = dict(part.extra) if same_format else {}
+            if not same_format:
+                _check_block_fields(part, "a tool result")
+            result.update(role="tool", tool_call_id=part.tool_call_id, content=_simple_content(
+                [_encode_part(p, same_format) for p in part.content]))
+            out.append(result)
         elif isinstance(part, ToolCallPart):
-            tool_calls.append({
-                "id": part.id,
-                "type": "function",
-                "function": {"name": part.name, "arguments": part.arguments},
-            })
+            call: dict[str, Any] = {}
+            function: dict[str, Any] = {}
+            if same_format:
+                call.update({k: v for k, v in part.extra.items() if k != "function"})
+                function.update(part.extra.get("function") or {})
+            else:
+                _check_block_fields(part, f"tool call {part.name!r}")
+            function.update(name=part.name, arguments=part.arguments)
+            call.update(id=part.id, type="function", function=function)
+            tool_calls.append(call)
+        elif isinstance(part, ThinkingPart | RedactedThinkingPart) and not same_format:
+            # This API takes no reasoning back; like the Anthropic API, which ignores the
+            # thinking of earlier turns, the rest of the turn goes on without it.
+            continue
         else:
             content.append(_encode_part(part, same_format))
     if content or tool_calls or not out:
         wire: dict[str, Any] = dict(message.extra) if same_format else {}
-        wire["role"] = message.role
+        if not same_format and message.extra:
+            raise Untranslatable(f"Field `{next(iter(message.extra))}` of a message", NAME)
+        developer = message.role == "system" and message.extra.get("role") == "developer"
+        wire["role"] = "developer" if developer else message.role
         wire["content"] = _simple_content(content) if content or not tool_calls else None
         if tool_calls:
             wire["tool_calls"] = tool_calls
@@ -289,6 +456,12 @@ def _simple_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 
 
 def _encode_part(part: Part, same_format: bool) -> dict[str, Any]:
+    if isinstance(part, OpaquePart):
+        if part.format != NAME:
+            raise Untranslatable(f"Content block type {part.kind!r}", NAME)
+        return part.data
+    if not same_format:
+        _check_block_fields(part, f"a {type(part).__name__}")
     if isinstance(part, TextPart):
         text: dict[str, Any] = dict(part.extra) if same_format else {}
         text.update(type="text", text=part.text)
@@ -298,11 +471,31 @@ def _encode_part(part: Part, same_format: bool) -> dict[str, Any]:
         image: dict[str, Any] = dict(part.extra) if same_format else {}
         image["url"] = url
         return {"type": "image_url", "image_url": image}
-    raise ValueError(f"cannot encode {type(part).__name__} as message content")
+    if isinstance(part, DocumentPart):
+        if part.data:
+            file = {"file_data": f"data:{part.media_type};base64,{part.data}"}
+            if part.name:
+                file["filename"] = part.name
+            return {"type": "file", "file": file}
+        if part.text:
+            title = f"{part.name}\n\n" if part.name else ""
+            return {"type": "text", "text": title + part.text}
+        raise Untranslatable("A document given by URL", NAME)
+    raise Untranslatable(f"A {type(part).__name__} in this place", NAME)
 
 
 def _encode_tool(tool: Tool, same_format: bool) -> dict[str, Any]:
+    if tool.type:
+        if tool.format != NAME:
+            raise Untranslatable(f"Tool {tool.name!r} of type {tool.type!r}", NAME)
+        return {"type": tool.type, **tool.extra}
     function: dict[str, Any] = dict(tool.extra) if same_format else {}
+    if not same_format:
+        for key, value in tool.extra.items():
+            if key == "strict":  # the one tool field both APIs have
+                function[key] = value
+            elif key not in ("cache_control", "defer_loading", "type"):
+                raise Untranslatable(f"Field `{key}` of tool {tool.name!r}", NAME)
     function["name"] = tool.name
     if tool.description:
         function["description"] = tool.description
@@ -313,30 +506,68 @@ def _encode_tool(tool: Tool, same_format: bool) -> dict[str, Any]:
 # --- provider response -> canonical ------------------------------------------------------
 
 
-class _WireUsage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _WireChoiceMessage(msgspec.Struct):
-    content: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-    refusal: str | None = None
-
-
-class _WireChoice(msgspec.Struct):
-    message: _WireChoiceMessage
-    finish_reason: str | None = None
-
-
 class _WireResponse(msgspec.Struct):
-    choices: list[_WireChoice]
+    choices: list[dict[str, Any]]
     id: str = ""
     model: str = ""
-    usage: _WireUsage | None = None
+    usage: dict[str, Any] | None = None
 
 
-_RESPONSE_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_RESPONSE_FIELDS = frozenset({"id", "object", "model", "choices", "usage"})
+_CHOICE_FIELDS = frozenset({"index", "message", "finish_reason"})
+_ANSWER_FIELDS = frozenset({"role", "content", "tool_calls", "reasoning_content"})
+_USAGE_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def decode_usage(usage: dict[str, Any] | None) -> Usage:
+    if not usage:
+        return Usage()
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(input_tokens=prompt if isinstance(prompt, int) else 0,
+                 output_tokens=completion if isinstance(completion, int) else 0,
+                 cache_read_tokens=cached if isinstance(cached, int) else 0,
+                 extra=known_extra(usage, _USAGE_FIELDS))
+
+
+def encode_usage(usage: Usage, same_format: bool) -> dict[str, Any]:
+    wire: dict[str, Any] = dict(usage.extra) if same_format else {}
+    wire.update(prompt_tokens=usage.input_tokens, completion_tokens=usage.output_tokens,
+                total_tokens=usage.total_tokens)
+    if usage.cache_read_tokens or "prompt_tokens_details" in wire:
+        wire["prompt_tokens_details"] = {**wire.get("prompt_tokens_details", {}),
+                                         "cached_tokens": usage.cache_read_tokens}
+    return wire
+
+
+def _decode_choice(choice: dict[str, Any], response_id: str, model: str) -> Response:
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise UpstreamError(502, "Provider sent a choice without a message")
+    content: list[Part] = []
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        content.append(ThinkingPart(thinking=reasoning))
+    text = message.get("content")
+    if isinstance(text, str) and text:
+        content.append(TextPart(text=text))
+    elif not text and isinstance(message.get("refusal"), str):
+        content.append(TextPart(text=message["refusal"]))
+    for j, call in enumerate(message.get("tool_calls") or ()):
+        try:
+            content.append(_decode_tool_call(call, f"choices[].message.tool_calls[{j}]"))
+        except BadRequest as exc:
+            raise UpstreamError(502, f"Provider sent an invalid response: {exc.message}") \
+                from None
+    choice_extra = known_extra(choice, _CHOICE_FIELDS)
+    message_extra = known_extra(message, _ANSWER_FIELDS)
+    if message_extra:
+        choice_extra["message"] = message_extra
+    finish = choice.get("finish_reason")
+    return Response(id=response_id, model=model, content=content,
+                    finish_reason=_FINISH_IN.get(finish, "stop"),
+                    choice_extra=choice_extra)
 
 
 def decode_response(body: bytes) -> Response:
@@ -347,25 +578,13 @@ def decode_response(body: bytes) -> Response:
         raise UpstreamError(502, f"Provider sent an invalid response: {exc}") from None
     if not wire.choices:
         raise UpstreamError(502, "Provider sent a response without choices")
-    choice = wire.choices[0]
-    content: list[TextPart | ToolCallPart] = []
-    text = choice.message.content or choice.message.refusal
-    if text:
-        content.append(TextPart(text=text))
-    for call in choice.message.tool_calls or ():
-        arguments = call.function.arguments
-        if not isinstance(arguments, str):
-            arguments = _encode(arguments).decode()
-        content.append(ToolCallPart(id=call.id, name=call.function.name, arguments=arguments))
-    usage = wire.usage or _WireUsage()
-    return Response(
-        id=wire.id,
-        model=wire.model,
-        content=content,
-        finish_reason=_FINISH_IN.get(choice.finish_reason, "stop"),
-        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
-        extra=known_extra(raw, _RESPONSE_FIELDS),
-    )
+    choices = sorted(wire.choices, key=lambda c: c.get("index", 0)
+                     if isinstance(c.get("index", 0), int) else 0)
+    response, *alternatives = [_decode_choice(c, wire.id, wire.model) for c in choices]
+    response.usage = decode_usage(wire.usage)
+    response.extra = known_extra(raw, _RESPONSE_FIELDS)
+    response.alternatives = alternatives
+    return response
 
 
 # --- canonical -> client response -------------------------------------------------------
@@ -375,34 +594,43 @@ def _response_id(response_id: str) -> str:
     return response_id if response_id.startswith("chatcmpl") else f"chatcmpl-{response_id}"
 
 
-def encode_response(response: Response, *, same_format: bool) -> bytes:
-    text = response.text
-    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+def _encode_choice(response: Response, index: int, same_format: bool) -> dict[str, Any]:
+    extra = response.choice_extra if same_format else {}
+    message: dict[str, Any] = dict(extra.get("message") or {})
+    message.update(role="assistant", content=response.text or None)
+    thinking = "".join(p.thinking for p in response.content if isinstance(p, ThinkingPart))
+    if thinking:
+        # Reasoning as OpenAI-compatible servers send it; OpenAI's own API has no field.
+        message["reasoning_content"] = thinking
     calls = response.tool_calls
     if calls:
         message["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {**({k: v for k, v in c.extra.items() if k != "function"} if same_format else {}),
+             "id": c.id, "type": "function",
+             "function": {**((c.extra.get("function") or {}) if same_format else {}),
+                          "name": c.name, "arguments": c.arguments}}
             for c in calls
         ]
+    choice = {k: v for k, v in extra.items() if k != "message"}
+    choice.update(index=index, message=message, finish_reason=response.finish_reason)
+    choice.setdefault("logprobs", None)
+    return choice
+
+
+def encode_response(response: Response, *, same_format: bool) -> bytes:
     body: dict[str, Any] = dict(response.extra) if same_format else {}
+    choices = [_encode_choice(response, 0, same_format)]
+    choices.extend(_encode_choice(alternative, i, same_format)
+                   for i, alternative in enumerate(response.alternatives, 1))
     body.update(
         id=_response_id(response.id),
         object="chat.completion",
-        created=int(time.time()),
+        created=body.get("created") or int(time.time()),
         model=response.model,
-        choices=[{"index": 0, "message": message, "finish_reason": response.finish_reason,
-                  "logprobs": None}],
-        usage=_usage(response.usage),
+        choices=choices,
+        usage=encode_usage(response.usage, same_format),
     )
     return _encode(body)
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-    }
 
 
 def encode_error(error: ProxyError) -> bytes:
@@ -431,46 +659,70 @@ class _DeltaToolCall(msgspec.Struct):
 class _Delta(msgspec.Struct):
     content: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[_DeltaToolCall] | None = None
 
 
 class _ChunkChoice(msgspec.Struct):
+    index: int = 0
     delta: _Delta | None = None
     finish_reason: str | None = None
-
-
-class _ChunkUsage(msgspec.Struct):
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
+    logprobs: Any = None
 
 
 class _Chunk(msgspec.Struct):
     id: str = ""
     model: str = ""
     choices: list[_ChunkChoice] | None = None
-    usage: _ChunkUsage | None = None
+    usage: dict[str, Any] | None = None
     error: Any = None
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_DONE = b"data: [DONE]\n\n"
+
+
+class _ChoiceState:
+    """Block numbering for one of the ``n`` choices."""
+
+    __slots__ = ("kind", "next_index", "text_index", "tool_index")
+
+    def __init__(self) -> None:
+        self.kind = ""
+        self.next_index = 0
+        self.text_index: int | None = None
+        self.tool_index: dict[int, int] = {}  # tool_calls[].index -> block index
+
+    def block(self, kind: str) -> int:
+        """The block for more text (or reasoning: ``kind``), opening one if the last
+        block is not of that kind."""
+        if self.text_index is None or self.text_index != self.next_index - 1 \
+                or kind != self.kind:
+            self.text_index = self.next_index
+            self.next_index += 1
+            self.kind = kind
+        return self.text_index
 
 
 class StreamDecoder:
-    """Turns a provider's ``data:`` payloads into canonical stream events."""
+    """Turns a provider's ``data:`` payloads into canonical stream events.
+    ``same_format``: each event keeps its bytes (``raw``) to pass on as they are."""
 
     def __init__(self, request: Request | None = None, same_format: bool = False) -> None:
+        self.keep_raw = same_format
+        # The usage chunk hookproxy asks for goes to a client that asked for it too.
+        self.client_usage = bool(request is not None and request.stream_usage)
         self.started = False
         self.ended = False
-        self.next_index = 0
-        self.text_index: int | None = None
-        self.tool_index: dict[int, int] = {}  # OpenAI tool_calls[].index -> block index
+        self.choices: dict[int, _ChoiceState] = {}
         self.finish: FinishReason = "stop"
         self.finish_seen = False
         self.usage = Usage()
+        self.pending = b""  # bytes that go out with the end: the finish and usage chunks
 
     def feed(self, event: str, data: bytes) -> list[StreamEvent]:
         if data.strip() == b"[DONE]":
-            return self.finish_events()
+            return self.finish_events(self.pending + _DONE if self.keep_raw else None)
         try:
             chunk = _decode_chunk(data)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
@@ -479,52 +731,76 @@ class StreamDecoder:
             error = chunk.error
             message = error.get("message", error) if isinstance(error, dict) else error
             raise UpstreamError(502, f"Provider error mid-stream: {message}")
+        raw = b"data: " + data + b"\n\n" if self.keep_raw else None
         out: list[StreamEvent] = []
         if not self.started:
             self.started = True
             out.append(StreamStart(id=chunk.id, model=chunk.model))
         if chunk.usage is not None:
-            self.usage = Usage(input_tokens=chunk.usage.prompt_tokens or 0,
-                               output_tokens=chunk.usage.completion_tokens or 0)
+            self.usage = decode_usage(chunk.usage)
+        finished = False
         for choice in chunk.choices or ():
+            state = self.choices.get(choice.index)
+            if state is None:
+                state = self.choices[choice.index] = _ChoiceState()
             delta = choice.delta
             if delta is not None:
-                text = delta.content or delta.refusal
-                if text:
-                    if self.text_index is None or self.text_index != self.next_index - 1:
-                        self.text_index = self.next_index
-                        self.next_index += 1
-                    out.append(TextDelta(index=self.text_index, text=text))
-                for call in delta.tool_calls or ():
-                    function = call.function or _DeltaFunction()
-                    if call.index not in self.tool_index:
-                        self.tool_index[call.index] = self.next_index
-                        self.next_index += 1
-                        out.append(ToolCallStart(index=self.tool_index[call.index],
-                                                 id=call.id or "", name=function.name or ""))
-                    if function.arguments:
-                        out.append(ToolCallDelta(index=self.tool_index[call.index],
-                                                 arguments=function.arguments))
-            if choice.finish_reason:
+                out.extend(self._delta(choice, delta, state))
+            if choice.finish_reason and choice.index == 0:
                 self.finish = _FINISH_IN.get(choice.finish_reason, "stop")
-                self.finish_seen = True
+                self.finish_seen = finished = True
+        if raw is None:
+            return out
+        if out:
+            out[0].raw = raw
+            for item in out[1:]:
+                item.raw = b""
+            return out
+        if finished or (chunk.usage is not None and not chunk.choices):
+            # The end's chunks go out with the end (the usage one if the client asked).
+            if self.client_usage or chunk.choices:
+                self.pending += raw
+            return []
+        return [WireEvent(format=NAME, raw=raw)]
+
+    def _delta(self, choice: _ChunkChoice, delta: _Delta, state: _ChoiceState
+               ) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        if delta.reasoning_content:
+            out.append(ThinkingDelta(index=state.block("thinking"),
+                                     thinking=delta.reasoning_content))
+        text = delta.content or delta.refusal
+        if text:
+            out.append(TextDelta(index=state.block("text"), text=text, choice=choice.index,
+                                 logprobs=choice.logprobs))
+        for call in delta.tool_calls or ():
+            function = call.function or _DeltaFunction()
+            if call.index not in state.tool_index:
+                state.tool_index[call.index] = state.next_index
+                state.next_index += 1
+                out.append(ToolCallStart(index=state.tool_index[call.index], id=call.id or "",
+                                         name=function.name or "", choice=choice.index))
+            if function.arguments:
+                out.append(ToolCallDelta(index=state.tool_index[call.index],
+                                         arguments=function.arguments, choice=choice.index))
         return out
 
-    def finish_events(self) -> list[StreamEvent]:
+    def finish_events(self, raw: bytes | None = None) -> list[StreamEvent]:
         if self.ended:
             return []
         self.ended = True
-        return [StreamEnd(finish_reason=self.finish, usage=self.usage)]
+        return [StreamEnd(finish_reason=self.finish, usage=self.usage, raw=raw)]
 
     def close(self) -> list[StreamEvent]:
         """The provider closed the stream; some servers end without ``[DONE]``."""
         if self.ended or self.finish_seen:
-            return self.finish_events()
+            return self.finish_events(self.pending if self.keep_raw else None)
         raise UpstreamError(502, "Provider stream ended before the answer was complete")
 
 
 class StreamEncoder:
-    """Turns canonical stream events into the client's ``data:`` chunks."""
+    """Turns canonical stream events into the client's ``data:`` chunks. An event that
+    carries the provider's bytes (``raw``) goes out as them."""
 
     media_type = "text/event-stream"
 
@@ -533,7 +809,9 @@ class StreamEncoder:
         self.id = "chatcmpl-"
         self.model = request.model
         self.created = int(time.time())
-        self.tool_index: dict[int, int] = {}  # block index -> OpenAI tool_calls[].index
+        # (choice, block index) -> tool_calls[].index, and how many each choice has.
+        self.tool_index: dict[tuple[int, int], int] = {}
+        self.tool_count: dict[int, int] = {}
         self._prefix()
 
     def _prefix(self) -> None:
@@ -544,41 +822,69 @@ class StreamEncoder:
                             + b',"choices":[{"index":0,"delta":{"content":')
         self.text_suffix = b'},"finish_reason":null}]}\n\n'
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, choice: int = 0,
+               logprobs: Any = None) -> bytes:
+        entry: dict[str, Any] = {"index": choice, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            entry["logprobs"] = logprobs
         chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [entry],
         }
         return b"data: " + _encode(chunk) + b"\n\n"
 
+    def _tool_position(self, event: ToolCallStart) -> int:
+        position = self.tool_count.get(event.choice, 0)
+        self.tool_count[event.choice] = position + 1
+        self.tool_index[event.choice, event.index] = position
+        return position
+
     def encode(self, event: StreamEvent) -> bytes:
+        raw = event.raw
+        if raw is not None:
+            # The provider's own chunk: what later encoded chunks need is noted.
+            if isinstance(event, ToolCallStart):
+                self._tool_position(event)
+            elif isinstance(event, StreamStart):
+                self.id, self.model = _response_id(event.id), event.model or self.model
+                self._prefix()
+            return raw
         if isinstance(event, TextDelta):
+            if event.choice or event.logprobs is not None:
+                return self._chunk({"content": event.text}, choice=event.choice,
+                                   logprobs=event.logprobs)
             return self.text_prefix + _encode(event.text) + self.text_suffix
         if isinstance(event, ToolCallDelta):
-            position = self.tool_index.get(event.index, 0)
+            position = self.tool_index.get((event.choice, event.index), 0)
             return self._chunk({"tool_calls": [
                 {"index": position, "function": {"arguments": event.arguments}}
-            ]})
+            ]}, choice=event.choice)
         if isinstance(event, ToolCallStart):
-            position = self.tool_index[event.index] = len(self.tool_index)
             return self._chunk({"tool_calls": [{
-                "index": position, "id": event.id, "type": "function",
+                "index": self._tool_position(event), "id": event.id, "type": "function",
                 "function": {"name": event.name, "arguments": ""},
-            }]})
+            }]}, choice=event.choice)
+        if isinstance(event, ThinkingDelta):
+            # Reasoning as OpenAI-compatible servers stream it; OpenAI's own API has none.
+            return self._chunk({"reasoning_content": event.thinking}) if event.thinking else b""
         if isinstance(event, StreamStart):
             self.id = _response_id(event.id)
             self.model = event.model or self.model
             self._prefix()
             return self._chunk({"role": "assistant", "content": ""})
-        out = self._chunk({}, event.finish_reason)
-        if self.include_usage:
-            usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                     "model": self.model, "choices": [], "usage": _usage(event.usage)}
-            out += b"data: " + _encode(usage) + b"\n\n"
-        return out + b"data: [DONE]\n\n"
+        if isinstance(event, StreamEnd):
+            out = self._chunk({}, event.finish_reason)
+            if self.include_usage:
+                usage = {"id": self.id, "object": "chat.completion.chunk",
+                         "created": self.created, "model": self.model, "choices": [],
+                         "usage": encode_usage(event.usage, False)}
+                out += b"data: " + _encode(usage) + b"\n\n"
+            return out + _DONE
+        # Signatures, other blocks, the other format's events: no form here.
+        return b""
 
     def encode_error(self, error: ProxyError) -> bytes:
         return b"data: " + encode_error(error) + b"\n\n"
