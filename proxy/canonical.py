@@ -9,6 +9,7 @@ vendor parameter added last week still reaches it.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -392,10 +393,16 @@ class StreamAccumulator:
                 blocks[event.index] = (ToolCallPart(id=event.id, name=event.name,
                                                     arguments=""), [])
         elif isinstance(event, BlockStart):
-            data = dict(event.block)
+            data = copy.deepcopy(event.block)  # deltas add to it; the event stays as sent
             part: Part
             if data.get("type") == "redacted_thinking" and isinstance(data.get("data"), str):
                 part = RedactedThinkingPart(data=data["data"])
+            elif data.get("type") == "text" and isinstance(data.get("text"), str):
+                # Text with citations: the text grows by deltas, the citations too.
+                text = data.pop("text")
+                data.pop("type")
+                blocks[event.index] = (TextPart(text="", extra=data), [text])
+                return
             else:
                 part = OpaquePart(format=event.format, kind=str(data.get("type", "")),
                                   data=data)
