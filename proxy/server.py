@@ -363,6 +363,10 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         pass
 
 
+async def _no_icon(http: HttpRequest) -> HttpResponse:
+    return HttpResponse(status_code=204, headers={"cache-control": "max-age=86400"})
+
+
 def _too_large(limit: int) -> ProxyError:
     return ProxyError(413, f"Request body is larger than {limit} bytes",
                       code="request_too_large")
@@ -404,6 +408,8 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/health", gateway.health, methods=["GET"]),
         *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive, gateway.guard),
         Route("/admin/reload", gateway.guard.protect(gateway.admin_reload), methods=["POST"]),
+        # Browsers ask for it with the dashboard: no icon, and no record of a 404 for it.
+        Route("/favicon.ico", _no_icon, methods=["GET"]),
     ]
     # A path nothing serves, or a method a path does not take: an error in the client's
     # own format, and a record.

@@ -460,7 +460,10 @@ def test_other_routes_keep_their_answers(upstream, tmp_path):
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
             assert response.headers["content-type"].startswith("text/html")
+        # What a browser asks for beside the dashboard: no icon, no record.
+        assert _send(proxy.url + "/favicon.ico", "GET")[0] == 204
         # A Host that is not allowed is still refused before anything else.
         status, _, answer = _send(proxy.url + "/nowhere", "GET",
                                   headers={"host": "evil.example"})
         assert status == 421 and answer["error"]["code"] == "host_not_allowed"
+    assert _records(tmp_path, 0) == []  # none of these is an API request
