@@ -239,3 +239,200 @@ def test_a_changed_stream_event_is_the_only_difference(upstream, fmt):
     for i in changed:
         assert got[i].replace(b"BONJOUR", b"Bonjour").replace(b" LE MONDE", b" le monde") \
             .replace(b"ONE", b"One").replace(b"TWO", b"Two") != got[i]
+
+
+# --- across formats: translated, or a 400 naming what has no counterpart ----------------
+
+
+def anthropic_body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"model": "claude-via-openai", "max_tokens": 1000, "messages": messages, **fields}
+
+
+def openai_body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"model": "gpt-via-anthropic", "messages": messages, **fields}
+
+
+PDF_WITHOUT_CONTEXT = {k: v for k, v in corpus.ANTHROPIC_REQUEST["messages"][0]["content"][1]
+                       .items() if k != "context"}
+
+
+def test_anthropic_shapes_translate_to_openai(upstream):
+    request = corpus.ANTHROPIC_REQUEST
+    messages = request["messages"]
+    body = anthropic_body(
+        [{"role": "user", "content": [messages[0]["content"][0], PDF_WITHOUT_CONTEXT,
+                                      messages[0]["content"][2]]},
+         {"role": "assistant", "content": [messages[1]["content"][0],
+                                           messages[1]["content"][5]]},
+         messages[2], messages[3], {"role": "user", "content": "And tomorrow?"}],
+        system=request["system"], thinking=request["thinking"],
+        context_management=request["context_management"], metadata=request["metadata"],
+        tools=[request["tools"][0]], tool_choice=request["tool_choice"])
+    with serving(upstream) as proxy:
+        answer = send(proxy, "anthropic", body)
+    assert answer.status_code == 200, answer.text
+    sent = upstream.received[-1]
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are a careful agent."},
+        {"role": "system", "content": "Project notes: use tools."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Read this and check the weather."},
+            {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{corpus.PDF}",
+                                      "filename": "report.pdf"}},
+            {"type": "text", "text": "Plain text document."}]},
+        # Thinking has no input form in Chat Completions: the turn goes on without it.
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "toolu_01", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "18C, sunny"},
+        {"role": "system", "content": "From now on, answer in French."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    assert sent["reasoning_effort"] == "low"  # a 4,096-token thinking budget
+    assert sent["parallel_tool_calls"] is False and sent["tool_choice"] == "auto"
+    assert sent["user"] == "user-42"
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": corpus.WEATHER_SCHEMA}}]
+    assert "context_management" not in sent and "thinking" not in sent
+    # And the answer comes back in Anthropic's shapes, cache usage included.
+    message = answer.json()
+    assert [b["type"] for b in message["content"]] == ["text", "tool_use", "tool_use"]
+    assert message["stop_reason"] == "tool_use"
+    assert message["usage"] == {"input_tokens": 952, "cache_read_input_tokens": 2048,
+                                "cache_creation_input_tokens": 0, "output_tokens": 40}
+
+
+REQUEST_MESSAGES = corpus.ANTHROPIC_REQUEST["messages"]
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (anthropic_body([{"role": "user", "content": [REQUEST_MESSAGES[0]["content"][3]]}]),
+     "A document given by URL"),
+    (anthropic_body([{"role": "user", "content": [REQUEST_MESSAGES[0]["content"][5]]}]),
+     "'search_result'"),
+    (anthropic_body([{"role": "user", "content": [REQUEST_MESSAGES[4]["content"][0]]}]),
+     "'made_up_block_2026'"),
+    (anthropic_body([{"role": "assistant", "content": [REQUEST_MESSAGES[1]["content"][3]]}]),
+     "'server_tool_use'"),
+    (anthropic_body([{"role": "user", "content": "hi"}],
+                    tools=[corpus.ANTHROPIC_REQUEST["tools"][2]]),
+     "'web_search_20250305'"),
+    (anthropic_body([{"role": "user", "content": "hi"}], top_k=5), "`top_k`"),
+    (anthropic_body([{"role": "user", "content": [REQUEST_MESSAGES[0]["content"][1]]}]),
+     "Field `context` of a DocumentPart"),
+    (anthropic_body([{"role": "user", "content": "hi"}],
+                    context_management={"edits": [{"type": "clear_tool_uses_20250919"}]}),
+     "clear_tool_uses_20250919"),
+], ids=["url-document", "search-result", "unknown-block", "server-tool-use", "server-tool",
+        "top_k", "document-context", "context-edit"])
+def test_anthropic_shapes_with_no_counterpart_are_refused(upstream, body, named):
+    before = len(upstream.received)
+    with serving(upstream) as proxy:
+        answer = send(proxy, "anthropic", body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert named in error["message"] and "provider oai" in error["message"]
+    assert len(upstream.received) == before
+
+
+def test_openai_shapes_translate_to_anthropic(upstream):
+    messages = corpus.OPENAI_REQUEST["messages"]
+    body = openai_body(
+        [messages[0], messages[1],
+         {"role": "user", "content": [messages[2]["content"][0], messages[2]["content"][2]]},
+         messages[3], messages[4], messages[5], messages[6],
+         {"role": "user", "content": "Compare them."}],
+        tools=[corpus.OPENAI_TOOLS[0]], parallel_tool_calls=False, reasoning_effort="low",
+        n=1, store=False, max_completion_tokens=4000)
+    with serving(upstream) as proxy:
+        answer = send(proxy, "openai", body)
+    assert answer.status_code == 200, answer.text
+    sent = upstream.received[-1]
+    assert sent["system"] == "You are a careful agent.\n\nUse tools."
+    assert sent["messages"] == [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look at these."},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                            "data": corpus.PDF}, "title": "report.pdf"}]},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_weather",
+             "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_weather",
+             "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1",
+             "content": [{"type": "text", "text": "18C"}]},
+            {"type": "tool_result", "tool_use_id": "call_2",
+             "content": [{"type": "text", "text": "21C"}]}]},
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly from now on."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Compare them."}]},
+    ]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    assert sent["tools"][0]["strict"] is True
+    assert "n" not in sent and "store" not in sent
+    # The answer, in OpenAI's shapes: reasoning, text, tool call, cached tokens.
+    choice = answer.json()["choices"][0]
+    assert choice["message"]["content"] == "Demain, pluie."
+    assert choice["message"]["reasoning_content"] == "Tomorrow: rain."
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert answer.json()["usage"]["prompt_tokens"] == 3050
+    assert answer.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2000}
+
+
+OPENAI_PARTS = corpus.OPENAI_REQUEST["messages"][2]["content"]
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (openai_body([{"role": "user", "content": [OPENAI_PARTS[4]]}]), "'input_audio'"),
+    (openai_body([{"role": "user", "content": [OPENAI_PARTS[3]]}]), "'file'"),
+    (openai_body([{"role": "user", "content": "hi"}], n=2), "`n` = 2"),
+    (openai_body([{"role": "user", "content": "hi"}], seed=7), "`seed`"),
+    (openai_body([{"role": "user", "content": "hi"}], logprobs=True), "`logprobs`"),
+    (openai_body([{"role": "user", "content": "hi"}], tools=[corpus.OPENAI_TOOLS[1]]),
+     "'custom'"),
+    (openai_body([{"role": "user", "content": "hi"}], tools=[corpus.OPENAI_TOOLS[0]],
+                 tool_choice=corpus.OPENAI_REQUEST["tool_choice"]), "`tool_choice`"),
+], ids=["audio", "file-id", "n", "seed", "logprobs", "custom-tool", "allowed-tools"])
+def test_openai_shapes_with_no_counterpart_are_refused(upstream, body, named):
+    before = len(upstream.received)
+    with serving(upstream) as proxy:
+        answer = send(proxy, "openai", body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "untranslatable"
+    assert named in error["message"] and "provider ant" in error["message"]
+    assert len(upstream.received) == before
+
+
+def test_an_anthropic_stream_reaches_an_openai_client(upstream):
+    with serving(upstream) as proxy:
+        chunks = list(proxy.openai().chat.completions.create(
+            model="gpt-via-anthropic", messages=[{"role": "user", "content": "hi"}],
+            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
+    assert text == "Bonjour le monde" and reasoning == "Let me think."
+    assert calls[0].function.name == "get_weather"
+    assert "".join(t.function.arguments or "" for t in calls) == "{\"city\": \"Paris\"}"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == 4312 and usage.prompt_tokens_details.cached_tokens == 4000
+
+
+def test_an_openai_stream_reaches_an_anthropic_client(upstream):
+    with serving(upstream) as proxy, proxy.anthropic().messages.stream(
+            model="claude-via-openai", max_tokens=100,
+            messages=[{"role": "user", "content": "hi"}]) as stream:
+        message = stream.get_final_message()
+    # The second choice (n=2 upstream) has no place in this API; the first is whole.
+    assert [b.type for b in message.content] == ["text", "tool_use", "tool_use"]
+    assert message.content[0].text == "One"
+    assert [b.input for b in message.content[1:]] == [{"city": "Oslo"}, {"city": "Bern"}]
+    assert message.stop_reason == "tool_use"
+    assert message.usage.cache_read_input_tokens == 2048
+    assert message.usage.input_tokens == 952

@@ -88,6 +88,7 @@ _OPENAI_DROPPABLE: dict[str, tuple[Any, ...] | None] = {
     "frequency_penalty": (0, 0.0), "store": None, "metadata": None, "service_tier": None,
     "stream_options": None, "parallel_tool_calls": None, "prompt_cache_key": None,
     "safety_identifier": None, "reasoning_effort": None, "modalities": (["text"],),
+    "max_completion_tokens": None,
 }
 
 # Fields of the other format's messages that may go: the annotations of an earlier answer,
