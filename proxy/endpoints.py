@@ -146,6 +146,8 @@ async def count_tokens(gateway: Gateway, http: HttpRequest) -> HttpResponse:
             decodable = _encode({**fields, "max_tokens": _PLACEHOLDER_MAX_TOKENS})
         ctx = gateway.request_context(http, anthropic_format, anthropic_format.decode_request,
                                       decodable, request_id)
+        if "max_tokens" not in fields:
+            ctx.request.max_tokens = None  # as the client sent it, for plugins and the record
         fields.pop("hookproxy", None)  # the request's own settings are for hookproxy
         ctx.raw_body, ctx.body_bytes = None, len(body)
         return ctx

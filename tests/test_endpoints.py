@@ -248,6 +248,7 @@ def test_count_tokens_is_forwarded_to_an_anthropic_provider(upstream, tmp_path):
     assert record["model"] == "claude-alias"
     assert record["provider"] == "ant" and record["provider_model"] == "claude-real"
     assert [a["status"] for a in record["attempts"]] == [200]
+    assert record["request"]["messages"] and "max_tokens" not in record["request"]
 
 
 def test_the_beta_query_string_is_accepted(upstream, proxy):
