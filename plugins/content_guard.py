@@ -5,11 +5,13 @@
     action = "reject"          # "reject": an error with `status`; "refuse": a canned answer
     status = 400
     message = "This request is not allowed by the proxy's content policy."
+    unreadable = "pass"        # or "reject": refuse what it cannot read (images, PDFs...)
 
 The patterns run on RE2, all at once and in time linear in the text. Each message is
-checked as one text (its parts joined as the provider joins them), with the system prompt
-and tool results; a message's verdict is remembered (``proxy.memo``), so a history that
-comes back on the next turn is not checked again.
+checked as one text (its parts joined as the provider joins them), with the system prompt,
+tool results and text documents; a message's verdict is remembered (``proxy.memo``), so a
+history that comes back on the next turn is not checked again. What holds no text (images,
+PDFs, opaque blocks) passes, or with ``unreadable = "reject"`` is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     action: Literal["reject", "refuse"] = "reject"
     status: int = 400
     message: str = "This request is not allowed by the proxy's content policy."
+    # Images, binary documents, redacted thinking and blocks hookproxy has no type for
+    # hold no text to check: let them through, or refuse the request.
+    unreadable: Literal["pass", "reject"] = "pass"
 
 
 def _matches(patterns: PatternSet, request: Request) -> bool:
@@ -52,6 +57,11 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(trylast=True)
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
+    if config.unreadable == "reject":
+        unreadable = ctx.request.unreadable()
+        if unreadable:
+            raise Reject(config.status, f"{config.message} (content that cannot be checked: "
+                                        f"{', '.join(unreadable[:5])})", code="content_policy")
     if not config.patterns or not _matches(pattern_set(tuple(config.patterns)), ctx.request):
         return None
     if config.action == "reject":

@@ -4,11 +4,13 @@ provider sees them, and (``restore = true``) puts them back in the answer, strea
     [plugins.redact]
     kinds = ["email", "phone", "secret"]
     restore = true
+    unreadable = "pass"   # or "reject": refuse what it cannot read (images, PDFs...)
 
 The provider sees ``[EMAIL_1]``, ``[PHONE_1]``, ``[SECRET_1]``...; one value keeps one
 placeholder throughout a request. The patterns run on RE2 (linear time), all kinds in one
 pass, and what a text holds is remembered by content (``proxy.memo``): an agent's history,
-resent every turn, is scanned once.
+resent every turn, is scanned once. Text documents are masked too; thinking is not (the
+provider signed it, and would refuse it changed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import msgspec
 
 from proxy import (
     DROP,
+    DocumentPart,
+    Reject,
     RequestContext,
     Response,
     StreamEvent,
@@ -41,6 +45,9 @@ Kind = Literal["email", "phone", "secret"]
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     kinds: list[Kind] = msgspec.field(default_factory=lambda: ["email", "phone", "secret"])
     restore: bool = True
+    # Images, binary documents, redacted thinking and blocks hookproxy has no type for
+    # hold no text to mask: let them through, or refuse the request.
+    unreadable: Literal["pass", "reject"] = "pass"
 
 
 # Secrets first: where two kinds could match at one place, the secret wins. These run on
@@ -131,7 +138,8 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 @hookimpl(trylast=True)
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
-    masker = _Masker(settings_as(settings, Settings).kinds)
+    config = settings_as(settings, Settings)
+    masker = _Masker(config.kinds)
     request = ctx.request
     for part in request.system:
         part.text = masker.mask(part.text)
@@ -143,8 +151,16 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
                 item.arguments = masker.mask(item.arguments)
             elif isinstance(item, ToolResultPart):
                 for inner in item.content:
-                    if isinstance(inner, TextPart):
+                    if isinstance(inner, TextPart | DocumentPart):
                         inner.text = masker.mask(inner.text)
+            elif isinstance(item, DocumentPart):
+                item.text = masker.mask(item.text)
+            # Thinking is signed by the provider: changed, it would be refused.
+    if config.unreadable == "reject":
+        unreadable = request.unreadable()
+        if unreadable:
+            raise Reject(400, "redact cannot mask what this request holds: "
+                              f"{', '.join(unreadable[:5])}", code="content_policy")
     if masker.originals:
         ctx.scratch["redact"] = masker
         ctx.scratch["redacted"] = len(masker.originals)

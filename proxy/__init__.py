@@ -1,15 +1,24 @@
 """hookproxy: an LLM gateway whose pipeline is shaped by pluggy plugins."""
 
 from proxy.canonical import (
+    BlockDelta,
+    BlockStart,
+    BlockStop,
+    DocumentPart,
     ImagePart,
     Message,
+    OpaquePart,
+    RedactedThinkingPart,
     Request,
     Response,
+    SignatureDelta,
     StreamEnd,
     StreamEvent,
     StreamStart,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
     Tool,
     ToolCallDelta,
     ToolCallPart,
@@ -17,6 +26,7 @@ from proxy.canonical import (
     ToolChoice,
     ToolResultPart,
     Usage,
+    WireEvent,
 )
 from proxy.context import PipelineError, Reject, RequestContext
 from proxy.hookspecs import hookimpl
@@ -24,18 +34,27 @@ from proxy.pipeline import DROP
 
 __all__ = [
     "DROP",
+    "BlockDelta",
+    "BlockStart",
+    "BlockStop",
+    "DocumentPart",
     "ImagePart",
     "Message",
+    "OpaquePart",
     "PipelineError",
+    "RedactedThinkingPart",
     "Reject",
     "Request",
     "RequestContext",
     "Response",
+    "SignatureDelta",
     "StreamEnd",
     "StreamEvent",
     "StreamStart",
     "TextDelta",
     "TextPart",
+    "ThinkingDelta",
+    "ThinkingPart",
     "Tool",
     "ToolCallDelta",
     "ToolCallPart",
@@ -43,6 +62,7 @@ __all__ = [
     "ToolChoice",
     "ToolResultPart",
     "Usage",
+    "WireEvent",
     "hookimpl",
 ]
 __version__ = "0.1.0"

@@ -174,11 +174,32 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
                     texts.append(part.text)
                 elif isinstance(part, ToolResultPart):
                     texts.extend(p.text for p in part.content if isinstance(p, TextPart))
+                elif isinstance(part, DocumentPart) and part.text:
+                    texts.append(part.text)
             text = texts[0] if len(texts) == 1 else "".join(texts)
             if text:
                 yield text
         if self.system:
             yield self.system_text
+
+    def unreadable(self) -> list[str]:
+        """What in the messages holds content that is not text a plugin can read or
+        change: images, binary or linked documents, redacted thinking, opaque blocks (by
+        their type). Content checks decide with this what to do about them."""
+        found: dict[str, None] = {}
+        for message in self.messages:
+            for part in message.content:
+                inner = part.content if isinstance(part, ToolResultPart) else [part]
+                for item in inner:
+                    if isinstance(item, ImagePart):
+                        found["image"] = None
+                    elif isinstance(item, DocumentPart) and not item.text:
+                        found[f"document ({item.media_type or 'by URL'})"] = None
+                    elif isinstance(item, RedactedThinkingPart):
+                        found["redacted_thinking"] = None
+                    elif isinstance(item, OpaquePart):
+                        found[item.kind] = None
+        return list(found)
 
     def prompt_text(self) -> str:
         """All text of the system prompt and the messages, for matching and estimates."""
@@ -189,6 +210,8 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
                     texts.append(part.text)
                 elif isinstance(part, ToolResultPart):
                     texts.extend(p.text for p in part.content if isinstance(p, TextPart))
+                elif isinstance(part, DocumentPart) and part.text:
+                    texts.append(part.text)
         return "\n".join(texts)
 
 
