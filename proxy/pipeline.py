@@ -235,14 +235,9 @@ class Pipeline:
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
         async def complete(provider: Provider, target: Target) -> Response:
-            # Nothing changed the client's body and the provider speaks its format: send
-            # the bytes as they came, and pass the provider's bytes back the same way.
-            unchanged = (ctx.raw_body is not None and provider.format == ctx.client_format
-                         and target.model == ctx.request.model
-                         and not any(a != "rejected" for a in ctx.plugin_actions.values()))
             response, ctx.raw_response = await provider.complete(
                 ctx.request, target.model, ctx.client_format,
-                ctx.raw_body if unchanged else None)
+                _unchanged_body(ctx, provider, target))
             return response
 
         return await self._with_fallback(ctx, complete)
@@ -251,7 +246,8 @@ class Pipeline:
                                     ) -> AsyncIterator[list[StreamEvent]]:
         async def open_stream(provider: Provider, target: Target
                               ) -> AsyncIterator[list[StreamEvent]]:
-            events = provider.stream(ctx.request, target.model, ctx.client_format)
+            events = provider.stream(ctx.request, target.model, ctx.client_format,
+                                     _unchanged_body(ctx, provider, target))
             try:
                 first = await anext(events)
             except StopAsyncIteration:
@@ -650,6 +646,16 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     return f"{type(error).__name__}: {error}"
+
+
+def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> bytes | None:
+    """The client's body as it came, when nothing changed it and ``target`` takes it as it
+    is (the provider speaks its format, under the same model name)."""
+    if (ctx.raw_body is not None and provider.format == ctx.client_format
+            and target.model == ctx.request.model
+            and not any(a != "rejected" for a in ctx.plugin_actions.values())):
+        return ctx.raw_body
+    return None
 
 
 async def _replay(response: Response) -> AsyncIterator[list[StreamEvent]]:

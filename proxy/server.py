@@ -284,7 +284,7 @@ class Gateway:
         ctx.client_classifiers = client_set
         ctx.answered = asyncio.Event()
         ctx.body_bytes = len(body)
-        if own_field is None and not request.stream:
+        if own_field is None:
             ctx.raw_body = body
         return ctx
 

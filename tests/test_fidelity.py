@@ -436,3 +436,15 @@ def test_an_openai_stream_reaches_an_anthropic_client(upstream):
     assert message.stop_reason == "tool_use"
     assert message.usage.cache_read_input_tokens == 2048
     assert message.usage.input_tokens == 952
+
+
+def test_the_usage_chunk_hookproxy_asks_for_reaches_only_a_client_that_asked(upstream):
+    body = corpus_request("openai", True)
+    del body["stream_options"]
+    with serving(upstream) as proxy:
+        answer = send(proxy, "openai", body)
+    received = upstream.received[-1]
+    assert received.pop("stream_options") == {"include_usage": True}  # for the record
+    assert received == body
+    assert sse_events(answer.content) == [e for e in corpus.OPENAI_STREAM
+                                          if b'"usage"' not in e]

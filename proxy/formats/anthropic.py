@@ -353,6 +353,12 @@ def encode_request(
     return _encode(body)
 
 
+def stream_body(request: Request, raw_body: bytes) -> bytes:
+    """What goes to a provider of this format for a streaming request nothing changed:
+    the client's body as it came."""
+    return raw_body
+
+
 def _from_openai(request: Request, max_tokens: int) -> dict[str, Any]:
     """The top-level fields of an OpenAI request that this API has a form for; the others
     are defaults or hints that may go (``_OPENAI_DROPPABLE``), or a 400 names them."""

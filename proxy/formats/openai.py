@@ -344,6 +344,18 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
     return _encode(body)
 
 
+def stream_body(request: Request, raw_body: bytes) -> bytes:
+    """What goes to a provider of this format for a streaming request nothing changed:
+    the client's body as it came, asking for the usage chunk the log needs if the client
+    did not (it goes to the client only if it asked)."""
+    wire = wire_of(request)
+    if request.stream_usage or wire is None:
+        return raw_body
+    body = dict(wire)
+    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return _encode(body)
+
+
 def _leading_system(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
     leading = []
     for raw in raws:

@@ -50,11 +50,12 @@ class Provider(Protocol):
         speaks ``client_format``, its body as it came (to pass on as it is)."""
         ...
 
-    def stream(self, request: Request, model: str, client_format: str
-               ) -> AsyncIterator[list[StreamEvent]]:
+    def stream(self, request: Request, model: str, client_format: str,
+               raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
         """Yields the answer as stream events, in non-empty batches of what arrived
-        together. Failures before the first batch are raised by the first ``__anext__``, so
-        the caller can still answer with an error status."""
+        together. ``raw_body`` as for ``complete``. Failures before the first batch are
+        raised by the first ``__anext__``, so the caller can still answer with an error
+        status."""
         ...
 
 

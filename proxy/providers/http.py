@@ -274,9 +274,12 @@ class HttpProvider:
             raise self._invalid(exc) from None
         return payload
 
-    async def stream(self, request: Request, model: str, client_format: str
-                     ) -> AsyncIterator[list[StreamEvent]]:
-        body = self._body(request, model, client_format)
+    async def stream(self, request: Request, model: str, client_format: str,
+                     raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
+        if raw_body is not None:
+            body = self._wire.stream_body(request, raw_body)
+        else:
+            body = self._body(request, model, client_format)
         decoder: Any = self._wire.StreamDecoder(request, same_format=client_format == self.format)
         answering = False
         try:

@@ -109,8 +109,8 @@ class MockProvider:
                        raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
         return self.answer(request, model), None
 
-    async def stream(self, request: Request, model: str, client_format: str
-                     ) -> AsyncIterator[list[StreamEvent]]:
+    async def stream(self, request: Request, model: str, client_format: str,
+                     raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
         events: list[StreamEvent] = []
         for event in response_events(self.answer(request, model)):
             if not isinstance(event, TextDelta):
