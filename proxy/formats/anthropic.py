@@ -80,6 +80,9 @@ class _MessagesRequest(msgspec.Struct):
 _REQUEST_FIELDS = frozenset(_MessagesRequest.__struct_fields__) - {"metadata"}
 _MESSAGE_FIELDS = frozenset({"role", "content"})
 _TOOL_FIELDS = frozenset({"name", "description", "input_schema"})
+_TEXT_FIELDS = frozenset({"type", "text"})
+_TOOL_USE_FIELDS = frozenset({"type", "id", "name", "input"})
+_TOOL_RESULT_FIELDS = frozenset({"type", "tool_use_id", "content", "is_error"})
 _TOOL_CHOICE_FIELDS = frozenset({"type", "name", "disable_parallel_tool_use"})
 # Fields of the other format's requests that may be left out here: each is a default, a
 # hint with no effect on the answer, or modeled already. Anything else is refused.
@@ -194,8 +197,11 @@ def _block(block: dict[str, Any], where: str) -> Part:
         raise BadRequest(f"Invalid request: Expected `object` at `$.{where}`")
     kind = block.get("type")
     if kind == "text":
+        text = block.get("text")
+        if type(text) is str and len(block) == 2:  # most blocks: nothing else to keep
+            return TextPart(text=text)
         text = _require(block, "text", str, where)
-        return TextPart(text=text, extra=known_extra(block, {"type", "text"}))
+        return TextPart(text=text, extra=known_extra(block, _TEXT_FIELDS))
     if kind == "image" or kind == "document":
         source = _require(block, "source", dict, where)
         kept = {"type", "source", "title"} if kind == "document" else {"type", "source"}
@@ -227,7 +233,7 @@ def _block(block: dict[str, Any], where: str) -> Part:
             id=_require(block, "id", str, where),
             name=_require(block, "name", str, where),
             arguments=_encode(arguments).decode(),
-            extra=known_extra(block, {"type", "id", "name", "input"}),
+            extra=known_extra(block, _TOOL_USE_FIELDS),
         )
     if kind == "tool_result":
         content = block.get("content")
@@ -243,7 +249,7 @@ def _block(block: dict[str, Any], where: str) -> Part:
             tool_call_id=_require(block, "tool_use_id", str, where),
             content=results,
             is_error=bool(block.get("is_error")),
-            extra=known_extra(block, {"type", "tool_use_id", "content", "is_error"}),
+            extra=known_extra(block, _TOOL_RESULT_FIELDS),
         )
     if kind == "thinking":
         return ThinkingPart(thinking=_require(block, "thinking", str, where),

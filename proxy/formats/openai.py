@@ -83,6 +83,9 @@ _REQUEST_FIELDS = frozenset(_ChatRequest.__struct_fields__) - {"max_completion_t
                                                                "stream_options"}
 _MESSAGE_FIELDS = frozenset(_Message.__struct_fields__) | {"role"}
 _TOOL_FUNCTION_FIELDS = frozenset({"name", "description", "parameters"})
+_TEXT_FIELDS = frozenset({"type", "text"})
+_CALL_FIELDS = frozenset({"id", "type", "function"})
+_FUNCTION_FIELDS = frozenset({"name", "arguments"})
 # Fields of the other format's requests this API has no place for, which may go: hints
 # with no effect on the answer, or instructions about what is left out here anyway.
 _ANTHROPIC_DROPPABLE = frozenset({"metadata", "service_tier", "thinking", "output_config",
@@ -197,8 +200,8 @@ def _decode_tool_call(call: object, where: str) -> ToolCallPart:
     arguments = function.get("arguments", "{}")
     if not isinstance(arguments, str):
         arguments = _encode(arguments).decode()
-    extra = known_extra(call, {"id", "type", "function"})
-    function_extra = known_extra(function, {"name", "arguments"})
+    extra = known_extra(call, _CALL_FIELDS)
+    function_extra = known_extra(function, _FUNCTION_FIELDS)
     if function_extra:
         extra["function"] = function_extra
     return ToolCallPart(id=call["id"], name=function["name"], arguments=arguments, extra=extra)
@@ -223,7 +226,7 @@ def _part(part: object, where: str) -> Part:
         text = part.get("text")
         if not isinstance(text, str):
             raise BadRequest(f"Invalid request: Expected `str` at `$.{where}.text`")
-        return TextPart(text=text, extra=known_extra(part, {"type", "text"}))
+        return TextPart(text=text, extra=known_extra(part, _TEXT_FIELDS))
     if kind == "image_url" and len(part) == 2:
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
