@@ -378,8 +378,14 @@ class StrictUpstream:
 
     def _turn(self, body: dict[str, Any]) -> int:
         """How many tool results the conversation already holds."""
-        return sum(len(_tool_results(m)) > 0 for m in body.get("messages", [])
-                   if isinstance(m, dict) and m.get("role") in ("user", "tool"))
+        messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
+        # OpenAI: one answered turn per run of tool messages; Anthropic: per user turn
+        # holding tool results.
+        tool_runs = sum(m.get("role") == "tool" and (i == 0 or messages[i - 1].get("role")
+                                                      != "tool")
+                        for i, m in enumerate(messages))
+        return tool_runs + sum(len(_tool_results(m)) > 0 for m in messages
+                               if m.get("role") == "user")
 
     def _planned_tool(self, body: dict[str, Any], names: list[str]
                       ) -> tuple[str, dict[str, Any]] | None:

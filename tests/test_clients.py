@@ -462,3 +462,24 @@ def test_openai_two_choices_streamed_apart(openai_gateway: tuple[StrictUpstream,
     assert texts == {0: "choice 0: answered: hello", 1: "choice 1: answered: hello"}
     assert finishes == {0: "stop", 1: "stop"}
     assert not upstream.rejections
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "streaming"])
+def test_langchain_anthropic_thinking_and_tools_to_an_openai_provider(streaming: bool) -> None:
+    """ChatAnthropic with thinking and a tool, served by an OpenAI-format provider: the
+    thinking budget becomes reasoning_effort, the tool loop translates both ways."""
+    with StrictUpstream(tool_calls=[("get_weather", {"city": "Paris"})]) as upstream, \
+            ProxyServer(gateway_config(upstream, "openai")) as proxy:
+        try:
+            first, second = two_turns(chat_anthropic(proxy, streaming), "Weather in Paris?")
+        except Exception as error:
+            pytest.fail(f"{type(error).__name__}: {error}; upstream refused: "
+                        f"{rejections(upstream)}")
+        calls = [c for c in upstream.on("/v1/chat/completions") if c.status == 200]
+    assert second.text == "tool said: 18C and sunny in Paris"
+    assert first.tool_calls[0]["args"] == {"city": "Paris"}
+    assert calls[0].body["reasoning_effort"] == "low"  # a 1,024-token budget
+    turn = calls[1].body["messages"]
+    assert [m["role"] for m in turn] == ["user", "assistant", "tool"]
+    assert turn[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert not upstream.rejections
