@@ -168,14 +168,7 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
         them, then its tool results' text; then the system prompt. Empty ones are left
         out. Per-message work iterates this, and can stop early."""
         for message in reversed(self.messages):
-            texts = []
-            for part in message.content:
-                if isinstance(part, TextPart):
-                    texts.append(part.text)
-                elif isinstance(part, ToolResultPart):
-                    texts.extend(p.text for p in part.content if isinstance(p, TextPart))
-                elif isinstance(part, DocumentPart) and part.text:
-                    texts.append(part.text)
+            texts = _texts(message)
             text = texts[0] if len(texts) == 1 else "".join(texts)
             if text:
                 yield text
@@ -205,14 +198,22 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
         """All text of the system prompt and the messages, for matching and estimates."""
         texts = [p.text for p in self.system]
         for message in self.messages:
-            for part in message.content:
-                if isinstance(part, TextPart):
-                    texts.append(part.text)
-                elif isinstance(part, ToolResultPart):
-                    texts.extend(p.text for p in part.content if isinstance(p, TextPart))
-                elif isinstance(part, DocumentPart) and part.text:
-                    texts.append(part.text)
+            texts.extend(_texts(message))
         return "\n".join(texts)
+
+
+def _texts(message: Message) -> list[str]:
+    """The text a message holds, in order: text parts, tool results' text, text
+    documents."""
+    texts = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, ToolResultPart):
+            texts.extend(p.text for p in part.content if isinstance(p, TextPart))
+        elif isinstance(part, DocumentPart) and part.text:
+            texts.append(part.text)
+    return texts
 
 
 def remember_wire(item: Message | Request, wire: Any) -> None:

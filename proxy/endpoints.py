@@ -21,11 +21,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 
-from proxy.context import Attempt, RequestContext
+from proxy.context import RequestContext
 from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json
+from proxy.pipeline import record_attempt
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.providers.http import HttpProvider
 from proxy.providers.mock import estimate_request_tokens
@@ -185,9 +186,9 @@ async def _count(pipeline: Pipeline, ctx: RequestContext, fields: dict[str, Any]
         try:
             payload = await provider.count_tokens(body, ctx.request.headers)
         except UpstreamError as exc:
-            _attempt(ctx, started, exc)
+            record_attempt(ctx, started, exc)
             raise
-        _attempt(ctx, started)
+        record_attempt(ctx, started)
         return payload, False
     except ProxyError as exc:
         await pipeline._fail(ctx, exc)
@@ -213,15 +214,6 @@ def _upstream_body(ctx: RequestContext, fields: dict[str, Any], model: str) -> b
         body = dict(fields)
     body["model"] = model
     return _encode(body)
-
-
-def _attempt(ctx: RequestContext, started: float, error: UpstreamError | None = None) -> None:
-    elapsed = time.perf_counter() - started
-    ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
-    ctx.attempts.append(Attempt(
-        provider=ctx.provider or "", model=ctx.model or "",
-        status=error.upstream_status if error else 200,
-        error=error.message if error else None, latency_ms=round(elapsed * 1000, 3)))
 
 
 # --- a path or a method nothing serves ----------------------------------------------------

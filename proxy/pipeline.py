@@ -286,12 +286,12 @@ class Pipeline:
                     # Not for this target's format: the next target may take it as it is.
                     exc.message = f"{exc.message} (provider {target.provider})"
                     exc.args = (exc.message,)
-                    self._attempt(ctx, started, UpstreamError(400, exc.message,
+                    record_attempt(ctx, started, UpstreamError(400, exc.message,
                                                               code=exc.code))
                     untranslatable = exc
                     break
                 except UpstreamError as exc:
-                    self._attempt(ctx, started, exc)
+                    record_attempt(ctx, started, exc)
                     last_error = exc
                     if is_context_length(exc):
                         context_floor = target.context
@@ -303,24 +303,13 @@ class Pipeline:
                         break
                     await asyncio.sleep(self.router.backoff(retry, exc))
                     continue
-                self._attempt(ctx, started)
+                record_attempt(ctx, started)
                 self.router.record_success(target, time.perf_counter() - started)
                 return result
         if last_error is None and untranslatable is not None:
             raise untranslatable
         assert last_error is not None
         raise last_error
-
-    @staticmethod
-    def _attempt(ctx: RequestContext, started: float, error: UpstreamError | None = None) -> None:
-        elapsed = time.perf_counter() - started
-        ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
-        ctx.attempts.append(Attempt(
-            provider=ctx.provider or "", model=ctx.model or "",
-            # 0: the provider gave no HTTP answer (connection failed, timed out).
-            status=error.upstream_status if error else 200,
-            error=error.message if error else None,
-            latency_ms=round(elapsed * 1000, 3)))
 
     async def _stream(self, ctx: RequestContext, first: list[StreamEvent],
                       events: AsyncIterator[list[StreamEvent]]
@@ -646,6 +635,19 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     return f"{type(error).__name__}: {error}"
+
+
+def record_attempt(ctx: RequestContext, started: float,
+                   error: UpstreamError | None = None) -> None:
+    """Notes one call to the provider in ``ctx`` (its attempts and upstream time)."""
+    elapsed = time.perf_counter() - started
+    ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
+    ctx.attempts.append(Attempt(
+        provider=ctx.provider or "", model=ctx.model or "",
+        # 0: the provider gave no HTTP answer (connection failed, timed out).
+        status=error.upstream_status if error else 200,
+        error=error.message if error else None,
+        latency_ms=round(elapsed * 1000, 3)))
 
 
 def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> bytes | None:

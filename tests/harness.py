@@ -115,13 +115,13 @@ class ServedApp:
     """A small aiohttp app on a loopback port in its own thread: a provider that misbehaves
     in one particular way. ``routes`` maps POST paths to handlers."""
 
-    def __init__(self, routes: dict[str, Any]) -> None:
+    def __init__(self, routes: dict[str, Any], client_max_size: int = 1024 ** 2) -> None:
         import asyncio
 
         from aiohttp import web
 
         self.loop = asyncio.new_event_loop()
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=client_max_size)
         for path, handler in routes.items():
             self.app.router.add_post(path, handler)
         self.runner = web.AppRunner(self.app, access_log=None)

@@ -28,16 +28,16 @@ on the request, so side requests a client makes do not disturb a conversation.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.harness import ServedApp
 
 ANTHROPIC_KEY = "sk-ant-strict-upstream"
 OPENAI_KEY = "sk-openai-strict-upstream"
@@ -147,49 +147,22 @@ def _estimate_tokens(body: dict[str, Any]) -> int:
     return 7 + len(json.dumps(counted, sort_keys=True)) // 4
 
 
-class StrictUpstream:
+class StrictUpstream(ServedApp):
     def __init__(self, tool_calls: list[tuple[str, dict[str, Any]]] | None = None,
                  thinking_text: str = "Let me think this through step by step.") -> None:
+        super().__init__({"/v1/messages": self.messages,
+                          "/v1/messages/count_tokens": self.count_tokens,
+                          "/v1/chat/completions": self.chat_completions},
+                         client_max_size=64 * 1024 * 1024)
         self.tool_calls = list(tool_calls or [])
         self.thinking_text = thinking_text
         self.calls: list[Call] = []
         self.cached: set[str] = set()
         self.redacted: set[str] = set()
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    # --- lifecycle ----------------------------------------------------------------------
 
     def __enter__(self) -> StrictUpstream:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("strict upstream did not start")
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        runner = web.AppRunner(app, access_log=None)
-        self.loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def openai_url(self) -> str:

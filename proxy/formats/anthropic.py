@@ -538,7 +538,7 @@ def _count(usage: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def decode_usage(usage: dict[str, Any] | None, keep_extra: bool = True) -> Usage:
+def decode_usage(usage: dict[str, Any] | None) -> Usage:
     """This API's usage: ``input_tokens`` there leaves out the cached tokens, which the
     canonical count includes."""
     if not usage:
@@ -548,7 +548,7 @@ def decode_usage(usage: dict[str, Any] | None, keep_extra: bool = True) -> Usage
     return Usage(input_tokens=_count(usage, "input_tokens") + read + write,
                  output_tokens=_count(usage, "output_tokens"),
                  cache_read_tokens=read, cache_write_tokens=write,
-                 extra=known_extra(usage, _USAGE_FIELDS) if keep_extra else {})
+                 extra=known_extra(usage, _USAGE_FIELDS))
 
 
 def encode_usage(usage: Usage, same_format: bool) -> dict[str, Any]:

@@ -226,21 +226,25 @@ class HttpProvider:
                                   f"{type(exc).__name__}: {exc}", upstream_status=200,
                              code="upstream_invalid")
 
-    async def complete(self, request: Request, model: str, client_format: str,
-                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
-        body = raw_body if raw_body is not None else self._body(request, model, client_format)
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> bytes:
+        """POSTs ``body`` and reads the whole answer, under the caps; a failure is an
+        ``UpstreamError``."""
         try:
-            async with self._session().post(self.url, data=body,
-                                            headers=self.request_headers(request.headers,
-                                                                         client_format),
+            async with self._session().post(url, data=body, headers=headers,
                                             timeout=self.timeout, allow_redirects=False,
                                             auto_decompress=False) as response:
                 await self._raise_for_status(response)
-                payload = await self._read(response)
+                return await self._read(response)
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
+
+    async def complete(self, request: Request, model: str, client_format: str,
+                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+        body = raw_body if raw_body is not None else self._body(request, model, client_format)
+        payload = await self._post(self.url, body,
+                                   self.request_headers(request.headers, client_format))
         try:
             decoded = self._wire.decode_response(payload)
         except UpstreamError:
@@ -257,17 +261,8 @@ class HttpProvider:
         provider's JSON answer as it came; raises ``UpstreamError`` as ``complete`` does."""
         if not self.count_url:
             raise ValueError(f"provider {self.name} ({self.format}) does not count tokens")
-        try:
-            async with self._session().post(self.count_url, data=body,
-                                            headers=self.request_headers(vendor, self.format),
-                                            timeout=self.timeout, allow_redirects=False,
-                                            auto_decompress=False) as response:
-                await self._raise_for_status(response)
-                payload = await self._read(response)
-        except UpstreamError:
-            raise
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc) from None
+        payload = await self._post(self.count_url, body,
+                                   self.request_headers(vendor, self.format))
         try:
             _decode_count(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
