@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import random
+import select
 import subprocess
 import sys
 import time
@@ -344,9 +345,15 @@ def test_tail_prints_filters_and_follows(upstream, tmp_path):
         follower = subprocess.Popen([*command, "-n", "0", "--provider", "ant"],
                                     stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.5)
-            client.chat.completions.create(model="gpt-test", messages=HI)
-            client.chat.completions.create(model="claude-test", messages=HI)
+            # The follower starts at the end of the file once it is running, which on a
+            # busy machine takes a while: requests go on until it shows one.
+            deadline = time.monotonic() + 30
+            readable: list[Any] = []
+            while not readable and time.monotonic() < deadline:
+                client.chat.completions.create(model="gpt-test", messages=HI)
+                client.chat.completions.create(model="claude-test", messages=HI)
+                readable = select.select([follower.stdout], [], [], 0.5)[0]
+            assert readable, "tail showed nothing in 30 s"
             line = follower.stdout.readline()  # type: ignore[union-attr]
             assert "claude-test -> ant/claude-test" in line
         finally:
