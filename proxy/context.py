@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -57,6 +58,9 @@ class RequestContext:
     ``request`` is the canonical request and may be changed in place; ``response`` is set
     once there is one. ``tags`` come from the classifiers. ``scratch`` is a per-request
     dict plugins share among their hooks. ``timings`` maps stage names to seconds.
+
+    A request that no plugin or classifier takes part in is decoded only as far as its
+    top-level fields (``request_fields``); reading ``request`` decodes the rest.
     """
 
     def __init__(self, request: Request, *, request_id: str, endpoint: str,
@@ -64,7 +68,10 @@ class RequestContext:
                  headers: dict[str, str] | None = None,
                  plugin_settings: dict[str, dict[str, Any]] | None = None,
                  classifier_settings: dict[str, dict[str, Any]] | None = None) -> None:
-        self.request = request
+        self._request = request
+        # Decodes the rest of the request when something first reads ``request``.
+        self._decode_rest: Callable[[], Request] | None = None
+        self.undecoded_body = b""
         self.request_id = request_id
         self.endpoint = endpoint
         self.client_format = client_format
@@ -124,8 +131,40 @@ class RequestContext:
         self.failed_at_chunk: int | None = None
 
     @property
+    def request(self) -> Request:
+        if self._decode_rest is not None:
+            self._request = self._decode_rest()
+            self._decode_rest = None
+        return self._request
+
+    @request.setter
+    def request(self, request: Request) -> None:
+        self._request = request
+        self._decode_rest = None
+
+    def defer_decoding(self, decode: Callable[[], Request], body: bytes) -> None:
+        """Leaves the request as it is (its top-level fields) until something reads
+        ``request``, which then becomes what ``decode`` returns; ``body`` is what it
+        decodes, for the record meanwhile."""
+        self._decode_rest = decode
+        self.undecoded_body = body
+
+    @property
+    def request_fields(self) -> Request:
+        """The request's top-level fields (model, stream, parameters, headers) without
+        decoding the rest: its messages, system and tools may be empty here if nothing has
+        read ``request`` yet."""
+        return self._request
+
+    @property
+    def decoded_request(self) -> Request | None:
+        """The request if it has been decoded whole, else None (``undecoded_body`` is then
+        the body it comes from)."""
+        return None if self._decode_rest is not None else self._request
+
+    @property
     def stream(self) -> bool:
-        return self.request.stream
+        return self._request.stream
 
     @property
     def same_format(self) -> bool:

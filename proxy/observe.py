@@ -7,18 +7,29 @@ import asyncio
 import queue
 import threading
 import time
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
 
+from proxy.canonical import Request
 from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.errors import ProxyError, error_type
 from proxy.feed import Feed
+from proxy.formats import FORMATS
+from proxy.formats.common import preview_request
 from proxy.logwriter import LogWriter
 from proxy.metrics import Metrics
-from proxy.record import ErrorInfo, Record, body_view, build_record, rejected_record
+from proxy.record import (
+    KEEP_NEWEST,
+    ErrorInfo,
+    Record,
+    body_view,
+    build_record,
+    rejected_record,
+)
 
 _encode = msgspec.json.Encoder().encode
 # Request bodies waiting for the observer's thread, at most; beyond, records go out at
@@ -86,7 +97,11 @@ class Observer:
             return
         self._pending_count += 1
         self._pending_bytes += size
-        self._pending.put((record, ctx.request, ctx.response, size))
+        request: Request | _Undecoded | None = ctx.decoded_request
+        if request is None:
+            request = _Undecoded(FORMATS[ctx.client_format], ctx.undecoded_body,
+                                 ctx.request_fields.headers)
+        self._pending.put((record, request, ctx.response, size))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
                  started_wall: float, started: float, duration: float | None = None) -> None:
@@ -123,8 +138,11 @@ class Observer:
                 return
             record, request, response, size = item
             try:
+                omitted = 0
+                if isinstance(request, _Undecoded):
+                    request, omitted = request.preview()
                 record.request = body_view(request, log.bodies, log.truncate_chars,
-                                           log.max_record_bytes)
+                                           log.max_record_bytes, omitted)
                 record.response = body_view(response, log.bodies, log.truncate_chars,
                                             log.max_record_bytes)
                 data = self._encode(record)
@@ -151,3 +169,22 @@ class Observer:
     def _done(self, size: int) -> None:
         self._pending_count -= 1
         self._pending_bytes -= size
+
+
+class _Undecoded(NamedTuple):
+    """A request nothing decoded whole: its body, to show in the record."""
+
+    wire: ModuleType
+    body: bytes
+    headers: dict[str, str]
+
+    def preview(self) -> tuple[Request | None, int]:
+        """The request with the messages a record shows (see ``body_view``) decoded, and
+        how many others it has."""
+        preview = preview_request(self.body, KEEP_NEWEST, self.wire.decode_request)
+        if preview is None:
+            return None, 0
+        request, omitted = preview
+        request.headers = self.headers
+        request.extra.pop("hookproxy", None)
+        return request, omitted

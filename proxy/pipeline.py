@@ -22,6 +22,7 @@ import msgspec
 import structlog
 
 from proxy.canonical import (
+    Request,
     Response,
     StreamAccumulator,
     StreamEnd,
@@ -235,9 +236,9 @@ class Pipeline:
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
         async def complete(provider: Provider, target: Target) -> Response:
+            body = _unchanged_body(ctx, provider, target)
             response, ctx.raw_response = await provider.complete(
-                ctx.request, target.model, ctx.client_format,
-                _unchanged_body(ctx, provider, target))
+                _request_for(ctx, body), target.model, ctx.client_format, body)
             return response
 
         return await self._with_fallback(ctx, complete)
@@ -246,8 +247,9 @@ class Pipeline:
                                     ) -> AsyncIterator[list[StreamEvent]]:
         async def open_stream(provider: Provider, target: Target
                               ) -> AsyncIterator[list[StreamEvent]]:
-            events = provider.stream(ctx.request, target.model, ctx.client_format,
-                                     _unchanged_body(ctx, provider, target))
+            body = _unchanged_body(ctx, provider, target)
+            events = provider.stream(_request_for(ctx, body), target.model, ctx.client_format,
+                                     body)
             try:
                 first = await anext(events)
             except StopAsyncIteration:
@@ -654,10 +656,17 @@ def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> 
     """The client's body as it came, when nothing changed it and ``target`` takes it as it
     is (the provider speaks its format, under the same model name)."""
     if (ctx.raw_body is not None and provider.format == ctx.client_format
-            and target.model == ctx.request.model
+            and target.model == ctx.request_fields.model
             and not any(a != "rejected" for a in ctx.plugin_actions.values())):
         return ctx.raw_body
     return None
+
+
+def _request_for(ctx: RequestContext, body: bytes | None) -> Request:
+    """What the provider is given besides ``body``: with the client's body as it came, the
+    top-level fields do (the rest of the request need not be decoded); without it, the
+    whole request, to be encoded."""
+    return ctx.request_fields if body is not None else ctx.request
 
 
 async def _replay(response: Response) -> AsyncIterator[list[StreamEvent]]:

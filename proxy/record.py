@@ -126,7 +126,7 @@ KEEP_NEWEST = 6
 _MAX_NODES = 2000
 
 
-def body_view(value: Any, bodies: Bodies, limit: int, cap: int) -> Any:
+def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0) -> Any:
     """A request or response as the record shows it: JSON, at most about ``cap`` bytes,
     with every value under a secret-looking key replaced at any depth.
 
@@ -135,16 +135,17 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int) -> Any:
     encoded (one msgspec encode); a larger one becomes a bounded view: the first message and
     the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values,
     and ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole
-    large body key by key in Python.
+    large body key by key in Python. (``omitted``: messages already left out of ``value``.)
     """
     if bodies == "none" or value is None:
         return None
     budget = cap if bodies == "full" else min(cap, limit)
     messages = getattr(value, "messages", None)
-    omitted = len(messages) - KEEP_NEWEST - 1 if isinstance(messages, list) else 0
-    if omitted > 0 and isinstance(messages, list):
+    cut = len(messages) - KEEP_NEWEST - 1 if isinstance(messages, list) else 0
+    if cut > 0 and isinstance(messages, list):
         # A long history: only its first and newest messages are ever converted.
         value = msgspec.structs.replace(value, messages=[messages[0], *messages[-KEEP_NEWEST:]])
+    omitted += max(cut, 0)
     encoded = _encode(value)
     if omitted <= 0 and len(encoded) <= budget:
         if _SECRET_KEY.search(encoded) is None:
@@ -244,7 +245,7 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         cost=round(ctx.cost, 8),
         cache_hit=ctx.scratch.get("cache") == "hit",
         finish_reason=response.finish_reason if response is not None and not error else None,
-        request=body_view(ctx.request, bodies, limit, cap),
+        request=None if bodies == "none" else body_view(ctx.request, bodies, limit, cap),
         response=body_view(response, bodies, limit, cap),
     )
 

@@ -103,7 +103,7 @@ class Router:
                 continue
             if route.tags_any and not tags.intersection(route.tags_any):
                 continue
-            if route.model and not fnmatch.fnmatchcase(ctx.request.model, route.model):
+            if route.model and not fnmatch.fnmatchcase(ctx.request_fields.model, route.model):
                 continue
             if route.caller and not fnmatch.fnmatchcase(ctx.caller or "", route.caller):
                 continue
@@ -118,7 +118,7 @@ class Router:
             name = ctx.force_model
         else:
             route = self.match_route(ctx)
-            name = route.to if route is not None else ctx.request.model
+            name = route.to if route is not None else ctx.request_fields.model
             if route is not None:
                 ctx.route = route.to
         ctx.model_group = name

@@ -196,11 +196,12 @@ class Gateway:
 
     async def _handle(self, http: HttpRequest, wire: ModuleType) -> HttpResponse:
         def prepare(body: bytes, request_id: str) -> RequestContext:
-            return self.request_context(http, wire, wire.decode_request, body, request_id)
+            return self.request_context(http, wire, wire.decode_request, body, request_id,
+                                        wire.peek_request)
 
         async def answer(ctx: RequestContext) -> HttpResponse:
             request_id = ctx.request_id
-            if ctx.request.stream:
+            if ctx.stream:
                 events = await self.unless_client_leaves(
                     http, ctx, self.pipeline.open_stream(ctx))
                 return when_sent(StreamingResponse(
@@ -260,27 +261,55 @@ class Gateway:
 
     def request_context(self, http: HttpRequest, wire: ModuleType,
                         decode: Callable[[bytes], Request], body: bytes,
-                        request_id: str) -> RequestContext:
+                        request_id: str, peek: Callable[[bytes], tuple[Request, int] | None]
+                        | None = None) -> RequestContext:
         """Decodes ``body`` with ``decode`` into the context the pipeline runs on, with
         the checks every API request passes; raises ``ProxyError`` for the client's
-        mistakes."""
+        mistakes.
+
+        With ``peek``, a request that no plugin or classifier will see has only its
+        top-level fields decoded: its messages are read only if something asks for them
+        (a target that needs the request re-encoded), and otherwise go as they came."""
         headers = vendor_headers(http.headers, wire.NAME)
-        try:
-            request = decode(body)
-        except (TypeError, AttributeError, ValueError, KeyError) as exc:
-            # A shape the decoder did not foresee is still the client's error.
-            raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
-        if len(request.messages) > self.config.server.max_messages:
-            raise BadRequest(f"Too many messages: {len(request.messages)} (at most "
-                             f"{self.config.server.max_messages})", code="too_many_messages")
+        limit = self.config.server.max_messages
+
+        def decoded() -> Request:
+            try:
+                request = decode(body)
+            except (TypeError, AttributeError, ValueError, KeyError) as exc:
+                # A shape the decoder did not foresee is still the client's error.
+                raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
+            _check_count(len(request.messages), limit)
+            request.headers = headers
+            return request
+
+        # A request cannot switch off what the config enables: with plugins or
+        # classifiers there, it will be read whole.
+        bare = not (self.host.enabled or self.host.enabled_classifiers)
+        peeked = peek(body) if peek is not None and bare else None
+        if peeked is None:
+            request = decoded()
+        else:
+            request, count = peeked
+            _check_count(count, limit)
+            request.headers = headers
         check_parameters(request, wire.NAME)
-        request.headers = headers
         own_field = request.extra.pop("hookproxy", None)
         plugins, classifiers, client_set = self.host.for_request(own_field)
         ctx = RequestContext(
             request, request_id=request_id, endpoint=http.scope["path"],
             client_format=wire.NAME, headers=dict(http.headers),
             plugin_settings=plugins, classifier_settings=classifiers)
+        if peeked is not None:
+            def rest() -> Request:
+                request = decoded()
+                request.extra.pop("hookproxy", None)  # read above
+                return request
+
+            if plugins or classifiers:
+                ctx.request = rest()
+            else:
+                ctx.defer_decoding(rest, body)
         ctx.client_classifiers = client_set
         ctx.answered = asyncio.Event()
         ctx.body_bytes = len(body)
@@ -339,7 +368,7 @@ class Gateway:
 
     async def _stream_body(self, ctx: RequestContext, wire: ModuleType,
                            events: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
-        encoder = wire.StreamEncoder(ctx.request)
+        encoder = wire.StreamEncoder(ctx.request_fields)
         encode = encoder.encode
         try:
             async for batch in events:
@@ -365,6 +394,12 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
 
 async def _no_icon(http: HttpRequest) -> HttpResponse:
     return HttpResponse(status_code=204, headers={"cache-control": "max-age=86400"})
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise BadRequest(f"Too many messages: {count} (at most {limit})",
+                         code="too_many_messages")
 
 
 def _too_large(limit: int) -> ProxyError:

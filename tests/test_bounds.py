@@ -147,18 +147,56 @@ def test_dashboard_buffer_and_records_stay_bounded(upstream, tmp_path):
     assert record["request"]["extra"]["metadata"]["api_key"] == "[redacted]"
 
 
-def test_large_history_record_shows_first_and_newest_messages(upstream, tmp_path):
+# mock-1 is decoded whole (the mock is not an OpenAI provider); gpt-test goes to an OpenAI
+# provider with nothing in between, so only its top-level fields are ever decoded on the
+# request path, and the record's view is made from the body.
+@pytest.mark.parametrize("model", ["mock-1", "gpt-test"])
+def test_large_history_record_shows_first_and_newest_messages(upstream, tmp_path, model):
     config = upstream_config(upstream, log={"path": str(tmp_path / "r.jsonl")})
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
                 for i in range(99)]
     with ProxyServer(config) as proxy:
         status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
-            {"model": "mock-1", "messages": messages}).encode())
+            {"model": model, "messages": messages, "metadata": {"api_key": "sk-SECRET"}}
+        ).encode(), headers={"openai-organization": "org-1"})
         assert status == 200
     record = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
     shown = [m["content"][0]["text"] for m in record["request"]["messages"]]
     assert shown == ["message 0"] + [f"message {i}" for i in range(93, 99)]
     assert record["request"]["messages_omitted"] == 92
+    assert record["request"]["extra"]["metadata"]["api_key"] == "[redacted]"
+    assert record["request"]["headers"] == {"openai-organization": "org-1"}
+
+
+def test_undecoded_messages_still_count_against_the_limit_and_are_read_when_needed(upstream):
+    """A bare same-format request is not decoded past its top-level fields, but the message
+    limit holds, and a target that needs the request re-encoded reads all of it."""
+    config = upstream_config(upstream, server={"max_messages": 5}, models=[
+        {"name": "gpt-test", "provider": "oai"},
+        {"name": "renamed", "provider": "oai", "model": "gpt-test"},
+        {"name": "claude-test", "provider": "ant"}])
+    too_many = [{"role": "user", "content": str(i)} for i in range(6)]
+    odd = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+           {"role": "user", "content": [{"type": "made_up_part", "x": 1}]}]
+    with ProxyServer(config) as proxy:
+        status, _, body = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "gpt-test", "messages": too_many}).encode())
+        assert status == 400 and body["error"]["code"] == "too_many_messages"
+        # Same model, same format: the unknown part goes as it came.
+        status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "gpt-test", "messages": odd}).encode())
+        assert status == 200
+        assert upstream.last["messages"] == odd
+        # Renamed: re-encoded from the decoded request, the unknown part kept.
+        status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "renamed", "messages": odd}).encode())
+        assert status == 200
+        assert upstream.last["model"] == "gpt-test"
+        assert upstream.last["messages"] == odd
+        # Another format: decoded, and what has no counterpart is named.
+        status, _, body = post_raw(f"{proxy.url}/v1/chat/completions", json.dumps(
+            {"model": "claude-test", "messages": odd}).encode())
+        assert status == 400 and "made_up_part" in body["error"]["message"]
 
 
 def test_metrics_series_do_not_grow_with_made_up_names(upstream):

@@ -47,6 +47,7 @@ from proxy.canonical import (
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
+from proxy.formats import common
 from proxy.formats.common import decode_json, known_extra
 
 NAME = "anthropic"
@@ -127,7 +128,20 @@ def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) ->
 
 
 def decode_request(body: bytes) -> Request:
-    raw = decode_json(body)
+    return _request(decode_json(body))
+
+
+# Where a request's size is: what peek_request leaves undecoded.
+_DEFERRED = frozenset({"messages", "tools", "system"})
+
+
+def peek_request(body: bytes) -> tuple[Request, int] | None:
+    """The request without its messages, tools or system decoded, and its message count; see
+    ``common.peek_request``."""
+    return common.peek_request(body, _DEFERRED, _request)
+
+
+def _request(raw: dict[str, Any]) -> Request:
     try:
         wire = msgspec.convert(raw, _MessagesRequest)
     except msgspec.ValidationError as exc:

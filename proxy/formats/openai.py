@@ -44,6 +44,7 @@ from proxy.canonical import (
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
+from proxy.formats import common
 from proxy.formats.common import decode_json, known_extra, parse_data_url
 
 NAME = "openai"
@@ -107,7 +108,20 @@ _FINISH_IN: dict[str | None, FinishReason] = {
 
 
 def decode_request(body: bytes) -> Request:
-    raw = decode_json(body)
+    return _request(decode_json(body))
+
+
+# Where a request's size is: what peek_request leaves undecoded.
+_DEFERRED = frozenset({"messages", "tools"})
+
+
+def peek_request(body: bytes) -> tuple[Request, int] | None:
+    """The request without its messages, tools decoded, and its message count; see
+    ``common.peek_request``."""
+    return common.peek_request(body, _DEFERRED, _request)
+
+
+def _request(raw: dict[str, Any]) -> Request:
     try:
         wire = msgspec.convert(raw, _ChatRequest)
     except msgspec.ValidationError as exc:
