@@ -55,9 +55,15 @@ path = "{log}"
 [providers.up]
 type = "openai"
 base_url = "{upstream}/v1"
+[providers.up-anthropic]
+type = "anthropic"
+base_url = "{upstream}"
 [[models]]
 name = "bench-model"
 provider = "up"
+[[models]]
+name = "bench-claude"
+provider = "up-anthropic"
 """
 
 REALISTIC = BARE + """
@@ -67,12 +73,21 @@ provider = "up"
 [[models]]
 name = "bench-billing"
 provider = "up"
+[[models]]
+name = "bench-claude-coder"
+provider = "up-anthropic"
 [[routes]]
+model = "bench-model"
 tags_all = ["code", "tools"]
 to = "bench-coder"
 [[routes]]
+model = "bench-model"
 tags_any = ["billing"]
 to = "bench-billing"
+[[routes]]
+model = "bench-claude"
+tags_all = ["code", "tools"]
+to = "bench-claude-coder"
 [plugins.system_prompt]
 text = "Answer briefly."
 [plugins.param_limits]
@@ -93,6 +108,11 @@ model_list:
     litellm_params:
       model: openai/bench-model
       api_base: {upstream}/v1
+      api_key: bench
+  - model_name: bench-claude
+    litellm_params:
+      model: anthropic/bench-claude
+      api_base: {upstream}
       api_key: bench
 """
 
@@ -184,7 +204,9 @@ def payloads() -> list[Payload]:
     return [
         Payload("word", "/v1/chat/completions", BODY),
         Payload("agent-openai", "/v1/chat/completions", json.dumps(openai_body(1))),
-        Payload("agent-anthropic", "/v1/messages", json.dumps(anthropic_body(1))),
+        # Each format to a provider of its own format: cross-format is not this benchmark.
+        Payload("agent-anthropic", "/v1/messages",
+                json.dumps(anthropic_body(1, model="bench-claude"))),
     ]
 
 
