@@ -35,6 +35,7 @@ bodies_dropped      the record would have been this many bytes: over the cap, so
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from datetime import UTC, datetime
@@ -168,6 +169,7 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
 _SECRET_KEY = re.compile(rb"(?i)key|tok|secret|pass|auth|cred|cookie")
 
 
+@functools.lru_cache(maxsize=4096)  # bodies repeat their keys; bounded, whatever comes
 def is_secret_key(key: str) -> bool:
     words = _WORD_SPLIT.split(key)
     return any(word.lower() in _SECRET_WORDS for word in words) or \
