@@ -86,6 +86,9 @@ class ProviderConfig(_Strict):
     enabled: bool = True
     # mock only: seconds to wait before each streamed chunk.
     chunk_delay: float = 0.0
+    # openai only: the server has the Responses API (POST /responses): a Responses client's
+    # request goes to it as it came, instead of translated to Chat Completions.
+    responses: bool = False
     # Caps on what is read from this provider; past any of them the answer is a 502.
     # An answer's body as it comes over the network (a stream is not capped as a whole)...
     max_response_bytes: int = 32 * 1024 * 1024
@@ -192,6 +195,15 @@ class DashboardConfig(_Strict):
     subscriber_queue: int = 1000
 
 
+class ResponsesConfig(_Strict):
+    """Responses stored for ``previous_response_id`` and ``GET /v1/responses/{id}``."""
+
+    # Seconds a stored response is kept, and how many are kept at most (the least
+    # recently used go first).
+    store_ttl: float = 86400.0
+    store_entries: int = 10_000
+
+
 class KeyConfig(_Strict):
     """One client key. Its secret is given by environment variable or as a SHA-256 hash."""
 
@@ -227,6 +239,7 @@ class Config(_Strict):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
     # Where this config was read from, for messages.
     source: str = "<config>"
 
@@ -269,6 +282,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: providers.{name}.timeout must be positive")
         if "/" in name:
             raise ConfigError(f"{source}: provider name {name!r} must not contain '/'")
+        if provider.responses and provider.type != "openai":
+            raise ConfigError(f"{source}: providers.{name}.responses: only an openai "
+                              f"provider can have the Responses API, not {provider.type}")
     seen: set[str] = set()
     # Clients are inconsistent about case: names that differ only in it are a trap.
     folded: dict[str, str] = {}
@@ -291,6 +307,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: auth.keys.{name}: give one of key_env or key_sha256")
         if key.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", key.key_sha256):
             raise ConfigError(f"{source}: auth.keys.{name}.key_sha256 must be 64 hex digits")
+    if config.responses.store_ttl <= 0 or config.responses.store_entries < 1:
+        raise ConfigError(f"{source}: responses.store_ttl and responses.store_entries must "
+                          "be positive")
     routing = config.routing
     if routing.retries < 0 or routing.cooldown_failures < 1:
         raise ConfigError(f"{source}: routing.retries must be >= 0 and "

@@ -216,12 +216,41 @@ def _upstream_body(ctx: RequestContext, fields: dict[str, Any], model: str) -> b
     return _encode(body)
 
 
+# --- GET /v1/models/{id} -----------------------------------------------------------------
+
+
+def model_info(gateway: Gateway, http: HttpRequest) -> HttpResponse:
+    """One configured model, in the OpenAI format (Anthropic's when the request carries
+    ``anthropic-version``), or a 404 in that format, logged and recorded as an unknown
+    path is."""
+    name = str(http.path_params.get("model_id", ""))
+    anthropic = "anthropic-version" in http.headers
+    if name in gateway.router.model_names():
+        body: dict[str, Any] = (
+            {"type": "model", "id": name, "display_name": name,
+             "created_at": "1970-01-01T00:00:00Z"} if anthropic else
+            {"id": name, "object": "model", "created": 0,
+             "owned_by": gateway.router.owner(name)})
+        return HttpResponse(_encode(body), media_type=JSON)
+    started, started_wall = time.perf_counter(), time.time()
+    request_id = os.urandom(16).hex()
+    shown = name if len(name) <= MAX_SHOWN_PATH else name[:MAX_SHOWN_PATH] + "..."
+    wire = anthropic_format if anthropic else openai_format
+    error = ProxyError(404, f"The model '{shown}' does not exist", code="model_not_found")
+    log.info("model_not_found", request_id=request_id, model=shown)
+    gateway.rejected(request_id, http.scope["path"][:MAX_SHOWN_PATH], wire.NAME, error,
+                     started_wall, started)
+    return error_response(wire, error, None, request_id)
+
+
 # --- a path or a method nothing serves ----------------------------------------------------
 
 # A path is shown in errors, the log and the record up to this many characters.
 MAX_SHOWN_PATH = 256
 API_ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, "
-                 "POST /v1/messages/count_tokens, GET /v1/models")
+                 "POST /v1/messages/count_tokens, POST /v1/responses, "
+                 "GET|DELETE /v1/responses/{id}, POST /v1/embeddings, GET /v1/models, "
+                 "GET /v1/models/{id}")
 
 
 def not_routed(gateway: Gateway, http: HttpRequest, exc: Exception) -> HttpResponse:

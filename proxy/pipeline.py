@@ -74,12 +74,17 @@ class Pipeline:
 
     # --- entry points -------------------------------------------------------------------
 
-    async def run(self, ctx: RequestContext) -> Response:
-        """Runs a non-streaming request to its answer, or raises ``ProxyError``."""
+    async def run(self, ctx: RequestContext,
+                  call: Callable[[Provider, Target], Awaitable[Response]] | None = None
+                  ) -> Response:
+        """Runs a non-streaming request to its answer, or raises ``ProxyError``. ``call``
+        makes the provider call instead of a chat completion (embeddings), with the same
+        routing, retries and fallback."""
         try:
             response = await self._before_provider(ctx)
             if response is None:
-                response = await self._call_provider(ctx)
+                response = await (self._call_provider(ctx) if call is None
+                                  else self._with_fallback(ctx, call))
             return await self._post_response(ctx, response)
         except ProxyError as exc:
             await self._fail(ctx, exc)
@@ -279,7 +284,10 @@ class Pipeline:
             provider = self.providers[target.provider]
             for retry in range(self.routing.retries + 1):
                 ctx.provider, ctx.model = target.provider, target.model
-                ctx.provider_format = provider.format
+                # A provider may speak the client's format beside its own (the Responses
+                # API beside Chat Completions).
+                ctx.provider_format = (ctx.client_format if ctx.client_format in
+                                       getattr(provider, "formats", ()) else provider.format)
                 ctx.price = target.prices
                 started = time.perf_counter()
                 try:
@@ -655,7 +663,7 @@ def record_attempt(ctx: RequestContext, started: float,
 def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> bytes | None:
     """The client's body as it came, when nothing changed it and ``target`` takes it as it
     is (the provider speaks its format, under the same model name)."""
-    if (ctx.raw_body is not None and provider.format == ctx.client_format
+    if (ctx.raw_body is not None and ctx.provider_format == ctx.client_format
             and target.model == ctx.request_fields.model
             and not any(a != "rejected" for a in ctx.plugin_actions.values())):
         return ctx.raw_body

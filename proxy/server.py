@@ -26,7 +26,9 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from proxy import embeddings as embeddings_api
 from proxy import pipeline as pipeline_module
+from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
@@ -36,6 +38,7 @@ from proxy.endpoints import (
     JSON,
     count_tokens,
     error_response,
+    model_info,
     not_routed,
     response_headers,
     vendor_headers,
@@ -51,6 +54,7 @@ from proxy.pipeline import Pipeline
 from proxy.plugins import PluginHost
 from proxy.providers import Provider, build_provider
 from proxy.routing import Router
+from proxy.store import MemoryStore
 
 log = structlog.get_logger("hookproxy.server")
 # What a reload cannot do, said every time it runs.
@@ -70,6 +74,9 @@ class Gateway:
         self.guard = AdminGuard(config.auth)
         self._extra_finish = on_finish
         self._session: aiohttp.ClientSession | None = None
+        # Kept across reloads (a [responses] change needs a restart).
+        self.stored_responses = responses_api.StoredResponses(
+            MemoryStore(config.responses.store_entries), config.responses.store_ttl)
         # The address serve listens on (for the Host check); the CLI sets --host here.
         self.bind_host = config.server.host
         self._apply(config, host)
@@ -161,6 +168,21 @@ class Gateway:
 
     async def count_tokens(self, http: HttpRequest) -> HttpResponse:
         return await count_tokens(self, http)
+
+    async def responses(self, http: HttpRequest) -> HttpResponse:
+        return await responses_api.create(self, http)
+
+    async def response_retrieve(self, http: HttpRequest) -> HttpResponse:
+        return await responses_api.retrieve(self, http)
+
+    async def response_delete(self, http: HttpRequest) -> HttpResponse:
+        return await responses_api.delete(self, http)
+
+    async def embeddings(self, http: HttpRequest) -> HttpResponse:
+        return await embeddings_api.embeddings(self, http)
+
+    async def model(self, http: HttpRequest) -> HttpResponse:
+        return model_info(self, http)
 
     async def not_routed(self, http: HttpRequest, exc: Exception) -> HttpResponse:
         return not_routed(self, http, exc)
@@ -438,8 +460,13 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/messages", gateway.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", gateway.count_tokens, methods=["POST"]),
+        Route("/v1/responses", gateway.responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", gateway.response_retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", gateway.response_delete, methods=["DELETE"]),
+        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/models", gateway.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", gateway.model, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         *dashboard_routes(gateway.observer, gateway.config.dashboard.keepalive, gateway.guard),
         Route("/admin/reload", gateway.guard.protect(gateway.admin_reload), methods=["POST"]),

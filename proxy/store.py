@@ -23,6 +23,10 @@ class Store(Protocol):
         a new key expires after ``ttl`` seconds."""
         ...
 
+    async def delete(self, key: str) -> bool:
+        """Removes ``key``; whether it was there (and not expired)."""
+        ...
+
 
 class MemoryStore:
     """An in-process store: least recently used entries go first past ``max_entries``."""
@@ -59,3 +63,7 @@ class MemoryStore:
         self._data[key] = (expires, str(value).encode())
         self._data.move_to_end(key)
         return value
+
+    async def delete(self, key: str) -> bool:
+        item = self._data.pop(key, None)
+        return item is not None and item[0] > self._clock()

@@ -18,6 +18,8 @@ VENDOR_HEADERS: dict[str, frozenset[str]] = {
     "anthropic": frozenset({"anthropic-beta", "anthropic-version"}),
     "openai": frozenset({"openai-organization", "openai-project", "openai-beta"}),
 }
+# A Responses API client is an OpenAI client.
+VENDOR_HEADERS["responses"] = VENDOR_HEADERS["openai"]
 # A vendor header's value is at most this many bytes (beta lists, IDs and versions are far
 # shorter).
 MAX_VENDOR_HEADER_BYTES = 8 * 1024

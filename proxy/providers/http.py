@@ -16,6 +16,7 @@ from proxy.canonical import Request, Response, StreamEvent
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamError, upstream_error
 from proxy.formats import FORMATS
+from proxy.formats import responses as responses_format
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.sse import EventTooLarge, iter_sse
 
@@ -87,6 +88,7 @@ class HttpProvider:
         key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         # Only encodings the proxy decompresses itself, under its caps.
         headers = {"content-type": "application/json", "accept-encoding": "gzip, deflate"}
+        self.embeddings_url = ""  # an OpenAI-compatible server's, below
         if config.type == "anthropic":
             self.url = f"{config.base_url}/v1/messages"
             self.count_url = f"{config.base_url}/v1/messages/count_tokens"
@@ -96,8 +98,13 @@ class HttpProvider:
         else:
             self.url = f"{config.base_url}/chat/completions"
             self.count_url = ""  # the OpenAI API has no such endpoint
+            self.embeddings_url = f"{config.base_url}/embeddings"
             if key:
                 headers["authorization"] = f"Bearer {key}"
+        # The wire formats it speaks: its own, and the Responses API when it has it.
+        self.formats = frozenset({self.format, responses_format.NAME} if config.responses
+                                 else {self.format})
+        self.responses_url = f"{config.base_url}/responses"
         # The operator's headers, by lower-case name: they win over the defaults and over
         # any vendor header a client sends (the operator may pin a version or a beta list).
         self.operator_headers = {name.lower(): value for name, value in config.headers.items()}
@@ -120,7 +127,9 @@ class HttpProvider:
         ``anthropic-beta`` is added...); a header the operator configured for this
         provider wins. A value no header can carry (a plugin's mistake) is left out and
         logged."""
-        if client_format != self.format or not vendor:
+        # A Responses client is an OpenAI client: its OpenAI headers go to OpenAI.
+        vendor_format = "openai" if client_format == responses_format.NAME else client_format
+        if vendor_format != self.format or not vendor:
             return self.headers
         added: dict[str, str] = {}
         for name, value in vendor.items():
@@ -135,7 +144,18 @@ class HttpProvider:
             added[name] = value
         return {**self.headers, **added} if added else self.headers
 
+    def _route(self, client_format: str) -> tuple[Any, str]:
+        """The wire format and URL of a call for a client of ``client_format``."""
+        if client_format == responses_format.NAME and client_format in self.formats:
+            return responses_format, self.responses_url
+        return self._wire, self.url
+
     def _body(self, request: Request, model: str, client_format: str) -> bytes:
+        if client_format == responses_format.NAME:
+            if client_format in self.formats:
+                return responses_format.encode_request(request, model)
+            # Through the canonical model: what has no counterpart here is a 400.
+            request = responses_format.for_format(request, self.format)
         same = client_format == self.format
         if self.format == "anthropic":
             return self._wire.encode_request(
@@ -243,16 +263,17 @@ class HttpProvider:
     async def complete(self, request: Request, model: str, client_format: str,
                        raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
         body = raw_body if raw_body is not None else self._body(request, model, client_format)
-        payload = await self._post(self.url, body,
+        wire, url = self._route(client_format)
+        payload = await self._post(url, body,
                                    self.request_headers(request.headers, client_format))
         try:
-            decoded = self._wire.decode_response(payload)
+            decoded = wire.decode_response(payload)
         except UpstreamError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             # Invalid UTF-8 among them: the decoder's own errors name the shape only.
             raise self._invalid(exc) from None
-        return decoded, payload if client_format == self.format else None
+        return decoded, payload if client_format in self.formats else None
 
     async def count_tokens(self, body: bytes, vendor: dict[str, str]) -> bytes:
         """Asks an Anthropic provider to count the input tokens of ``body`` (a
@@ -269,16 +290,25 @@ class HttpProvider:
             raise self._invalid(exc) from None
         return payload
 
+    async def embed(self, body: bytes, vendor: dict[str, str]) -> bytes:
+        """POSTs an embeddings request (``body``, naming the provider's model) to an
+        OpenAI-compatible server; returns its JSON answer as it came."""
+        if not self.embeddings_url:
+            raise ValueError(f"provider {self.name} ({self.format}) has no embeddings")
+        return await self._post(self.embeddings_url, body,
+                                self.request_headers(vendor, self.format))
+
     async def stream(self, request: Request, model: str, client_format: str,
                      raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
+        wire, url = self._route(client_format)
         if raw_body is not None:
-            body = self._wire.stream_body(request, raw_body)
+            body = wire.stream_body(request, raw_body)
         else:
             body = self._body(request, model, client_format)
-        decoder: Any = self._wire.StreamDecoder(request, same_format=client_format == self.format)
+        decoder: Any = wire.StreamDecoder(request, same_format=client_format in self.formats)
         answering = False
         try:
-            async with self._session().post(self.url, data=body,
+            async with self._session().post(url, data=body,
                                             headers=self.request_headers(request.headers,
                                                                          client_format),
                                             timeout=self.stream_timeout, allow_redirects=False,

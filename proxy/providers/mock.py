@@ -23,6 +23,7 @@ from proxy.canonical import (
     response_events,
 )
 from proxy.config import ProviderConfig
+from proxy.formats import responses as responses_format
 
 _WORDS = re.compile(r"\S+\s*")
 _encode = msgspec.json.Encoder().encode
@@ -105,14 +106,20 @@ class MockProvider:
             usage=Usage(input_tokens=estimate_tokens(prompt), output_tokens=output),
         )
 
+    def _answer(self, request: Request, model: str, client_format: str) -> Response:
+        if client_format == responses_format.NAME:
+            # What an HTTP provider could not take (a built-in tool...) is refused here too.
+            request = responses_format.for_format(request, self.format)
+        return self.answer(request, model)
+
     async def complete(self, request: Request, model: str, client_format: str,
                        raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
-        return self.answer(request, model), None
+        return self._answer(request, model, client_format), None
 
     async def stream(self, request: Request, model: str, client_format: str,
                      raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
         events: list[StreamEvent] = []
-        for event in response_events(self.answer(request, model)):
+        for event in response_events(self._answer(request, model, client_format)):
             if not isinstance(event, TextDelta):
                 events.append(event)
                 continue

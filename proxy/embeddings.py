@@ -1,0 +1,214 @@
+"""``POST /v1/embeddings``: routed by model name like chat (model groups, strategies,
+retries, fallback, cooldown) to OpenAI-compatible providers (and the mock), through the
+Start, classify, PreRouting, PostResponse and End stages, with on_error.
+
+Plugins see an embeddings request as a canonical ``Request`` whose messages are its
+inputs, one user message each: a text as a ``TextPart`` (a plugin may read, mask or
+reject it), a token array as an ``OpaquePart`` of kind ``tokens``; ``dimensions``,
+``encoding_format`` and other fields are in ``extra`` and reach the provider as they came.
+The answer is a ``Response`` holding one ``OpaquePart`` of kind ``embeddings`` whose
+``data["body"]`` is the provider's JSON as it came (``embeddings_response`` makes one, for
+a plugin that answers the request itself); ``usage.input_tokens`` counts the input, and
+the cost is that at the target's ``input_price``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import math
+import struct
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+
+from proxy.canonical import (
+    Message,
+    OpaquePart,
+    Part,
+    Request,
+    Response,
+    TextPart,
+    Usage,
+    remember_wire,
+    wire_of,
+)
+from proxy.context import PipelineError, RequestContext
+from proxy.endpoints import JSON, response_headers, when_sent
+from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError
+from proxy.formats import openai as openai_format
+from proxy.formats.common import decode_json, known_extra
+from proxy.providers import Provider
+from proxy.providers.http import HttpProvider
+from proxy.providers.mock import MockProvider, estimate_tokens
+from proxy.routing import Target
+
+if TYPE_CHECKING:
+    from proxy.server import Gateway
+
+KIND = "embeddings"
+_encode = msgspec.json.Encoder().encode
+# What the mock's vectors have when a request names no ``dimensions``.
+MOCK_DIMENSIONS = 8
+
+
+class _Answer(msgspec.Struct):
+    """An embeddings answer as far as hookproxy reads it: the vectors stay undecoded."""
+
+    data: msgspec.Raw
+    model: str = ""
+    usage: dict[str, Any] | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def decode_request(body: bytes) -> Request:
+    raw = decode_json(body)
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("Invalid request: Object missing required field `model`")
+    value = raw.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        inputs: list[Any] = [value]
+    elif isinstance(value, list) and value:
+        inputs = value
+    else:
+        raise BadRequest("Invalid request: `$.input` must be a string, a list of strings or "
+                         "a list of token arrays, and not empty")
+    messages = [Message(role="user", content=[_input_part(item, i)])
+                for i, item in enumerate(inputs)]
+    request = Request(model=model, messages=messages,
+                      extra=known_extra(raw, {"model", "input"}))
+    remember_wire(request, raw)
+    return request
+
+
+def _input_part(item: object, index: int) -> Part:
+    if isinstance(item, str):
+        return TextPart(text=item)
+    if isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                      for t in item):
+        return OpaquePart(format=openai_format.NAME, kind="tokens", data={"tokens": item})
+    raise BadRequest(f"Invalid request: `$.input[{index}]` must be a string or an array of "
+                     "token ids")
+
+
+def request_input(request: Request) -> str | list[Any]:
+    """The ``input`` to send for ``request`` as plugins left it: one string when the
+    client sent one, else a list of strings and token arrays."""
+    items: list[Any] = []
+    for message in request.messages:
+        for part in message.content:
+            if isinstance(part, TextPart):
+                items.append(part.text)
+            elif isinstance(part, OpaquePart) and part.kind == "tokens":
+                items.append(part.data.get("tokens", []))
+    wire = wire_of(request) or {}
+    if isinstance(wire.get("input"), str) and len(items) == 1 and isinstance(items[0], str):
+        return items[0]
+    if isinstance(wire.get("input"), list) and wire["input"] and isinstance(
+            wire["input"][0], int) and len(items) == 1:
+        return items[0]
+    return items
+
+
+def embeddings_response(body: bytes, model: str, input_tokens: int) -> Response:
+    """An answer to an embeddings request: ``body`` is the JSON the client gets (an
+    OpenAI embeddings list)."""
+    return Response(id="", model=model, usage=Usage(input_tokens=input_tokens),
+                    content=[OpaquePart(format=openai_format.NAME, kind=KIND,
+                                        data={"body": body.decode()})])
+
+
+def answer_body(response: Response) -> bytes:
+    for part in response.content:
+        if isinstance(part, OpaquePart) and part.kind == KIND and isinstance(
+                part.data.get("body"), str):
+            return str(part.data["body"]).encode()
+    raise ProxyError(500, "The answer to an embeddings request holds no embeddings (a "
+                          "plugin answered it with a chat response)", code="plugin_error")
+
+
+def mock_embeddings(request: Request, model: str) -> Response:
+    """The mock's answer: a unit vector per input, the same for the same text and model."""
+    extra = request.extra
+    dimensions = extra.get("dimensions")
+    size = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 4096 \
+        else MOCK_DIMENSIONS
+    base64_out = extra.get("encoding_format") == "base64"
+    data = []
+    tokens = 0
+    for index, message in enumerate(request.messages):
+        part = message.content[0] if message.content else TextPart(text="")
+        text = part.text if isinstance(part, TextPart) else _encode(
+            getattr(part, "data", {})).decode()
+        tokens += estimate_tokens(text) if isinstance(part, TextPart) else len(
+            getattr(part, "data", {}).get("tokens", []))
+        vector = _unit_vector(f"{model}\n{text}", size)
+        embedding: Any = (base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+                          if base64_out else vector)
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    body = _encode({"object": "list", "data": data, "model": model,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return embeddings_response(body, model, tokens)
+
+
+def _unit_vector(seed: str, size: int) -> list[float]:
+    values: list[float] = []
+    counter = 0
+    while len(values) < size:
+        digest = hashlib.sha256(f"{counter}:{seed}".encode()).digest()
+        values.extend((b - 127.5) / 127.5 for b in digest)
+        counter += 1
+    values = values[:size]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+async def _call(ctx: RequestContext, provider: Provider, target: Target) -> Response:
+    """One provider call for an embeddings request."""
+    if isinstance(provider, MockProvider):
+        return mock_embeddings(ctx.request, target.model)
+    if not (isinstance(provider, HttpProvider) and provider.embeddings_url):
+        raise Untranslatable("An embeddings request", provider.format)
+    body = {k: v for k, v in (wire_of(ctx.request) or {}).items() if k != "hookproxy"}
+    body.update(ctx.request.extra, model=target.model, input=request_input(ctx.request))
+    payload = await provider.embed(_encode(body), ctx.request.headers)
+    try:
+        answer = _decode_answer(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UpstreamError(502, f"Provider {provider.name} sent an invalid embeddings "
+                                 f"answer: {exc}", upstream_status=200,
+                            code="upstream_invalid") from None
+    usage = answer.usage or {}
+    tokens = usage.get("prompt_tokens")
+    return embeddings_response(payload, answer.model or target.model,
+                               tokens if isinstance(tokens, int) else 0)
+
+
+async def embeddings(gateway: Gateway, http: HttpRequest) -> HttpResponse:
+    """``POST /v1/embeddings``."""
+
+    def prepare(body: bytes, request_id: str) -> RequestContext:
+        return gateway.request_context(http, openai_format, decode_request, body, request_id)
+
+    async def answer(ctx: RequestContext) -> HttpResponse:
+        response = await gateway.unless_client_leaves(
+            http, ctx, gateway.pipeline.run(ctx, call=functools.partial(_call, ctx)))
+        try:
+            content = answer_body(response)
+        except ProxyError as exc:
+            # The record (written once this answer has gone out) says what the client got.
+            ctx.status = exc.status
+            ctx.error = PipelineError(stage="proxy", status=exc.status, message=exc.message,
+                                      type=exc.code or "error")
+            raise
+        return when_sent(HttpResponse(content, media_type=JSON,
+                                      headers=response_headers(ctx, ctx.request_id)), ctx)
+
+    return await gateway.serve(http, openai_format, prepare, answer)
