@@ -139,6 +139,7 @@ async def create(gateway: Gateway, http: HttpRequest) -> HttpResponse:
                 gateway.pipeline._end(ctx)
                 raise
         stored = gateway.stored_responses
+        echo = {"previous_response_id": previous} if previous is not None else None
         keep = client.get("store", True) is not False
         items = responses_format.input_items(client)
 
@@ -156,7 +157,7 @@ async def create(gateway: Gateway, http: HttpRequest) -> HttpResponse:
         if ctx.request.stream:
             events = await gateway.unless_client_leaves(
                 http, ctx, gateway.pipeline.open_stream(ctx))
-            encoder = wire.StreamEncoder(ctx.request, _new_id())
+            encoder = wire.StreamEncoder(ctx.request, _new_id(), echo=echo)
             shim = types.SimpleNamespace(StreamEncoder=lambda request: encoder)
 
             async def stream_body() -> Any:
@@ -174,7 +175,7 @@ async def create(gateway: Gateway, http: HttpRequest) -> HttpResponse:
         else:
             response_id = response.id if ctx.same_format and response.id else _new_id()
             body = wire.response_object(response, ctx.request, response_id,
-                                        same_format=ctx.same_format)
+                                        same_format=ctx.same_format, echo=echo)
         await save(body)
         content = ctx.raw_response if ctx.raw_response is not None and previous is None \
             else _encode(body)

@@ -20,6 +20,18 @@ Anthropic (``POST /v1/messages``, ``POST /v1/messages/count_tokens``):
 OpenAI (``POST /v1/chat/completions``): Bearer key, unknown roles and content part types
 refused; ``n`` choices, kept apart in streams (every chunk holds a delta per choice).
 
+OpenAI Responses (``POST /v1/responses``, streamed with the full typed event sequence, or
+not): Bearer key; refuses fields the API does not know, unknown item and part types and
+roles, a ``function_call_output`` without its ``function_call`` before it, a reasoning item
+whose ``encrypted_content`` is not the one it issued, and ``previous_response_id`` (it
+stores nothing: hookproxy must send the whole conversation). With ``reasoning.effort`` it
+answers a reasoning item first; with a ``web_search`` tool and "search" in the prompt, a
+``web_search_call`` item (and its events) before the text.
+
+OpenAI embeddings (``POST /v1/embeddings``): Bearer key; ``input`` as a string, strings or
+token arrays, ``dimensions`` and ``encoding_format`` (float or base64) as the API has them;
+unknown fields refused.
+
 The script: ``StrictUpstream(tool_calls=[("Read", {"file_path": ...}), ...])``. A request
 whose conversation already holds k tool results answers with the k-th tool call when its
 ``tools`` offer that tool, with text once the script is used up. The decision depends only
@@ -32,6 +44,7 @@ import base64
 import hashlib
 import hmac
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +165,9 @@ class StrictUpstream(ServedApp):
                  thinking_text: str = "Let me think this through step by step.") -> None:
         super().__init__({"/v1/messages": self.messages,
                           "/v1/messages/count_tokens": self.count_tokens,
-                          "/v1/chat/completions": self.chat_completions},
+                          "/v1/chat/completions": self.chat_completions,
+                          "/v1/responses": self.responses,
+                          "/v1/embeddings": self.embeddings},
                          client_max_size=64 * 1024 * 1024)
         self.tool_calls = list(tool_calls or [])
         self.thinking_text = thinking_text
@@ -170,12 +185,14 @@ class StrictUpstream(ServedApp):
 
     def provider(self, fmt: str = "anthropic") -> dict[str, Any]:
         """A hookproxy provider entry for this upstream; the key comes from the
-        environment variable the caller sets to ``ANTHROPIC_KEY`` / ``OPENAI_KEY``."""
+        environment variable the caller sets to ``ANTHROPIC_KEY`` / ``OPENAI_KEY``.
+        ``responses``: an OpenAI provider marked as having the Responses API."""
         if fmt == "anthropic":
             return {"type": "anthropic", "base_url": self.url,
                     "api_key_env": "STRICT_UPSTREAM_ANTHROPIC_KEY", "timeout": 60}
         return {"type": "openai", "base_url": self.openai_url,
-                "api_key_env": "STRICT_UPSTREAM_OPENAI_KEY", "timeout": 60}
+                "api_key_env": "STRICT_UPSTREAM_OPENAI_KEY", "timeout": 60,
+                **({"responses": True} if fmt == "responses" else {})}
 
     # --- what was received --------------------------------------------------------------
 
@@ -606,3 +623,270 @@ class StrictUpstream(ServedApp):
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    # --- OpenAI Responses -----------------------------------------------------------------
+
+    def _validate_responses(self, call: Call) -> None:
+        if call.header("authorization") != f"Bearer {OPENAI_KEY}":
+            raise Invalid("Incorrect API key provided.", 401, "invalid_request_error")
+        body = call.body
+        for name in body:
+            if name not in RESPONSES_FIELDS:
+                raise Invalid(f"Unknown parameter: '{name}'.")
+        if not isinstance(body.get("model"), str):
+            raise Invalid("Missing required parameter: 'model'.")
+        if "previous_response_id" in body:
+            raise Invalid(f"Previous response with id '{body['previous_response_id']}' not "
+                          "found.", 404)
+        for i, tool in enumerate(body.get("tools") or []):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind not in RESPONSES_TOOL_TYPES:
+                raise Invalid(f"Invalid value: '{kind}'. (param: tools[{i}].type)")
+            if kind == "function" and not isinstance(tool.get("name"), str):
+                raise Invalid(f"Missing required parameter: 'tools[{i}].name'.")
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+        if not isinstance(items, list):
+            raise Invalid("Invalid type for 'input': expected a string or an array.")
+        calls: set[str] = set()
+        for i, item in enumerate(items):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind not in RESPONSES_ITEM_TYPES:
+                raise Invalid(f"Invalid value: '{kind}'. (param: input[{i}].type)")
+            if kind == "message":
+                if item.get("role") not in ("user", "assistant", "system", "developer"):
+                    raise Invalid(f"Invalid value: '{item.get('role')}'. Supported values "
+                                  "are: 'assistant', 'system', 'developer', and 'user'. "
+                                  f"(param: input[{i}].role)")
+                content = item.get("content")
+                for j, part in enumerate(content if isinstance(content, list) else []):
+                    part_kind = part.get("type") if isinstance(part, dict) else None
+                    if part_kind not in RESPONSES_PART_TYPES:
+                        raise Invalid(f"Invalid value: '{part_kind}'. (param: "
+                                      f"input[{i}].content[{j}].type)")
+            elif kind == "function_call":
+                calls.add(str(item.get("call_id")))
+            elif kind == "function_call_output" and item.get("call_id") not in calls:
+                raise Invalid(f"No tool call found for function call output with call_id "
+                              f"{item.get('call_id')}.")
+            elif kind == "reasoning":
+                text = "".join(s.get("text", "") for s in item.get("summary") or [])
+                if item.get("encrypted_content") != sign(text):
+                    raise Invalid(f"The encrypted content for item {item.get('id')} could "
+                                  f"not be verified. (param: input[{i}].encrypted_content)")
+
+    def _responses_turn(self, items: list[dict[str, Any]]) -> int:
+        return sum(1 for i, item in enumerate(items)
+                   if item.get("type") == "function_call_output"
+                   and (i == 0 or items[i - 1].get("type") != "function_call_output"))
+
+    def _responses_output(self, body: dict[str, Any], number: int) -> list[dict[str, Any]]:
+        items = body["input"]
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+        output: list[dict[str, Any]] = []
+        effort = (body.get("reasoning") or {}).get("effort")
+        if effort:
+            text = f"{self.thinking_text} (effort {effort})"
+            output.append({"id": f"rs_strict_{number}", "type": "reasoning",
+                           "summary": [{"type": "summary_text", "text": text}],
+                           "encrypted_content": sign(text)})
+        last_user = next((it for it in reversed(items) if it.get("role") == "user"), {})
+        prompt = _text_of(_input_blocks(last_user.get("content")))
+        tools = body.get("tools") or []
+        if any(t.get("type") == "web_search" for t in tools) and "search" in prompt:
+            output.append({"id": f"ws_strict_{number}", "type": "web_search_call",
+                           "status": "completed",
+                           "action": {"type": "search", "query": prompt[:100]}})
+        names = [str(t.get("name")) for t in tools if t.get("type") == "function"]
+        turn = self._responses_turn(items)
+        planned = self.tool_calls[turn] if turn < len(self.tool_calls) and \
+            self.tool_calls[turn][0] in names else None
+        if planned:
+            output.append({"id": f"fc_strict_{number}", "type": "function_call",
+                           "status": "completed", "call_id": f"call_strict_{turn}",
+                           "name": planned[0], "arguments": json.dumps(planned[1])})
+            return output
+        last = items[-1] if items else {}
+        if last.get("type") == "function_call_output":
+            output_value = last.get("output")
+            said = output_value if isinstance(output_value, str) else _text_of(
+                _input_blocks(output_value))
+            text = "tool said: " + said[:200]
+        else:
+            text = "answered: " + (prompt.strip().splitlines() or [""])[-1][:200]
+        output.append({"id": f"msg_strict_{number}", "type": "message", "status": "completed",
+                       "role": "assistant", "content": [
+                           {"type": "output_text", "text": text, "annotations": [],
+                            "logprobs": []}]})
+        return output
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        call = self._record(request)
+        try:
+            await self._read(request, call)
+            self._validate_responses(call)
+        except Invalid as error:
+            return self._refuse(call, error, "openai")
+        body = call.body
+        number = len(self.calls)
+        output = self._responses_output(body, number)
+        input_tokens = _estimate_tokens({"messages": body.get("input"),
+                                         "system": body.get("instructions"),
+                                         "tools": body.get("tools")})
+        output_tokens = 3 + len(json.dumps(output)) // 8
+        echoed = {k: body.get(k, default) for k, default in RESPONSES_ECHOED.items()}
+        response: dict[str, Any] = {
+            "id": f"resp_strict_{number}", "object": "response", "created_at": 1,
+            "status": "completed", "background": False, "error": None,
+            "incomplete_details": None, **echoed, "model": f"{body['model']}-2026",
+            "output": output, "service_tier": "default",
+            "usage": {"input_tokens": input_tokens,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": output_tokens,
+                      "output_tokens_details": {"reasoning_tokens": 5 if output[0][
+                          "type"] == "reasoning" else 0},
+                      "total_tokens": input_tokens + output_tokens}}
+        call.answer = response
+        if not body.get("stream"):
+            return web.json_response(response, headers={"x-request-id": f"req_{number}"})
+        stream = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
+                                             "x-request-id": f"req_{number}"})
+        await stream.prepare(request)
+        sequence = 0
+
+        async def send(kind: str, **data: Any) -> None:
+            nonlocal sequence
+            payload = {"type": kind, "sequence_number": sequence, **data}
+            sequence += 1
+            call.events.append(payload)
+            await stream.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+
+        start = {**response, "status": "in_progress", "output": [], "usage": None}
+        await send("response.created", response=start)
+        await send("response.in_progress", response=start)
+        for index, item in enumerate(output):
+            where = {"item_id": item["id"], "output_index": index}
+            kind = item["type"]
+            if kind == "message":
+                await send("response.output_item.added", output_index=index,
+                           item={**item, "status": "in_progress", "content": []})
+                part = item["content"][0]
+                await send("response.content_part.added", **where, content_index=0,
+                           part={**part, "text": ""})
+                text = part["text"]
+                for piece in (text[:9], text[9:]):
+                    await send("response.output_text.delta", **where, content_index=0,
+                               delta=piece, logprobs=[])
+                await send("response.output_text.done", **where, content_index=0,
+                           text=text, logprobs=[])
+                await send("response.content_part.done", **where, content_index=0,
+                           part=part)
+            elif kind == "function_call":
+                await send("response.output_item.added", output_index=index,
+                           item={**item, "status": "in_progress", "arguments": ""})
+                arguments = item["arguments"]
+                for piece in (arguments[:7], arguments[7:]):
+                    await send("response.function_call_arguments.delta", **where,
+                               delta=piece)
+                await send("response.function_call_arguments.done", **where,
+                           name=item["name"], arguments=arguments)
+            elif kind == "reasoning":
+                await send("response.output_item.added", output_index=index,
+                           item={**item, "summary": [], "encrypted_content": None})
+                summary = item["summary"][0]
+                await send("response.reasoning_summary_part.added", **where,
+                           summary_index=0, part={**summary, "text": ""})
+                await send("response.reasoning_summary_text.delta", **where,
+                           summary_index=0, delta=summary["text"])
+                await send("response.reasoning_summary_text.done", **where,
+                           summary_index=0, text=summary["text"])
+                await send("response.reasoning_summary_part.done", **where,
+                           summary_index=0, part=summary)
+            else:
+                await send("response.output_item.added", output_index=index,
+                           item={**item, "status": "in_progress"})
+                for phase in ("in_progress", "searching", "completed"):
+                    await send(f"response.web_search_call.{phase}", **where)
+            await send("response.output_item.done", output_index=index, item=item)
+        await send("response.completed", response=response)
+        await stream.write_eof()
+        return stream
+
+    # --- OpenAI embeddings ----------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        call = self._record(request)
+        try:
+            await self._read(request, call)
+            if call.header("authorization") != f"Bearer {OPENAI_KEY}":
+                raise Invalid("Incorrect API key provided.", 401, "invalid_request_error")
+            body = call.body
+            for name in body:
+                if name not in EMBEDDING_FIELDS:
+                    raise Invalid(f"Unrecognized request argument supplied: {name}")
+            inputs = body.get("input")
+            if isinstance(inputs, str) or (isinstance(inputs, list) and inputs
+                                           and isinstance(inputs[0], int)):
+                inputs = [inputs]
+            if not isinstance(inputs, list) or not inputs or not all(
+                    isinstance(i, str) or (isinstance(i, list) and all(
+                        isinstance(t, int) for t in i)) for i in inputs):
+                raise Invalid("'$.input' is invalid. Please check the API reference: "
+                              "https://platform.openai.com/docs/api-reference.")
+            encoding = body.get("encoding_format", "float")
+            if encoding not in ("float", "base64"):
+                raise Invalid(f"Invalid value: '{encoding}'. Supported values are: 'float' "
+                              "and 'base64'. (param: encoding_format)")
+        except Invalid as error:
+            return self._refuse(call, error, "openai")
+        size = int(body.get("dimensions") or 6)
+        data = []
+        tokens = 0
+        for index, item in enumerate(inputs):
+            vector = unit_vector_of(item, size)
+            tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)
+            embedding: Any = (base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+                              if encoding == "base64" else vector)
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        call.answer = {"object": "list", "data": data, "model": str(body.get("model")),
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return web.json_response(call.answer)
+
+
+def _input_blocks(content: Any) -> list[dict[str, Any]]:
+    """A Responses message's content as blocks with ``text`` (input_text, output_text)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "text", "text": b.get("text", "")} for b in content or []
+            if isinstance(b, dict) and b.get("type") in ("input_text", "output_text")]
+
+
+def unit_vector_of(item: Any, size: int = 6) -> list[float]:
+    """The vector this upstream answers for an input item (a text or token array)."""
+    seed = hashlib.sha256(json.dumps(item).encode()).digest()
+    return [round((seed[i % 32] - 128) / 128, 4) for i in range(size)]
+
+
+RESPONSES_FIELDS = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
+    "max_output_tokens", "max_tool_calls", "temperature", "top_p", "top_logprobs", "stream",
+    "stream_options", "text", "reasoning", "store", "include", "metadata",
+    "previous_response_id", "prompt", "prompt_cache_key", "prompt_cache_retention",
+    "safety_identifier", "service_tier", "truncation", "user", "background", "conversation",
+    "client_metadata", "context_management"})
+RESPONSES_TOOL_TYPES = ("function", "web_search", "web_search_preview", "file_search",
+                        "computer_use_preview", "code_interpreter", "image_generation",
+                        "mcp", "local_shell", "custom", "namespace", "shell", "apply_patch")
+RESPONSES_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning",
+                        "web_search_call", "file_search_call", "computer_call",
+                        "computer_call_output", "item_reference", "custom_tool_call",
+                        "custom_tool_call_output", "local_shell_call",
+                        "local_shell_call_output", "image_generation_call")
+RESPONSES_PART_TYPES = ("input_text", "input_image", "input_file", "output_text", "refusal")
+RESPONSES_ECHOED: dict[str, Any] = {
+    "instructions": None, "max_output_tokens": None, "metadata": {},
+    "parallel_tool_calls": True, "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
+    "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+    "tools": [], "top_p": 1.0, "truncation": "disabled", "user": None}
+EMBEDDING_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})

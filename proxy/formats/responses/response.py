@@ -75,13 +75,16 @@ def output_items(response: Response) -> list[dict[str, Any]]:
 def response_object(response: Response, request: Request, response_id: str, *,
                     same_format: bool, status: str | None = None,
                     output: list[dict[str, Any]] | None = None,
-                    created_at: int | None = None) -> dict[str, Any]:
+                    created_at: int | None = None,
+                    echo: dict[str, Any] | None = None) -> dict[str, Any]:
     """The response object the client gets: the answer, the request's settings it
-    repeats (from the client's own body), usage."""
+    repeats (from the client's own body, and ``echo``: what hookproxy took out of it, as
+    ``previous_response_id``), usage."""
     body: dict[str, Any] = dict(response.extra) if same_format else {}
     wire = wire_of(request) or {}
     for key, default in ECHOED.items():
         body.setdefault(key, wire.get(key, default))
+    body.update(echo or {})
     finished, incomplete = status_of(response.finish_reason)
     body.update(
         id=response_id, object="response",

@@ -184,8 +184,10 @@ class StreamEncoder:
 
     media_type = "text/event-stream"
 
-    def __init__(self, request: Request, response_id: str = "") -> None:
+    def __init__(self, request: Request, response_id: str = "",
+                 echo: dict[str, Any] | None = None) -> None:
         self.request = request
+        self.echo = echo
         self.response_id = response_id
         self.model = request.model
         self.sequence = 0
@@ -210,7 +212,7 @@ class StreamEncoder:
     def _skeleton(self, status: str) -> dict[str, Any]:
         empty = Response(id=self.response_id, model=self.model)
         return response_object(empty, self.request, self.response_id, same_format=False,
-                               status=status, output=[])
+                               status=status, output=[], echo=self.echo)
 
     def encode(self, event: StreamEvent) -> bytes:
         if event.raw is not None:
@@ -276,13 +278,9 @@ class StreamEncoder:
         if block is None:
             kind = ("message" if isinstance(event, TextDelta) else "function_call"
                     if isinstance(event, ToolCallStart | ToolCallDelta) else "reasoning")
-            item_id, output_index = self.opened.get(kind, ("", self.next_output - 1))
-            block = _Item(kind, item_id, output_index,
-                          content_index=sum(1 for b in self.blocks.values()
-                                            if b.id == item_id and kind == "message"))
+            block = self._learned(index, kind)
             if isinstance(event, ToolCallStart):
                 block.call_id, block.name = event.id, event.name
-            self.blocks[index] = block
         if isinstance(event, TextDelta):
             block.pieces.append(event.text)
         elif isinstance(event, ThinkingDelta):
@@ -291,6 +289,15 @@ class StreamEncoder:
             block.pieces.append(event.arguments)
         elif isinstance(event, SignatureDelta):
             block.signature += event.signature
+
+    def _learned(self, index: int, kind: str) -> _Item:
+        """The block ``index`` in the item of ``kind`` a provider opened last."""
+        item_id, output_index = self.opened.get(kind, ("", self.next_output - 1))
+        block = self.blocks[index] = _Item(
+            kind, item_id, output_index,
+            content_index=sum(1 for b in self.blocks.values()
+                              if b.id == item_id and kind == "message"))
+        return block
 
     def _write(self, event: StreamEvent) -> bytes:
         if isinstance(event, TextDelta):
@@ -349,6 +356,11 @@ class StreamEncoder:
               ) -> tuple[_Item, bytes]:
         block = self.blocks.get(index)
         if block is not None:
+            return block, b""
+        if kind in self.opened:
+            # A provider's item, opened by events that went out as they came.
+            block = self._learned(index, kind)
+            block.call_id, block.name = call_id or block.call_id, name or block.name
             return block, b""
         prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
         block = self.blocks[index] = _Item(kind, new_id(prefix), self.next_output,
@@ -447,7 +459,7 @@ class StreamEncoder:
             answer = Response(id=self.response_id, model=self.model,
                               finish_reason=finish, usage=event.usage)
             body = response_object(answer, self.request, self.response_id,
-                                   same_format=False, output=output)
+                                   same_format=False, output=output, echo=self.echo)
         self.final = body
         kind = "response.incomplete" if body.get("status") == "incomplete" else \
             "response.completed"
