@@ -244,6 +244,7 @@ def tail_log(args: argparse.Namespace) -> int:
     if not path.exists() and not args.follow:
         return _fail(f"{path}: no such log file")
     filters = Filters(model=args.model, provider=args.provider, tag=args.tag,
+                      endpoint=args.endpoint,
                       status=args.status, grep=args.grep)
     colour = {"always": True, "never": False}.get(args.color)
     return tail(path, filters, last=args.lines, follow=args.follow, colour=colour)
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument("--model", default="", help="requested or answering model contains")
     tail_cmd.add_argument("--provider", default="", help="provider contains")
     tail_cmd.add_argument("--tag", default="", help="a tag contains")
+    tail_cmd.add_argument("--endpoint", default="",
+                          help="the endpoint contains (responses, embeddings, /v1/messages)")
     tail_cmd.add_argument("--status", default="", help="ok, error, 4xx, 5xx or a status code")
     tail_cmd.add_argument("--grep", default="", help="the record contains this text")
     tail_cmd.add_argument("--color", choices=("auto", "always", "never"), default="auto")

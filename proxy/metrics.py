@@ -11,6 +11,20 @@ from prometheus_client.core import CounterMetricFamily
 from proxy.record import Record
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The endpoints that get series of their own; a path with an id is counted under its
+# template, anything else as ``other``.
+ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/messages",
+                       "/v1/messages/count_tokens", "/v1/responses", "/v1/embeddings"})
+_TEMPLATES = ("/v1/responses/", "/v1/models/")
+
+
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    for prefix in _TEMPLATES:
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
 
 
 class Metrics:
@@ -33,6 +47,8 @@ class Metrics:
                             registry=self.registry)
         self.upstream_errors = Counter("hookproxy_upstream_errors", "Failed provider calls",
                                        ("provider", "status"), registry=self.registry)
+        self.endpoints = Counter("hookproxy_endpoint_requests", "Requests by API endpoint",
+                                 ("endpoint", "status"), registry=self.registry)
         self.registry.register(_Dropped(dropped))
         self._cache: dict[tuple[str, str, int], _Children] = {}
         self._models: frozenset[str] = frozenset()
@@ -69,6 +85,7 @@ class Metrics:
         status = record.status if 100 <= record.status <= 599 else 0
         children = self._children(model, provider, status)
         children.requests.inc()
+        self.endpoints.labels(endpoint_label(record.endpoint), str(status)).inc()
         children.latency.observe(record.duration_ms / 1000)
         self.overhead.observe(record.overhead_ms / 1000)
         if record.ttft_ms is not None:

@@ -35,6 +35,7 @@ class Filters:
     model: str = ""
     provider: str = ""
     tag: str = ""
+    endpoint: str = ""
     status: str = ""  # ok, error, 4xx, 5xx or a status code
     grep: str = ""
 
@@ -45,6 +46,9 @@ class Filters:
         if self.provider and self.provider.lower() not in (record.get("provider") or "").lower():
             return False
         if self.tag and not any(self.tag.lower() in t.lower() for t in record.get("tags", [])):
+            return False
+        if self.endpoint and self.endpoint.lower() not in str(record.get("endpoint",
+                                                                         "")).lower():
             return False
         if self.status and not _status_matches(int(record.get("status", 0)), self.status):
             return False
@@ -75,6 +79,7 @@ def format_record(record: dict[str, Any], colour: bool) -> str:
         paint(safe_text(str(record.get("time", ""))[11:23]), "dim"),
         paint(f"{status:3d}", kind),
         f"{model} -> {answered}",
+        paint(safe_text(_short_endpoint(str(record.get("endpoint", "")))), "dim"),
         f"{record.get('duration_ms', 0):.1f}ms",
         f"{record.get('input_tokens', 0)}/{record.get('output_tokens', 0)} tok",
     ]
@@ -97,6 +102,12 @@ def format_record(record: dict[str, Any], colour: bool) -> str:
         parts.append(paint(safe_text(f"{error.get('stage', '')}: {error.get('message', '')}"),
                            kind))
     return "  ".join(parts)
+
+
+def _short_endpoint(path: str) -> str:
+    """``/v1/chat/completions`` -> ``chat/completions``; a long path cut."""
+    short = path.removeprefix("/v1/")
+    return short if len(short) <= 40 else short[:39] + "…"
 
 
 def _lines(path: Path, last: int, follow: bool, poll: float) -> Iterator[str]:

@@ -50,8 +50,22 @@ function schedule() {
 
 // --- filtering --------------------------------------------------------------------------
 
+// The API a record's endpoint belongs to: a stored response's path counts as the
+// Responses API, /chat/completions as chat completions; what nothing serves as "other".
+const ENDPOINTS = ["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
+  "/v1/responses", "/v1/embeddings"];
+
+function endpointOf(r) {
+  const path = r.endpoint || "";
+  if (ENDPOINTS.includes(path)) return path;
+  if (path === "/chat/completions") return "/v1/chat/completions";
+  if (path.startsWith("/v1/responses/")) return "/v1/responses";
+  return "other";
+}
+
 function filters() {
   return {
+    endpoint: $("f-endpoint").value,
     model: $("f-model").value.trim().toLowerCase(),
     provider: $("f-provider").value.trim().toLowerCase(),
     tag: $("f-tag").value.trim().toLowerCase(),
@@ -69,6 +83,7 @@ function statusMatches(status, wanted) {
 }
 
 function matches(r, f) {
+  if (f.endpoint && endpointOf(r) !== f.endpoint) return false;
   if (f.model && !`${r.model || ""} ${r.provider_model || ""}`.toLowerCase().includes(f.model)) return false;
   if (f.provider && !(r.provider || "").toLowerCase().includes(f.provider)) return false;
   if (f.tag && !(r.tags || []).some((t) => t.toLowerCase().includes(f.tag))) return false;
@@ -119,6 +134,7 @@ function renderRows(shown) {
     row.dataset.id = r.id;
     if (r.id === selectedId) row.className = "selected";
     row.appendChild(el("td", (r.time || "").slice(11, 23)));
+    row.appendChild(el("td", r.endpoint || "–", "endpoint"));
     const answered = r.provider_model && r.provider_model !== r.model ? ` → ${r.provider_model}` : "";
     row.appendChild(el("td", (r.model || "–") + answered));
     row.appendChild(el("td", r.provider || "–"));
@@ -155,6 +171,7 @@ function renderBreakdown(shown) {
   const groups = new Map();
   for (const r of shown) {
     const names = key === "tag" ? (r.tags && r.tags.length ? r.tags : ["(none)"])
+      : key === "endpoint" ? [endpointOf(r)]
       : [(key === "model" ? r.model : r.provider) || "(none)"];
     for (const name of names) {
       const g = groups.get(name) || { n: 0, input: 0, output: 0, cost: 0 };
@@ -272,6 +289,6 @@ $("rows").addEventListener("click", (event) => {
 });
 $("close-detail").addEventListener("click", () => { selectedId = null; $("detail").hidden = true; render(); });
 for (const id of ["f-model", "f-provider", "f-tag", "f-text"]) $(id).addEventListener("input", schedule);
-for (const id of ["f-status", "group-by"]) $(id).addEventListener("change", schedule);
+for (const id of ["f-status", "f-endpoint", "group-by"]) $(id).addEventListener("change", schedule);
 setInterval(schedule, 1000);   // keeps req/s moving when traffic stops
 connect();

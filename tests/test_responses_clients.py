@@ -141,7 +141,7 @@ def test_codex_exec_with_the_mock(codex: Path, tmp_path: Path) -> None:
         run = run_codex(codex, proxy.url, tmp_path, "say hi", "mock-1")
     assert run.returncode == 0, run.why()
     assert run.said.startswith("The tool returned: ")
-    assert [c["command"] for c in run.commands()][0].endswith("mock")
+    assert run.commands()[0]["command"].endswith("mock")
     posts = [c for c in seen if c.endpoint == "/v1/responses"]
     assert len(posts) == 2 and all(c.status == 200 for c in posts)
     results = [p for m in posts[1].request.messages for p in m.content
