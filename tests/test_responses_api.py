@@ -396,3 +396,24 @@ def test_plugins_see_change_and_stream_a_responses_request(
     assert final.output_text == deltas
     with pytest.raises(openai.PermissionDeniedError):
         client.responses.create(model=model, input="forbidden words")
+
+
+@pytest.mark.parametrize("model", ["oai/gpt-test-cut", "ant/claude-test-cut"])
+def test_a_stream_that_breaks_ends_with_error_and_failed(model: str) -> None:
+    from tests.harness import upstream_config
+    from tests.upstreams import FakeUpstream
+
+    fake = FakeUpstream().start()
+    try:
+        with ProxyServer(upstream_config(fake)) as proxy:
+            events = list(proxy.openai().responses.create(model=model, input="hello",
+                                                          stream=True))
+    finally:
+        fake.stop()
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    assert kinds[-2:] == ["error", "response.failed"]
+    failed: Any = events[-1]
+    assert failed.response.status == "failed" and failed.response.id == events[0].response.id
+    assert failed.response.error.code == "upstream_cut"
