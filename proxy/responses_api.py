@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import os
 import time
 import types
@@ -80,7 +81,7 @@ class StoredResponses:
         if data is None:
             return None
         entry = _decode_entry(data)
-        return entry if entry.tenant == tenant else None
+        return entry if hmac.compare_digest(entry.tenant, tenant) else None
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         if await self.load(tenant, response_id) is None:
@@ -153,7 +154,6 @@ async def create(gateway: Gateway, http: HttpRequest) -> HttpResponse:
             except Exception:
                 log.exception("response_not_stored", request_id=ctx.request_id)
 
-        headers = response_headers(ctx, ctx.request_id)
         if ctx.request.stream:
             events = await gateway.unless_client_leaves(
                 http, ctx, gateway.pipeline.open_stream(ctx))
@@ -179,7 +179,8 @@ async def create(gateway: Gateway, http: HttpRequest) -> HttpResponse:
         await save(body)
         content = ctx.raw_response if ctx.raw_response is not None and previous is None \
             else _encode(body)
-        return when_sent(HttpResponse(content, media_type=JSON, headers=headers), ctx)
+        return when_sent(HttpResponse(content, media_type=JSON,
+                                      headers=response_headers(ctx, ctx.request_id)), ctx)
 
     return await gateway.serve(http, wire, prepare, answer)
 

@@ -83,8 +83,12 @@ def last(upstream: StrictUpstream, model: str) -> Call:
 
 @pytest.mark.parametrize("model", ["mock-1", *SERVED])
 def test_text_answer(upstream: StrictUpstream, client: openai.OpenAI, model: str) -> None:
-    response = client.responses.create(model=model, input="hello there",
-                                       instructions="Be brief.")
+    raw = client.responses.with_raw_response.create(model=model, input="hello there",
+                                                    instructions="Be brief.")
+    assert raw.headers["x-hookproxy-model"] == ("mock-1" if model == "mock-1"
+                                                else "gpt-strict" if model != "claude"
+                                                else "claude-strict")
+    response = raw.parse()
     assert response.status == "completed"
     assert response.output_text == ("Mock answer from mock-1. You said: hello there"
                                     if model == "mock-1" else "answered: hello there")
