@@ -193,6 +193,14 @@ class PluginHost:
         if config.auth.keys:
             self._enable_auth(config)
 
+    def active(self) -> dict[str, dict[str, Any]]:
+        """Every plugin and classifier that may run on this config, by name, with its
+        configured settings: what config.toml enables, and what a request may switch on.
+        (The lifecycle hooks run for these.)"""
+        available = {name: self.configured.get(name, {}) for name in sorted(self.per_request)
+                     if name in self.installed and not self.installed[name].error}
+        return {**available, **self.enabled_classifiers, **self.enabled}
+
     def _request_rights(self, name: str, table: dict[str, Any], info: PluginInfo | None,
                         where: str) -> None:
         """What the operator lets a request do with this plugin: ``per_request = true``

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 
 class Store(Protocol):
@@ -59,3 +62,9 @@ class MemoryStore:
         self._data[key] = (expires, str(value).encode())
         self._data.move_to_end(key)
         return value
+
+
+def build_store(config: Config) -> Store:
+    """The process's one store, which plugins reach as ``ctx.store`` / ``app.store``:
+    in-process for now."""
+    return MemoryStore(max_entries=100_000)
