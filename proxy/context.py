@@ -153,6 +153,7 @@ class RequestContext:
         self._annotation_bytes = 0
         # Made on first use: most requests have no plugin headers.
         self._response_headers: HeaderMap | None = None
+        self._headers_sent = False
         self._upstream_headers: HeaderMap | None = None
 
     @property
@@ -244,6 +245,7 @@ class RequestContext:
         its first event: set them before (request_start, pre_routing, alongside_call)."""
         if self._response_headers is None:
             self._response_headers = HeaderMap("response")
+            self._response_headers.sent = self._headers_sent
         return self._response_headers
 
     @property
@@ -260,6 +262,7 @@ class RequestContext:
 
     def answer_headers(self) -> dict[str, str]:
         """What plugins set for the client; no more can be set after this."""
+        self._headers_sent = True
         headers = self._response_headers
         if headers is None:
             return {}

@@ -106,6 +106,8 @@ class Gateway:
         if host is None:
             host = PluginHost()
             host.discover()
+            if hasattr(self, "host"):  # a reload
+                host.keep_registered_in_code(self.host)
         host.enable(config)
         pipeline = Pipeline(host, router, providers, routing=config.routing,
                             plugin_timeout=config.server.plugin_timeout,

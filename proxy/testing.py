@@ -47,9 +47,10 @@ class FakeProvider:
     """A provider for tests, on a loopback port, speaking both wire formats.
 
     It answers ``reply`` (by default ``echo: <the last user text>``) with fixed usage, as
-    a stream when asked to, after ``delay`` seconds, or with an error of ``status`` in the
-    API's own format. ``requests`` and ``headers`` hold what reached it, in order;
-    ``cancelled`` counts calls whose caller hung up during the ``delay``.
+    a stream when asked to (a word an event, ``chunk_delay`` seconds apart), after
+    ``delay`` seconds, or with an error of ``status`` in the API's own format.
+    ``requests`` and ``headers`` hold what reached it, in order; ``cancelled`` counts
+    calls whose caller hung up before the answer was complete.
     """
 
     def __init__(self) -> None:
@@ -57,6 +58,7 @@ class FakeProvider:
         self.headers: list[dict[str, str]] = []
         self.reply: str | None = None
         self.delay = 0.0
+        self.chunk_delay = 0.0
         self.status: int | None = None
         self.cancelled = 0
         self.port = 0
@@ -173,7 +175,7 @@ class FakeProvider:
             events.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
                            "created": 1, "model": model, "choices": [], "usage": usage})
         lines = [f"data: {json.dumps(event)}\n\n" for event in events] + ["data: [DONE]\n\n"]
-        return await _sse(request, lines)
+        return await self._sse(request, lines)
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         body, text, early = await self._received(request, lambda message: {
@@ -200,17 +202,22 @@ class FakeProvider:
                                                 "stop_sequence": None},
                                       "usage": {"output_tokens": 5}}),
                    ("message_stop", {})]
-        return await _sse(request, [f"event: {name}\ndata: {json.dumps({'type': name, **data})}"
-                                    "\n\n" for name, data in events])
+        return await self._sse(request, [
+            f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+            for name, data in events])
 
-
-async def _sse(request: web.Request, lines: list[str]) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    for line in lines:
-        await response.write(line.encode())
-    await response.write_eof()
-    return response
+    async def _sse(self, request: web.Request, lines: list[str]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for line in lines:
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+                if request.transport is None or request.transport.is_closing():
+                    self.cancelled += 1
+                    return response
+            await response.write(line.encode())
+        await response.write_eof()
+        return response
 
 
 def _echo(body: dict[str, Any]) -> str:
