@@ -106,8 +106,9 @@ class Gateway:
         if host is None:
             host = PluginHost()
             host.discover()
-            if hasattr(self, "host"):  # a reload
-                host.keep_registered_in_code(self.host)
+            previous: PluginHost | None = getattr(self, "host", None)
+            if previous is not None:  # a reload
+                host.keep_registered_in_code(previous)
         host.enable(config)
         pipeline = Pipeline(host, router, providers, routing=config.routing,
                             plugin_timeout=config.server.plugin_timeout,
