@@ -2,7 +2,8 @@
 hookproxy (no copy of its test harness needed).
 
 ``FakeProvider`` is an upstream on a loopback port that speaks the OpenAI Chat Completions
-and Anthropic Messages wire formats, streaming included, and records what reached it.
+and Anthropic Messages wire formats, streaming included, and records what reached it;
+``Service`` serves any aiohttp handlers on loopback (an outside service a plugin calls).
 ``Proxy`` runs hookproxy itself on another loopback port, in this process, with the plugins
 you give it (and those installed), routed to the fake provider, and hands out the
 official SDK clients::
@@ -27,7 +28,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -43,36 +44,25 @@ OPENAI_MODEL = "gpt-fake"
 ANTHROPIC_MODEL = "claude-fake"
 
 
-class FakeProvider:
-    """A provider for tests, on a loopback port, speaking both wire formats.
+class Service:
+    """A small aiohttp app on a loopback port, in a thread of its own: an outside service
+    a plugin calls (a moderation API, a quota server) in a test. ``routes`` maps paths to
+    aiohttp handlers (``async def handler(request) -> web.Response``); ``"GET /path"``
+    for another method than POST."""
 
-    It answers ``reply`` (by default ``echo: <the last user text>``) with fixed usage, as
-    a stream when asked to (a word an event, ``chunk_delay`` seconds apart), after
-    ``delay`` seconds, or with an error of ``status`` in the API's own format.
-    ``requests`` and ``headers`` hold what reached it, in order; ``cancelled`` counts
-    calls whose caller hung up before the answer was complete.
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.reply: str | None = None
-        self.delay = 0.0
-        self.chunk_delay = 0.0
-        self.status: int | None = None
-        self.cancelled = 0
+    def __init__(self, routes: Mapping[str, Callable[[web.Request], Awaitable[Any]]]) -> None:
+        self.routes = dict(routes)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="hookproxy-fake-provider")
+                                        name="hookproxy-test-service")
 
-    # --- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> FakeProvider:
+    def start(self) -> Service:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._openai)
-        app.router.add_post("/v1/messages", self._anthropic)
+        for route, handler in self.routes.items():
+            method, _, path = route.rpartition(" ")
+            app.router.add_route(method or "POST", path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         self._thread.start()
         self._call(self._runner.setup())
@@ -89,7 +79,7 @@ class FakeProvider:
         self._thread.join(10)
         self._loop.close()
 
-    def __enter__(self) -> FakeProvider:
+    def __enter__(self) -> Service:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -97,6 +87,36 @@ class FakeProvider:
 
     def _call(self, work: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class FakeProvider(Service):
+    """A provider for tests, on a loopback port, speaking both wire formats.
+
+    It answers ``reply`` (by default ``echo: <the last user text>``) with fixed usage, as
+    a stream when asked to (a word an event, ``chunk_delay`` seconds apart), after
+    ``delay`` seconds, or with an error of ``status`` in the API's own format.
+    ``requests`` and ``headers`` hold what reached it, in order; ``cancelled`` counts
+    calls whose caller hung up before the answer was complete.
+    """
+
+    def __init__(self) -> None:
+        super().__init__({"/v1/chat/completions": self._openai,
+                          "/v1/messages": self._anthropic})
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.reply: str | None = None
+        self.delay = 0.0
+        self.chunk_delay = 0.0
+        self.status: int | None = None
+        self.cancelled = 0
+
+    def __enter__(self) -> FakeProvider:
+        self.start()
+        return self
 
     @property
     def openai_url(self) -> str:
