@@ -128,6 +128,24 @@ def test_a_failing_startup_stops_the_proxy_naming_the_plugin(hookproxy_provider)
     assert failed[0]["plugin"] == "broken" and isinstance(failed[0]["exc_info"], ValueError)
 
 
+class BrokenShutdown:
+    @hookimpl
+    def shutdown(self) -> None:
+        raise OSError("cannot flush the buffer")
+
+
+def test_a_failing_shutdown_is_logged_and_the_others_still_run(hookproxy_provider):
+    other = Lifecycle()
+    with structlog.testing.capture_logs() as logged, \
+            Proxy(plugins={"life": other, "broken": BrokenShutdown()},
+                  settings={"life": {"greeting": "hi"}}, provider=hookproxy_provider):
+        pass
+    failed = [e for e in logged if e["event"] == "plugin_shutdown_failed"]
+    assert [e["plugin"] for e in failed] == ["broken"]
+    assert "cannot flush the buffer" in failed[0]["error"]
+    assert other.events[-1] == "shutdown"
+
+
 def test_a_failing_config_reloaded_is_named_and_the_reload_stands(hookproxy):
     proxy = hookproxy(plugins={"broken": BrokenReload(), "life": Lifecycle()},
                       settings={"life": {"greeting": "hi"}})
