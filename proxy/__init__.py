@@ -30,6 +30,7 @@ from proxy.canonical import (
 )
 from proxy.context import PipelineError, Reject, RequestContext
 from proxy.hookspecs import hookimpl
+from proxy.lifecycle import PluginApp
 from proxy.pipeline import DROP
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Message",
     "OpaquePart",
     "PipelineError",
+    "PluginApp",
     "RedactedThinkingPart",
     "Reject",
     "Request",

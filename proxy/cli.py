@@ -1,4 +1,4 @@
-"""``hookproxy serve | check | plugins``."""
+"""``hookproxy serve | check | plugins | init | reload | tail | new-plugin``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -23,6 +24,9 @@ from proxy.config import (
     packaged_text,
 )
 from proxy.server import GatewayServer
+
+if TYPE_CHECKING:
+    from proxy.plugins import PluginHost
 
 log = structlog.get_logger("hookproxy")
 
@@ -121,6 +125,8 @@ def serve(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=10)
     server = _Server(server_config, gateway)
     server.run()
+    if gateway.startup_error:
+        return _fail(f"not serving: {gateway.startup_error}")
     return 0 if server.started else 1
 
 
@@ -169,6 +175,9 @@ def plugins(args: argparse.Namespace) -> int:
             host.enable(config)
         except ConfigError as exc:
             problem = str(exc)
+    if args.json:
+        print(_plugins_json(host, config, problem))
+        return 2 if problem else 0
     print(f"{'name':<16} {'kind':<11} {'package':<22} {'version':<9} {'enabled':<8} hooks")
     for info in sorted(host.installed.values(), key=lambda i: (i.kind, i.name)):
         enabled = "error" if info.error else ("yes" if info.enabled else "no")
@@ -178,6 +187,42 @@ def plugins(args: argparse.Namespace) -> int:
             print(f"{'':<16} error: {info.error}")
     if problem:
         return _fail(problem)
+    return 0
+
+
+def _plugins_json(host: PluginHost, config: Config | None, problem: str | None) -> str:
+    """What ``plugins --json`` prints: one object per installed plugin and classifier,
+    with what the config lets requests do with it."""
+    import msgspec
+
+    listed = []
+    for info in sorted(host.installed.values(), key=lambda i: (i.kind, i.name)):
+        entry = msgspec.to_builtins(info)
+        entry["per_request"] = info.name in host.per_request
+        entry["locked"] = info.name in host.locked
+        entry["request_settings"] = sorted(host.adjustable.get(info.name, ()))
+        entry["timeout"] = host.timeouts.get(info.name)
+        listed.append(entry)
+    return msgspec.json.encode({"config": config.source if config else None,
+                                "config_error": problem, "plugins": listed}).decode()
+
+
+def new_plugin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.scaffold import new_plugin as write_package
+
+    try:
+        folder = write_package(args.name, Path(args.dir))
+    except ValueError as exc:
+        return _fail(str(exc))
+    except FileExistsError:
+        return _fail(f"{Path(args.dir) / f'hookproxy-{args.name}'}: already exists; "
+                     "not overwriting it")
+    except OSError as exc:
+        return _fail(f"{args.dir}: cannot write: {exc.strerror}")
+    print(f"wrote {folder}: `cd {folder} && pip install -e '.[test]' && pytest` runs its "
+          f"test; [plugins.{args.name}] in config.toml switches it on")
     return 0
 
 
@@ -264,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd = commands.add_parser("check", help="validate a config and show what it serves")
     check_cmd.set_defaults(run=check)
     plugins_cmd = commands.add_parser("plugins", help="list installed plugins and classifiers")
+    plugins_cmd.add_argument("--json", action="store_true",
+                             help="print JSON (for scripts) instead of a table")
     plugins_cmd.set_defaults(run=plugins)
+    new_cmd = commands.add_parser("new-plugin", help="write a plugin package to start from")
+    new_cmd.add_argument("name", help="the plugin's name (its [plugins.NAME] in config.toml)")
+    new_cmd.add_argument("--dir", default=".",
+                         help="where to write hookproxy-NAME/ (default: here)")
+    new_cmd.set_defaults(run=new_plugin)
     init_cmd = commands.add_parser("init", help="write the annotated starter config.toml")
     init_cmd.add_argument("path", nargs="?", default="config.toml",
                           help="file (or folder) to write (default: ./config.toml)")

@@ -5,13 +5,28 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 
 from proxy.canonical import Request, Response
+from proxy.dispatch import current_plugin
 from proxy.errors import ProxyError, is_error_status
+from proxy.headers import HeaderMap
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from proxy.lifecycle import PluginApp
+    from proxy.store import Store
+
+_log = structlog.get_logger("hookproxy.plugin")
+_encode = msgspec.json.Encoder().encode
+# What one request's annotations may hold, as JSON, all plugins together; past it, further
+# ones are counted (``annotations_dropped`` in the record), not kept.
+MAX_ANNOTATION_BYTES = 16 * 1024
 
 
 class Reject(ProxyError):
@@ -129,6 +144,17 @@ class RequestContext:
         self.raw_response: bytes | None = None
         # For a stream that broke after it began: how many chunks had gone out.
         self.failed_at_chunk: int | None = None
+        # The process's shared pieces (session, store, background tasks); set by the server.
+        self.app: PluginApp | None = None
+        # plugin -> {key: JSON value}: what plugins put in the record (``annotate``).
+        self.annotations: dict[str, dict[str, Any]] = {}
+        self.annotations_dropped = 0
+        self._annotation_sizes: dict[tuple[str, str], int] = {}
+        self._annotation_bytes = 0
+        # Made on first use: most requests have no plugin headers.
+        self._response_headers: HeaderMap | None = None
+        self._headers_sent = False
+        self._upstream_headers: HeaderMap | None = None
 
     @property
     def request(self) -> Request:
@@ -184,3 +210,80 @@ class RequestContext:
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
+
+    # --- what plugins reach through the context -------------------------------------------
+
+    def _app(self) -> PluginApp:
+        if self.app is None:
+            raise RuntimeError("this request context belongs to no running proxy")
+        return self.app
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The process's one pooled ``aiohttp.ClientSession``: use it, never close it."""
+        return self._app().session
+
+    @property
+    def store(self) -> Store:
+        """The process's ``proxy.store.Store`` (the one the built-in plugins use): prefix
+        your keys with your plugin's name."""
+        return self._app().store
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Runs ``work`` in the background: it never delays the answer, is awaited at
+        shutdown (bounded), and its errors are logged with the plugin and request id."""
+        return self._app().spawn(work, request_id=self.request_id)
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to this request's id and the calling plugin's name."""
+        return _log.bind(request_id=self.request_id, plugin=current_plugin.get())
+
+    @property
+    def response_headers(self) -> HeaderMap:
+        """Headers for the client's answer (its error too). A stream's headers go out with
+        its first event: set them before (request_start, pre_routing, alongside_call)."""
+        if self._response_headers is None:
+            self._response_headers = HeaderMap("response")
+            self._response_headers.sent = self._headers_sent
+        return self._response_headers
+
+    @property
+    def upstream_headers(self) -> HeaderMap:
+        """Headers for the provider call (every attempt and fallback). Credentials and
+        framing headers are refused; a header the operator configured wins."""
+        if self._upstream_headers is None:
+            self._upstream_headers = HeaderMap("upstream")
+        return self._upstream_headers
+
+    def upstream_header_items(self) -> dict[str, str] | None:
+        """What plugins set for the provider, or None."""
+        return dict(self._upstream_headers) if self._upstream_headers else None
+
+    def answer_headers(self) -> dict[str, str]:
+        """What plugins set for the client; no more can be set after this."""
+        self._headers_sent = True
+        headers = self._response_headers
+        if headers is None:
+            return {}
+        headers.sent = True
+        return dict(headers)
+
+    def annotate(self, key: str, value: Any) -> None:
+        """Puts ``value`` (anything JSON can hold) in the record under the calling
+        plugin's name and ``key``: the dashboard's detail view shows it. Values under
+        secret-looking keys are redacted; past ``MAX_ANNOTATION_BYTES`` for the request,
+        further annotations are counted, not kept."""
+        if not isinstance(key, str) or not key or len(key) > 100:
+            raise ValueError("an annotation's key must be text of 1-100 characters")
+        encoded = _encode(value)  # TypeError for what JSON cannot hold
+        plugin = current_plugin.get() or "?"
+        size = len(encoded) + len(key)
+        used = self._annotation_bytes - self._annotation_sizes.get((plugin, key), 0)
+        if used + size > MAX_ANNOTATION_BYTES:
+            self.annotations_dropped += 1
+            return
+        self._annotation_sizes[(plugin, key)] = size
+        self._annotation_bytes = used + size
+        # A copy: what the plugin changes later is not what it annotated.
+        self.annotations.setdefault(plugin, {})[key] = msgspec.json.decode(encoded)

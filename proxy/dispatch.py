@@ -12,6 +12,7 @@ plugin that raised it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,11 @@ from typing import Any
 import pluggy
 
 from proxy.errors import ProxyError
+
+# The plugin whose hook is running: what it annotates, logs and starts in the background
+# is its own. Tasks it starts inherit it.
+current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "hookproxy_plugin", default=None)
 
 
 class HookFailed(Exception):
@@ -68,6 +74,7 @@ _found: dict[tuple[int, str, int], tuple[Mapping[str, Any], pluggy.PluginManager
 def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:
     """Calls one implementation with the arguments it asks for. Returns its result, or the
     awaitable an async implementation gave (for ``finish_impl``)."""
+    acting = current_plugin.set(plugin)
     try:
         return impl.function(*[arguments[name] for name in impl.argnames])
     except ProxyError as exc:
@@ -75,12 +82,15 @@ def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) 
         raise
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
+    finally:
+        current_plugin.reset(acting)
 
 
 async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> Any:
     """Awaits what ``start_impl`` returned if it is awaitable, bounded by ``timeout``."""
     if not inspect.isawaitable(result):
         return result
+    acting = current_plugin.set(plugin)
     try:
         return await asyncio.wait_for(result, timeout)
     except ProxyError as exc:
@@ -90,6 +100,8 @@ async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> An
         raise  # a sync implementation run in a worker thread failed there
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
+    finally:
+        current_plugin.reset(acting)
 
 
 async def call_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any],

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import string
 import time
-import urllib.parse
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +23,7 @@ from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json
+from proxy.headers import TOKEN, header_value
 from proxy.pipeline import record_attempt
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.providers.http import HttpProvider
@@ -55,21 +53,10 @@ async def _set(event: asyncio.Event) -> None:
     event.set()
 
 
-# Printable ASCII but "%", which marks what was encoded.
-_HEADER_SAFE = (string.punctuation + " ").replace("%", "")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def header_value(value: str) -> str:
-    """``value`` fit for a response header: anything beyond printable ASCII (non-Latin-1
-    text, CR and LF that would end the header) is percent-encoded as UTF-8."""
-    if value.isascii() and value.isprintable() and "%" not in value:
-        return value
-    return urllib.parse.quote(value, safe=_HEADER_SAFE)
-
-
 def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
+    # Plugins' headers first: hookproxy's own names are refused when a plugin sets them.
+    headers = ctx.answer_headers()
+    headers["x-request-id"] = request_id
     if ctx.provider:
         headers["x-hookproxy-provider"] = header_value(ctx.provider)
     if ctx.model:
@@ -88,7 +75,7 @@ def error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | No
                    request_id: str) -> HttpResponse:
     # A plugin's extra headers (Retry-After...): only well-formed names, safe values.
     extra = {name: header_value(str(value)) for name, value in error.headers.items()
-             if isinstance(name, str) and _TOKEN.fullmatch(name)}
+             if isinstance(name, str) and TOKEN.fullmatch(name)}
     headers = {**extra, **(response_headers(ctx, request_id) if ctx else
                            {"x-request-id": request_id})}
     return HttpResponse(wire.encode_error(error), status_code=error.status, media_type=JSON,
@@ -184,7 +171,8 @@ async def _count(pipeline: Pipeline, ctx: RequestContext, fields: dict[str, Any]
         body = _upstream_body(ctx, fields, target.model)
         started = time.perf_counter()
         try:
-            payload = await provider.count_tokens(body, ctx.request.headers)
+            payload = await provider.count_tokens(body, ctx.request.headers,
+                                                  ctx.upstream_header_items())
         except UpstreamError as exc:
             record_attempt(ctx, started, exc)
             raise

@@ -5,8 +5,9 @@ function or ``async def``. ``settings`` is always the plugin's own settings: its
 ``[plugins.NAME]`` (or ``[classifiers.NAME]``) table from config.toml, merged with what the
 request asked for itself under the ``hookproxy`` field.
 
-Stages run in this order: request_start, classify, pre_routing, (provider call,
-stream_chunk per chunk), post_response, request_end. on_error sees every failure.
+Stages run in this order: request_start, classify, pre_routing, (provider call, with
+alongside_call beside it, stream_chunk per chunk), post_response, request_end. on_error
+sees every failure. startup, config_reloaded and shutdown mark the life of the process.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ def pre_routing(ctx: Any, settings: dict[str, Any]) -> Any:
     May change ``ctx.request``; may set ``ctx.force_provider`` and/or ``ctx.force_model``
     to choose the target. Return a ``Response`` to short-circuit, raise ``Reject`` to
     refuse, ``None`` to go on. Sync or awaitable.
+    """
+
+
+@hookspec
+def alongside_call(ctx: Any, settings: dict[str, Any]) -> Any:
+    """Runs beside the provider call, from the moment it starts (a moderation check that
+    adds no latency). Not called when a plugin answered the request itself.
+
+    Raise ``Reject`` to cancel the provider call: the client gets that error in its own
+    format. Return (anything) to let the answer go. The answer never goes out before
+    every alongside_call has returned, but its time overlaps the provider's, so only the
+    part that outlasts the provider adds to the answer's latency. A stream starts as soon
+    as the provider sends its first event; only its end waits for these hooks, and a
+    rejection after the first event ends the stream with an error event in the client's
+    format instead. An exception, or a timeout under ``on_timeout = "fail"``, fails the
+    request (500 / 504) like one in pre_routing; with ``on_timeout = "skip"`` a slow one
+    is passed over. Async (a sync one runs on the event loop before the call starts).
     """
 
 
@@ -101,4 +119,32 @@ def validate_settings(settings: dict[str, Any]) -> Any:
 
     Return ``None`` if ``settings`` are usable, or a message saying what is wrong (or raise
     ``ValueError`` with it); serve then refuses to start, naming the plugin. Sync only.
+    """
+
+
+@hookspec
+def startup(app: Any, settings: dict[str, Any]) -> Any:
+    """The process is starting (or a reload turned this plugin on): set up what the
+    plugin keeps for its life. ``app`` is the ``PluginApp``: ``app.session`` (the shared
+    HTTP client session), ``app.store``, ``app.spawn(...)``, ``app.log``, ``app.config``.
+
+    Runs before the first request is served, in hook order, each bounded by the plugin's
+    timeout. An exception or a timeout stops serve from starting, naming the plugin (in a
+    reload, it is logged and the reload's answer names it). Sync or awaitable.
+    """
+
+
+@hookspec
+def config_reloaded(app: Any, settings: dict[str, Any]) -> Any:
+    """The config was reloaded and this plugin, running before, is still on; ``settings``
+    are its new settings. Requests already in flight finish with the old ones. Errors are
+    logged and named in the reload's answer; the new config stays. Sync or awaitable.
+    """
+
+
+@hookspec
+def shutdown(app: Any, settings: dict[str, Any]) -> Any:
+    """The process is stopping, requests in flight have finished and the background
+    tasks have been awaited: release what startup set up. Runs once for each plugin whose
+    startup ran, bounded by its timeout; errors are logged. Sync or awaitable.
     """

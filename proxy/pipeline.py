@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import structlog
 
+from proxy.alongside import Alongside
 from proxy.canonical import (
     Request,
     Response,
@@ -83,7 +84,7 @@ class Pipeline:
         try:
             response = await self._before_provider(ctx)
             if response is None:
-                response = await (self._call_provider(ctx) if call is None
+                response = await (self._call_provider_alongside(ctx) if call is None
                                   else self._with_fallback(ctx, call))
             return await self._post_response(ctx, response)
         except ProxyError as exc:
@@ -109,7 +110,7 @@ class Pipeline:
             if response is not None:
                 events: AsyncIterator[list[StreamEvent]] = _replay(response)
             else:
-                events = await self._open_provider_stream(ctx)
+                events = await self._open_provider_stream_alongside(ctx)
             first = await anext(events)
         except ProxyError as exc:
             await self._fail(ctx, exc)
@@ -152,20 +153,10 @@ class Pipeline:
                 exc.stage = hook
                 raise
             except HookFailed as exc:
-                timed_out = isinstance(exc.error, TimeoutError)
-                if timed_out and self.host.on_timeout.get(name) == "skip":
-                    # The operator chose: a slow plugin is passed over, not waited for.
-                    self._hook_error(ctx, hook, name, exc)
-                    ctx.plugin_actions[name] = "timed_out"
+                failure = self.stage_failure(ctx, hook, name, exc)
+                if failure is None:
                     continue
-                ctx.plugin_actions[name] = "timed_out" if timed_out else "failed"
-                _log_failure(ctx, hook, name, exc)
-                raise ProxyError(504 if timed_out else 500,
-                                 f"Plugin {name!r} {_describe(exc.error)} in {hook}"
-                                 if timed_out else
-                                 f"Plugin {name!r} failed in {hook}: {_describe(exc.error)}",
-                                 code="plugin_timeout" if timed_out else "plugin_error",
-                                 stage=hook, plugin=name) from exc.error
+                raise failure from exc.error
             if isinstance(result, Response):
                 ctx.plugin_actions[name] = "short_circuit"
                 ctx.short_circuited_by = name
@@ -175,6 +166,24 @@ class Pipeline:
                 ctx.plugin_actions.setdefault(name, "modified")
                 before = after
         return None
+
+    def stage_failure(self, ctx: RequestContext, hook: str, name: str,
+                      exc: HookFailed) -> ProxyError | None:
+        """A plugin failed in a stage that fails the request: the error the client gets
+        (a 504 for a timeout), or None when the operator chose to skip a slow plugin."""
+        timed_out = isinstance(exc.error, TimeoutError)
+        if timed_out and self.host.on_timeout.get(name) == "skip":
+            # The operator chose: a slow plugin is passed over, not waited for.
+            self._hook_error(ctx, hook, name, exc)
+            ctx.plugin_actions[name] = "timed_out"
+            return None
+        ctx.plugin_actions[name] = "timed_out" if timed_out else "failed"
+        _log_failure(ctx, hook, name, exc)
+        return ProxyError(504 if timed_out else 500,
+                          f"Plugin {name!r} {_describe(exc.error)} in {hook}" if timed_out
+                          else f"Plugin {name!r} failed in {hook}: {_describe(exc.error)}",
+                          code="plugin_timeout" if timed_out else "plugin_error",
+                          stage=hook, plugin=name)
 
     async def _classify(self, ctx: RequestContext) -> None:
         impls = implementations(self.pm, "classify", ctx.classifier_settings)
@@ -239,11 +248,32 @@ class Pipeline:
                                               message=_describe(error),
                                               type=type(error).__name__, exception=error))
 
+    async def _call_provider_alongside(self, ctx: RequestContext) -> Response:
+        """The provider call, with the alongside_call checks running beside it."""
+        impls = implementations(self.pm, "alongside_call", ctx.plugin_settings)
+        if not impls:
+            return await self._call_provider(ctx)
+        checks = Alongside(self, ctx, impls)
+        try:
+            ctx.response = await checks.race(self._call_provider(ctx))
+            await checks.settle()
+            return ctx.response
+        finally:
+            checks.cancel()
+
+    async def _open_provider_stream_alongside(self, ctx: RequestContext
+                                              ) -> AsyncIterator[list[StreamEvent]]:
+        impls = implementations(self.pm, "alongside_call", ctx.plugin_settings)
+        if not impls:
+            return await self._open_provider_stream(ctx)
+        return Alongside(self, ctx, impls).guard_stream(self._open_provider_stream(ctx))
+
     async def _call_provider(self, ctx: RequestContext) -> Response:
         async def complete(provider: Provider, target: Target) -> Response:
             body = _unchanged_body(ctx, provider, target)
             response, ctx.raw_response = await provider.complete(
-                _request_for(ctx, body), target.model, ctx.client_format, body)
+                _request_for(ctx, body), target.model, ctx.client_format, body,
+                ctx.upstream_header_items())
             return response
 
         return await self._with_fallback(ctx, complete)
@@ -254,7 +284,7 @@ class Pipeline:
                               ) -> AsyncIterator[list[StreamEvent]]:
             body = _unchanged_body(ctx, provider, target)
             events = provider.stream(_request_for(ctx, body), target.model, ctx.client_format,
-                                     body)
+                                     body, ctx.upstream_header_items())
             try:
                 first = await anext(events)
             except StopAsyncIteration:

@@ -30,6 +30,7 @@ CLASSIFIER_GROUP = "hookproxy.classifiers"
 GROUPS = {PLUGIN_GROUP: "plugin", CLASSIFIER_GROUP: "classifier"}
 _encode = msgspec.json.Encoder().encode
 SELF = "hookproxy"
+CODE = "(registered in code)"  # the package of a plugin added with PluginHost.add
 # Keys of a [plugins.NAME] table that are hookproxy's, not the plugin's settings.
 RESERVED = frozenset({"enabled", "locked", "per_request", "client_settings", "timeout",
                       "on_timeout"})
@@ -144,13 +145,20 @@ class PluginHost:
                         f"plugin {name!r}: {caller.name} is a wrapper; hookproxy hooks "
                         "may not be wrappers")
         if info is None:
-            info = PluginInfo(name=name, kind=kind, package="(registered in code)",
-                              version="")
+            info = PluginInfo(name=name, kind=kind, package=CODE, version="")
             self.installed[name] = info
         info.hooks = sorted(hooks)
         info.client_settings = sorted(client_adjustable_fields(getattr(plugin, "Settings",
                                                                        None)))
         return info
+
+    def keep_registered_in_code(self, previous: PluginHost) -> None:
+        """Registers again what was registered on ``previous`` in code (``add``), not
+        through an entry point: a reload keeps it (tests, embedding)."""
+        for name, info in previous.installed.items():
+            plugin = previous.pm.get_plugin(name)
+            if info.package == CODE and plugin is not None and name not in self.installed:
+                self.add(plugin, name, info.kind)
 
     def enable(self, config: Config) -> None:
         """Turns on what config.toml enables; a plugin that is missing, failed to load or
@@ -192,6 +200,14 @@ class PluginHost:
                 target[name] = settings
         if config.auth.keys:
             self._enable_auth(config)
+
+    def active(self) -> dict[str, dict[str, Any]]:
+        """Every plugin and classifier that may run on this config, by name, with its
+        configured settings: what config.toml enables, and what a request may switch on.
+        (The lifecycle hooks run for these.)"""
+        available = {name: self.configured.get(name, {}) for name in sorted(self.per_request)
+                     if name in self.installed and not self.installed[name].error}
+        return {**available, **self.enabled_classifiers, **self.enabled}
 
     def _request_rights(self, name: str, table: dict[str, Any], info: PluginInfo | None,
                         where: str) -> None:

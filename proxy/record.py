@@ -14,6 +14,8 @@ provider, provider_model   who answered (``plugin`` + plugin name for a short-ci
 tags                classifiers' tags; classifier_errors: classifier -> why it has none
 plugins             plugin -> modified | short_circuit | rejected | failed | timed_out
 plugin_errors       plugin -> the message of its first error
+annotations         plugin -> {key: value}: what plugins put in the record (``ctx.annotate``),
+                    secret-looking keys redacted; annotations_dropped: how many did not fit
 attempts            provider calls: provider, model, status (0: no answer), error, latency_ms
 stream              streaming or not; chunks: events sent; failed_at_chunk: where it broke
 status              HTTP status the client got (499: the client left)
@@ -43,7 +45,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from proxy.context import Attempt, RequestContext
+from proxy.context import MAX_ANNOTATION_BYTES, Attempt, RequestContext
 
 Bodies = Literal["none", "truncated", "full"]
 _encode = msgspec.json.Encoder().encode
@@ -72,6 +74,8 @@ class Record(msgspec.Struct, omit_defaults=True):
     plugins: dict[str, str] = {}
     # plugin -> its first error's message (what failed, and why, beyond "failed")
     plugin_errors: dict[str, str] = {}
+    annotations: dict[str, Any] = {}
+    annotations_dropped: int = 0
     attempts: list[Attempt] = []
     stream: bool = False
     chunks: int = 0
@@ -101,6 +105,13 @@ def _plugin_errors(ctx: RequestContext) -> dict[str, str]:
         if error.plugin and error.plugin not in found:
             found[error.plugin] = _cut(error.message, 1000)
     return found
+
+
+def _annotations(ctx: RequestContext) -> dict[str, Any]:
+    """Plugins' annotations (small: ``MAX_ANNOTATION_BYTES`` at most), with the values
+    under secret-looking keys redacted as in the bodies."""
+    return {plugin: body_view(values, "full", MAX_ANNOTATION_BYTES, MAX_ANNOTATION_BYTES)
+            for plugin, values in ctx.annotations.items()}
 
 
 def _cut(text: str, limit: int) -> str:
@@ -230,6 +241,8 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         classifier_errors=dict(ctx.classifier_errors),
         plugins=dict(ctx.plugin_actions),
         plugin_errors=_plugin_errors(ctx),
+        annotations=_annotations(ctx) if ctx.annotations else {},
+        annotations_dropped=ctx.annotations_dropped,
         attempts=list(ctx.attempts),
         stream=ctx.stream,
         chunks=ctx.stream_chunks,

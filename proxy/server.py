@@ -48,13 +48,14 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.hosts import HostCheck
+from proxy.lifecycle import PluginApp
 from proxy.observe import Observer
 from proxy.params import check_parameters
 from proxy.pipeline import Pipeline
 from proxy.plugins import PluginHost
 from proxy.providers import Provider, build_provider
 from proxy.routing import Router
-from proxy.store import MemoryStore
+from proxy.store import MemoryStore, build_store
 
 log = structlog.get_logger("hookproxy.server")
 # What a reload cannot do, said every time it runs.
@@ -79,6 +80,11 @@ class Gateway:
             MemoryStore(config.responses.store_entries), config.responses.store_ttl)
         # The address serve listens on (for the Host check); the CLI sets --host here.
         self.bind_host = config.server.host
+        # What plugins share for the life of the process (ctx.app), and why it did not
+        # start, if it did not.
+        self.app = PluginApp(self.session, build_store(config), config)
+        self.startup_error: str | None = None
+        self.plugins_reloaded: asyncio.Task[list[str]] | None = None
         self._apply(config, host)
 
     @property
@@ -106,6 +112,9 @@ class Gateway:
         if host is None:
             host = PluginHost()
             host.discover()
+            previous: PluginHost | None = getattr(self, "host", None)
+            if previous is not None:  # a reload
+                host.keep_registered_in_code(previous)
         host.enable(config)
         pipeline = Pipeline(host, router, providers, routing=config.routing,
                             plugin_timeout=config.server.plugin_timeout,
@@ -114,6 +123,7 @@ class Gateway:
         # Requests in flight keep the objects they started with.
         self.config, self.skipped, self.providers = config, skipped, providers
         self.router, self.host, self.pipeline = router, host, pipeline
+        self.app.config = config
         self.guard.configure(config.auth)
         self.observer.metrics.label_names([m.name for m in config.models], config.providers)
 
@@ -124,6 +134,9 @@ class Gateway:
         log.info("config reloaded", config=config.source, providers=sorted(self.providers),
                  models=self.router.model_names(), plugins=sorted(self.host.enabled),
                  note=RELOAD_NOTE)
+        with contextlib.suppress(RuntimeError):  # no event loop: no hooks to run
+            self.plugins_reloaded = asyncio.get_running_loop().create_task(
+                self.app.reloaded(self.host.active(), self.host))
 
     async def admin_reload(self, http: HttpRequest) -> HttpResponse:
         try:
@@ -132,9 +145,14 @@ class Gateway:
             log.warning("reload refused", error=str(exc))
             return HttpResponse(_encode({"status": "refused", "error": str(exc)}),
                                 status_code=400, media_type=JSON)
-        return HttpResponse(_encode({"status": "reloaded", "config": self.config.source,
-                                     "note": RELOAD_NOTE}),
-                            media_type=JSON)
+        answer: dict[str, Any] = {"status": "reloaded", "config": self.config.source,
+                                  "note": RELOAD_NOTE}
+        if self.plugins_reloaded is not None:
+            # Plugins' startup / config_reloaded hooks, which the new config has run.
+            failures = await self.plugins_reloaded
+            if failures:
+                answer["plugin_errors"] = failures
+        return HttpResponse(_encode(answer), media_type=JSON)
 
     def _finished(self, ctx: RequestContext) -> None:
         self.observer.finished(ctx)
@@ -152,8 +170,25 @@ class Gateway:
     async def start(self) -> None:
         self.observer.start()
 
+    async def start_plugins(self) -> str | None:
+        """Runs the plugins' startup hooks, before anything is served. On a failure, the
+        plugins that did start are shut down again, and the reason (naming the plugin) is
+        returned and kept in ``startup_error``."""
+        failures = await self.app.startup(self.host.active(), self.host)
+        if not failures:
+            return None
+        await self.app.shutdown(self.host, self.config.server.plugin_timeout)
+        if self._session is not None:
+            await self._session.close()
+        self.startup_error = "; ".join(failures)
+        return self.startup_error
+
     async def close(self) -> None:
         await pipeline_module.drain()  # what observes the last requests
+        if self.plugins_reloaded is not None:
+            await asyncio.wait([self.plugins_reloaded], timeout=self.config.server.plugin_timeout)
+        # Background tasks, then each plugin's shutdown hook, while the session is open.
+        await self.app.shutdown(self.host, self.config.server.plugin_timeout)
         if self._session is not None:
             await self._session.close()
         await asyncio.to_thread(self.observer.close)
@@ -333,6 +368,7 @@ class Gateway:
             else:
                 ctx.defer_decoding(rest, body)
         ctx.client_classifiers = client_set
+        ctx.app = self.app
         ctx.answered = asyncio.Event()
         ctx.body_bytes = len(body)
         if own_field is None:
@@ -440,6 +476,14 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self.gateway = gateway
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Plugins start before the socket accepts anything; if one cannot, nothing is
+        # served and the reason is in gateway.startup_error.
+        if await self.gateway.start_plugins() is not None:
+            self.should_exit = True
+            return
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.gateway.observer.feed.close()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 
 class Store(Protocol):
@@ -67,3 +70,9 @@ class MemoryStore:
     async def delete(self, key: str) -> bool:
         item = self._data.pop(key, None)
         return item is not None and item[0] > self._clock()
+
+
+def build_store(config: Config) -> Store:
+    """The process's one store, which plugins reach as ``ctx.store`` / ``app.store``:
+    in-process for now."""
+    return MemoryStore(max_entries=100_000)

@@ -244,6 +244,11 @@ function renderDetail(r) {
     ["upstream", fmtMs(r.upstream_ms)], ["proxy overhead", fmtMs(r.overhead_ms)],
     ["tokens", `${r.input_tokens || 0} in / ${r.output_tokens || 0} out`], ["cost", fmtCost(r.cost)],
     ["cache", r.cache_hit ? "hit" : null], ["finish", r.finish_reason],
+    // What plugins put in the record (ctx.annotate): one row per plugin and key.
+    ...Object.entries(r.annotations || {}).flatMap(([plugin, values]) =>
+      Object.entries(values || {}).map(([key, value]) =>
+        [`${plugin} · ${key}`, typeof value === "string" ? value : JSON.stringify(value)])),
+    ["annotations dropped", r.annotations_dropped ? String(r.annotations_dropped) : null],
   ];
   for (const [name, value] of rows) {
     if (value === null || value === undefined || value === "") continue;

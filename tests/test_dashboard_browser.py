@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from proxy import RequestContext, hookimpl
+from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -79,4 +81,31 @@ def test_dashboard_shows_traffic_live(upstream, browser, tmp_path):
         expect(page.locator("#c-errors")).to_have_text("33.3%")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        page.close()
+
+
+class _Annotates:
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        ctx.annotate("verdict", {"allowed": True, "score": 0.25})
+        ctx.annotate("tenant", '<img src=x onerror="window.__xss=3">')
+
+
+def test_detail_view_shows_plugin_annotations(upstream, browser):
+    host = PluginHost()
+    host.discover()
+    host.add(_Annotates(), "notes")
+    with ProxyServer(upstream_config(upstream, plugins={"notes": {}}), host=host) as proxy:
+        raw = proxy.anthropic().messages.with_raw_response.create(
+            model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.add_init_script("window.__xss = 0")
+        page.goto(f"{proxy.url}/dashboard")
+        page.locator(f'#rows tbody tr[data-id="{raw.headers["x-request-id"]}"]').click()
+        facts = page.locator("#d-facts")
+        expect(facts).to_contain_text("notes · verdict")
+        expect(facts).to_contain_text('{"allowed":true,"score":0.25}')
+        # Shown as text, never run as markup.
+        expect(facts).to_contain_text('<img src=x onerror="window.__xss=3">')
+        assert page.evaluate("window.__xss") == 0 and facts.locator("img").count() == 0
         page.close()

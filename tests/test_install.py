@@ -188,3 +188,24 @@ def test_example_package_beside_the_wheel(venv: Path, tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.communicate(timeout=15)
+
+
+def test_plugin_authors_test_against_the_wheel(venv: Path, dist: Path, tmp_path: Path) -> None:
+    """proxy.testing and the `hookproxy` pytest fixture from an installed wheel: the example
+    package's tests, and a package `hookproxy new-plugin` writes, installed as users do."""
+    wheel = next(dist.glob("hookproxy-*.whl"))
+    _run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
+         f"{wheel}[testing]")
+    example = venv.parent / "example"  # the copy the venv fixture installed
+    tested = _run(venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  example / "tests", cwd=tmp_path)
+    assert " passed" in tested.stdout and "failed" not in tested.stdout
+    _run(venv / "bin" / "hookproxy", "new-plugin", "tally", cwd=tmp_path)
+    package = tmp_path / "hookproxy-tally"
+    _run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", package)
+    listed = _run(venv / "bin" / "hookproxy", "plugins", cwd=tmp_path).stdout
+    assert any(line.startswith("tally ") and "hookproxy-tally" in line
+               for line in listed.splitlines())
+    tested = _run(venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  "tests", cwd=package)
+    assert "2 passed" in tested.stdout

@@ -8,6 +8,7 @@ import re
 import types
 from pathlib import Path
 
+import anthropic
 import pytest
 
 from proxy import hookspecs
@@ -58,11 +59,7 @@ def test_every_hook_has_a_test_of_its_own(hook):
 
 
 def _guide_example() -> types.ModuleType:
-    section = GUIDE.split("## A plugin in ten lines", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    module = types.ModuleType("ten_lines")
-    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
-    return module
+    return _guide_block("## A plugin in ten lines")
 
 
 def test_the_guide_example_runs(upstream):
@@ -77,3 +74,38 @@ def test_the_guide_example_runs(upstream):
         proxy.anthropic().messages.create(
             model="claude-test", max_tokens=9, messages=[{"role": "user", "content": "hi"}])
         assert upstream.last["system"] == "Be brief."
+
+
+def _guide_block(heading: str) -> types.ModuleType:
+    section = GUIDE.split(heading, 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("worked_example")
+    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_worked_example_runs(hookproxy):
+    from aiohttp import web
+
+    from proxy.testing import Service
+
+    asked = []
+
+    async def limits(request: web.Request) -> web.Response:
+        asked.append(request.match_info["caller"])
+        return web.json_response({"per_minute": 2})
+
+    with Service({"GET /limits/{caller}": limits}) as service:
+        proxy = hookproxy(plugins={"tenant_quota": _guide_block("## A worked example")},
+                          settings={"tenant_quota": {"service": service.url}})
+        hi = [{"role": "user", "content": "hi"}]
+        raw = proxy.openai().chat.completions.with_raw_response.create(
+            model="gpt-fake", messages=hi)
+        assert raw.headers["x-quota-remaining"] == "1"
+        with proxy.anthropic().messages.with_streaming_response.create(
+                model="claude-fake", max_tokens=20, messages=hi, stream=True) as streamed:
+            assert streamed.headers["x-quota-remaining"] == "0"
+        with pytest.raises(anthropic.RateLimitError, match="anonymous has used its 2"):
+            proxy.anthropic().messages.create(model="claude-fake", max_tokens=20, messages=hi)
+    assert asked == ["anonymous"]  # then from the store
+    assert [r.annotations["tenant_quota"]["quota"]["used"] for r in proxy.settled()] == [1, 2, 3]

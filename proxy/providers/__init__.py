@@ -44,16 +44,21 @@ class Provider(Protocol):
     format: str
 
     async def complete(self, request: Request, model: str, client_format: str,
-                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+                       raw_body: bytes | None = None,
+                       plugin_headers: dict[str, str] | None = None
+                       ) -> tuple[Response, bytes | None]:
         """Answers a whole request; raises ``UpstreamError`` on failure.
 
         ``raw_body``, when given, is the client's own body in this provider's format,
-        unchanged: it is sent as it is. Returns the response and, when the provider
-        speaks ``client_format``, its body as it came (to pass on as it is)."""
+        unchanged: it is sent as it is. ``plugin_headers``: what plugins set for the call
+        (``ctx.upstream_headers``). Returns the response and, when the provider speaks
+        ``client_format``, its body as it came (to pass on as it is)."""
         ...
 
     def stream(self, request: Request, model: str, client_format: str,
-               raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
+               raw_body: bytes | None = None,
+               plugin_headers: dict[str, str] | None = None
+               ) -> AsyncIterator[list[StreamEvent]]:
         """Yields the answer as stream events, in non-empty batches of what arrived
         together. ``raw_body`` as for ``complete``. Failures before the first batch are
         raised by the first ``__anext__``, so the caller can still answer with an error

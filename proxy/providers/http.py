@@ -118,7 +118,8 @@ class HttpProvider:
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeout, sock_read=config.timeout)
 
-    def request_headers(self, vendor: dict[str, str], client_format: str) -> dict[str, str]:
+    def request_headers(self, vendor: dict[str, str], client_format: str,
+                        plugin_headers: dict[str, str] | None = None) -> dict[str, str]:
         """The headers of a call made for a client of ``client_format`` that sent the
         vendor headers ``vendor`` (``Request.headers``, which plugins may have changed).
 
@@ -126,7 +127,12 @@ class HttpProvider:
         headers of that format (the client's ``anthropic-version`` replaces the default,
         ``anthropic-beta`` is added...); a header the operator configured for this
         provider wins. A value no header can carry (a plugin's mistake) is left out and
-        logged."""
+        logged. ``plugin_headers`` (``ctx.upstream_headers``, checked when a plugin set
+        them: never a credential) are added to any call; the operator's still win."""
+        if plugin_headers:
+            headers = self.request_headers(vendor, client_format)
+            return {**headers, **{name: value for name, value in plugin_headers.items()
+                                  if name not in self.operator_headers}}
         # A Responses client is an OpenAI client: its OpenAI headers go to OpenAI.
         vendor_format = "openai" if client_format == responses_format.NAME else client_format
         if vendor_format != self.format or not vendor:
@@ -261,11 +267,13 @@ class HttpProvider:
             raise self._failure(exc) from None
 
     async def complete(self, request: Request, model: str, client_format: str,
-                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+                       raw_body: bytes | None = None,
+                       plugin_headers: dict[str, str] | None = None
+                       ) -> tuple[Response, bytes | None]:
         body = raw_body if raw_body is not None else self._body(request, model, client_format)
         wire, url = self._route(client_format)
-        payload = await self._post(url, body,
-                                   self.request_headers(request.headers, client_format))
+        payload = await self._post(url, body, self.request_headers(
+            request.headers, client_format, plugin_headers))
         try:
             decoded = wire.decode_response(payload)
         except UpstreamError:
@@ -275,7 +283,8 @@ class HttpProvider:
             raise self._invalid(exc) from None
         return decoded, payload if client_format in self.formats else None
 
-    async def count_tokens(self, body: bytes, vendor: dict[str, str]) -> bytes:
+    async def count_tokens(self, body: bytes, vendor: dict[str, str],
+                           plugin_headers: dict[str, str] | None = None) -> bytes:
         """Asks an Anthropic provider to count the input tokens of ``body`` (a
         ``/v1/messages/count_tokens`` request naming the provider's model), sending an
         Anthropic client's ``vendor`` headers as a message request would. Returns the
@@ -283,7 +292,7 @@ class HttpProvider:
         if not self.count_url:
             raise ValueError(f"provider {self.name} ({self.format}) does not count tokens")
         payload = await self._post(self.count_url, body,
-                                   self.request_headers(vendor, self.format))
+                                   self.request_headers(vendor, self.format, plugin_headers))
         try:
             _decode_count(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -299,7 +308,9 @@ class HttpProvider:
                                 self.request_headers(vendor, self.format))
 
     async def stream(self, request: Request, model: str, client_format: str,
-                     raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
+                     raw_body: bytes | None = None,
+                     plugin_headers: dict[str, str] | None = None
+                     ) -> AsyncIterator[list[StreamEvent]]:
         wire, url = self._route(client_format)
         if raw_body is not None:
             body = wire.stream_body(request, raw_body)
@@ -309,8 +320,9 @@ class HttpProvider:
         answering = False
         try:
             async with self._session().post(url, data=body,
-                                            headers=self.request_headers(request.headers,
-                                                                         client_format),
+                                            headers=self.request_headers(
+                                                request.headers, client_format,
+                                                plugin_headers),
                                             timeout=self.stream_timeout, allow_redirects=False,
                                             auto_decompress=False) as response:
                 await self._raise_for_status(response)

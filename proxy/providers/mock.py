@@ -113,11 +113,15 @@ class MockProvider:
         return self.answer(request, model)
 
     async def complete(self, request: Request, model: str, client_format: str,
-                       raw_body: bytes | None = None) -> tuple[Response, bytes | None]:
+                       raw_body: bytes | None = None,
+                       plugin_headers: dict[str, str] | None = None
+                       ) -> tuple[Response, bytes | None]:
         return self._answer(request, model, client_format), None
 
     async def stream(self, request: Request, model: str, client_format: str,
-                     raw_body: bytes | None = None) -> AsyncIterator[list[StreamEvent]]:
+                     raw_body: bytes | None = None,
+                     plugin_headers: dict[str, str] | None = None
+                     ) -> AsyncIterator[list[StreamEvent]]:
         events: list[StreamEvent] = []
         for event in response_events(self._answer(request, model, client_format)):
             if not isinstance(event, TextDelta):
