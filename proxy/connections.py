@@ -1,6 +1,6 @@
 """Client connections at the HTTP level, below starlette: a cap on the size of a request's
-headers and a deadline for receiving them, so that a client cannot hold memory or a
-connection open by sending headers slowly or without end."""
+headers, a deadline for receiving them and one for receiving the body, so that a client
+cannot hold memory or a connection open by sending a request slowly or without end."""
 
 from __future__ import annotations
 
@@ -9,24 +9,80 @@ from typing import Any
 
 import httptools
 import uvicorn
+from starlette.requests import Request as HttpRequest
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerConfig
+from proxy.errors import ProxyError
 
 
 class _HeadersTooLarge(Exception):
     pass
 
 
+class BodyTimeout(ProxyError):
+    """The request's body did not arrive in time: a 408, and the connection closes (what
+    is still on its way would otherwise be read as the next request)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"The request body did not arrive within {timeout:g} seconds",
+                         code="request_timeout", headers={"connection": "close"})
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must have arrived ``timeout`` seconds after its
+    headers; reading it later raises ``BodyTimeout``, which an API endpoint answers in the
+    client's own format (with a record) and any other route as plain text. What the app
+    receives after the body (the wait for a disconnect) has no deadline."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        complete = False
+
+        async def receive_in_time() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.timeout) from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+
+async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
+    """The answer of a route that is not an API endpoint (the login form) to a body that
+    came too late."""
+    assert isinstance(exc, ProxyError)
+    return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus: the request line and headers of each request
     are at most ``max_header_bytes`` (else 431 and the connection closes), and must be
     complete within ``header_timeout`` seconds of the connection opening or of the
-    request's first byte (else the connection closes). Idle connections between requests
-    are closed by uvicorn's keep-alive timeout."""
+    request's first byte (else the connection closes). A body still arriving
+    ``body_timeout`` seconds after its headers closes the connection once it has been
+    answered (``BodyDeadline`` makes the app answer a 408 then; a route that answered
+    without reading the body cannot keep the connection by a trickle). Idle connections
+    between requests are closed by uvicorn's keep-alive timeout."""
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
+    body_timeout = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -37,6 +93,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False
         # Bytes read while in headers: httptools holds a header value until it ends.
         self._unfinished = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_late = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -44,6 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
@@ -66,10 +125,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._too_large = True
             raise _HeadersTooLarge
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_overdue(self) -> None:
+        self._body_timer = None
+        self._body_late = True
+        if self.cycle is not None and self.cycle.response_complete:
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        if self._body_late:
+            self.transport.close()
+        super().on_response_complete()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = self._unfinished = 0
         self._in_headers = True
+        self._body_late = False
         if self._header_timer is None:
             self._arm_header_timer()
 
@@ -85,6 +161,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._in_headers = False
         super().on_headers_complete()
+        self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
+
+    def on_message_complete(self) -> None:
+        self._cancel_body_timer()
+        super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         # As uvicorn's, but headers past the cap get a 431 rather than a generic 400.
@@ -125,6 +206,7 @@ def uvicorn_config(app: Any, server: ServerConfig, **options: Any) -> uvicorn.Co
     protocol = type("HttpProtocol", (GuardedHttpToolsProtocol,), {
         "max_header_bytes": server.max_header_bytes,
         "header_timeout": server.header_timeout,
+        "body_timeout": server.body_timeout,
     })
     options.setdefault("log_level", "warning")
     return uvicorn.Config(app, http=protocol, access_log=False, lifespan="on",

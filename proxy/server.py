@@ -32,6 +32,7 @@ from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
+from proxy.connections import BodyDeadline, BodyTimeout, body_late
 from proxy.context import PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
@@ -475,6 +476,9 @@ def create_app(gateway: Gateway) -> Starlette:
     ]
     # A path nothing serves, or a method a path does not take: an error in the client's
     # own format, and a record.
-    handlers = {404: gateway.not_routed, 405: gateway.not_routed}
+    handlers: dict[Any, Any] = {404: gateway.not_routed, 405: gateway.not_routed,
+                                BodyTimeout: body_late}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(HostCheck, gateway=gateway)])
+                     middleware=[Middleware(HostCheck, gateway=gateway),
+                                 Middleware(BodyDeadline,
+                                            timeout=gateway.config.server.body_timeout)])
