@@ -5,9 +5,14 @@ cannot hold memory or a connection open by sending a request slowly or without e
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import httptools
+import structlog
 import uvicorn
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse
@@ -15,7 +20,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerConfig
+from proxy.endpoints import client_wire, shown_path
 from proxy.errors import ProxyError
+
+log = structlog.get_logger("hookproxy.server")
+# Where an API request is recorded when it is refused before starlette sees it.
+API_PATHS = ("/v1/", "/chat/")
+# Gateway.rejected: (request_id, endpoint, client_format, error, started_wall, started).
+Refused = Callable[[str, str, str, ProxyError, float, float], None]
 
 
 class _HeadersTooLarge(Exception):
@@ -83,6 +95,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
     body_timeout = 60.0
+    refused: Refused | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,6 +108,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unfinished = 0
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_late = False
+        self._forget_request()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -166,18 +180,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_body_timer()
         super().on_message_complete()
+        self._forget_request()
+
+    def _forget_request(self) -> None:
+        # What a refusal reads of the request being parsed (uvicorn sets them when one
+        # begins): nothing of the one before it.
+        self.url = b""
+        self.headers = []
 
     def data_received(self, data: bytes) -> None:
-        # As uvicorn's, but headers past the cap get a 431 rather than a generic 400.
+        # As uvicorn's, but headers past the cap get a 431, and what cannot be parsed a
+        # 400 saying why, both in the client's format (with a record, for the API).
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
             if self._too_large:
                 self._send_431()
                 return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            self._refuse(400, f"Invalid HTTP request: {exc}", "invalid_http_request")
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -192,21 +213,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._send_431()
 
     def _send_431(self) -> None:
-        message = f"Request headers are larger than {self.max_header_bytes} bytes"
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (len(message), message.encode()))
+        self._refuse(431, f"Request headers are larger than {self.max_header_bytes} bytes",
+                     "headers_too_large")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answers ``status`` and closes the connection: in the client's format when the
+        request line was read (Anthropic's or OpenAI's, as a 404 would be), with a record
+        for an API POST, and a log line."""
+        request_id = os.urandom(16).hex()
+        error = ProxyError(status, message, code=code)
+        path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
+        method = self.parser.get_method().decode("latin-1") if path else ""
+        wire = client_wire(path, any(name == b"anthropic-version" for name, _ in self.headers))
+        log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
+                    status=status, error=message)
+        if self.refused is not None and method == "POST" and path.startswith(API_PATHS):
+            now = time.perf_counter()
+            self.refused(request_id, path, wire.NAME, error, time.time(), now)
+        body = wire.encode_error(error)
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nx-request-id: %s\r\n"
+                             b"connection: close\r\n\r\n%s"
+                             % (status, HTTPStatus(status).phrase.encode(), len(body),
+                                request_id.encode(), body))
         self.transport.close()
 
 
-def uvicorn_config(app: Any, server: ServerConfig, **options: Any) -> uvicorn.Config:
-    """uvicorn's config for the proxy: the guarded protocol with the [server] limits."""
+def uvicorn_config(app: Any, server: ServerConfig, refused: Refused | None = None,
+                   **options: Any) -> uvicorn.Config:
+    """uvicorn's config for the proxy: the guarded protocol with the [server] limits;
+    ``refused`` records an API request refused before it reached the app
+    (``Gateway.rejected``)."""
     protocol = type("HttpProtocol", (GuardedHttpToolsProtocol,), {
         "max_header_bytes": server.max_header_bytes,
         "header_timeout": server.header_timeout,
         "body_timeout": server.body_timeout,
+        "refused": staticmethod(refused) if refused else None,
     })
     options.setdefault("log_level", "warning")
     return uvicorn.Config(app, http=protocol, access_log=False, lifespan="on",
