@@ -26,6 +26,8 @@ from proxy.errors import ProxyError
 log = structlog.get_logger("hookproxy.server")
 # Where an API request is recorded when it is refused before starlette sees it.
 API_PATHS = ("/v1/", "/chat/")
+# Where the scope of a request whose body could not be parsed holds the error.
+BROKEN_BODY = "hookproxy.broken_body"
 # Gateway.rejected: (request_id, endpoint, client_format, error, started_wall, started).
 Refused = Callable[[str, str, str, ProxyError, float, float], None]
 
@@ -108,6 +110,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unfinished = 0
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_late = False
+        # Between a request's headers and the end of its body.
+        self._in_body = False
+        # Set when the parser failed: nothing more is read, and this answer goes out once
+        # the requests before are answered.
+        self._stopped = False
+        self._refusal: Callable[[], None] | None = None
         self._forget_request()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -154,6 +162,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._body_late:
             self.transport.close()
         super().on_response_complete()
+        if self._refusal and self.cycle.response_complete and not self.transport.is_closing():
+            self._refusal()  # the requests before the one refused have been answered
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -175,10 +185,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._in_headers = False
         super().on_headers_complete()
+        self._in_body = True
         self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
 
     def on_message_complete(self) -> None:
         self._cancel_body_timer()
+        self._in_body = False
         super().on_message_complete()
         self._forget_request()
 
@@ -191,6 +203,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # As uvicorn's, but headers past the cap get a 431, and what cannot be parsed a
         # 400 saying why, both in the client's format (with a record, for the API).
+        if self._stopped:
+            return  # the parser failed: what follows is not read
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -217,26 +231,52 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                      "headers_too_large")
 
     def _refuse(self, status: int, message: str, code: str) -> None:
-        """Answers ``status`` and closes the connection: in the client's format when the
-        request line was read (Anthropic's or OpenAI's, as a 404 would be), with a record
-        for an API POST, and a log line."""
-        request_id = os.urandom(16).hex()
+        """Answers ``status`` and closes the connection, once the requests before this one
+        on it are answered: in the client's format when the request line was read
+        (Anthropic's or OpenAI's, as a 404 would be), with a record for an API POST, and a
+        log line. A broken body is the app's to answer (``BROKEN_BODY``)."""
+        self._stopped = True
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
         error = ProxyError(status, message, code=code)
+        if self._in_body:
+            self._refuse_body(error)
+            return
+        request_id = os.urandom(16).hex()
         path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
         method = self.parser.get_method().decode("latin-1") if path else ""
         wire = client_wire(path, any(name == b"anthropic-version" for name, _ in self.headers))
         log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
                     status=status, error=message)
-        if self.refused is not None and method == "POST" and path.startswith(API_PATHS):
-            now = time.perf_counter()
-            self.refused(request_id, path, wire.NAME, error, time.time(), now)
         body = wire.encode_error(error)
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nx-request-id: %s\r\n"
-                             b"connection: close\r\n\r\n%s"
-                             % (status, HTTPStatus(status).phrase.encode(), len(body),
-                                request_id.encode(), body))
-        self.transport.close()
+        answer = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                  % (status, HTTPStatus(status).phrase.encode(), len(body), request_id.encode(),
+                     body))
+        started, started_wall = time.perf_counter(), time.time()
+
+        def send() -> None:
+            self.transport.write(answer)
+            self.transport.close()
+            if self.refused is not None and method == "POST" and path.startswith(API_PATHS):
+                self.refused(request_id, path, wire.NAME, error, started_wall, started)
+
+        self._refusal = send
+        if self.cycle is None or self.cycle.response_complete:
+            send()
+
+    def _refuse_body(self, error: ProxyError) -> None:
+        # The body of the request in flight cannot be parsed (a broken chunk): the app,
+        # still reading it, gets what came so far with the error beside it, and answers;
+        # the connection closes after that answer.
+        cycle = self.cycle
+        cycle.keep_alive = False
+        if cycle.response_complete:
+            self.transport.close()
+        elif not cycle.response_started:
+            cycle.scope[BROKEN_BODY] = error  # type: ignore[literal-required]
+            cycle.more_body = False
+            cycle.message_event.set()
 
 
 def uvicorn_config(app: Any, server: ServerConfig, refused: Refused | None = None,

@@ -60,12 +60,30 @@ _HEADER_SAFE = (string.punctuation + " ").replace("%", "")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+# Clients refuse answers with large headers (Node's default limit is 16 KB for all of
+# them), and a model name or a tag can be as long as a client or a plugin makes it.
+MAX_HEADER_VALUE = 1024
+
+
 def header_value(value: str) -> str:
     """``value`` fit for a response header: anything beyond printable ASCII (non-Latin-1
-    text, CR and LF that would end the header) is percent-encoded as UTF-8."""
-    if value.isascii() and value.isprintable() and "%" not in value:
-        return value
-    return urllib.parse.quote(value, safe=_HEADER_SAFE)
+    text, CR and LF that would end the header) is percent-encoded as UTF-8, and past
+    ``MAX_HEADER_VALUE`` characters it is cut, ending in "..."."""
+    plain = value.isascii() and value.isprintable() and "%" not in value
+    encoded = value if plain else urllib.parse.quote(value, safe=_HEADER_SAFE)
+    if len(encoded) <= MAX_HEADER_VALUE:
+        return encoded
+    room = MAX_HEADER_VALUE - 3
+    if plain:
+        return value[:room] + "..."
+    pieces = []  # whole characters, so that no character's escapes are split
+    for char in value[:room]:
+        piece = urllib.parse.quote(char, safe=_HEADER_SAFE)
+        room -= len(piece)
+        if room < 0:
+            break
+        pieces.append(piece)
+    return "".join(pieces) + "..."
 
 
 def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:

@@ -32,7 +32,7 @@ from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
-from proxy.connections import BodyDeadline, BodyTimeout, body_late
+from proxy.connections import BROKEN_BODY, BodyDeadline, BodyTimeout, body_late
 from proxy.context import PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
@@ -379,15 +379,20 @@ class Gateway:
         if length and length.isdigit():
             if int(length) > limit:
                 raise _too_large(limit)
-            return await http.body()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body = await http.body()
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        broken: ProxyError | None = http.scope.get(BROKEN_BODY)
+        if broken is not None:  # the body ended where its framing broke
+            raise broken
+        return body
 
     async def _stream_body(self, ctx: RequestContext, wire: ModuleType,
                            events: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:

@@ -374,3 +374,59 @@ def test_a_slow_login_form_is_a_408(upstream, tmp_path):
         assert answer.startswith(b"HTTP/1.1 408 ")
         assert answer.endswith(b"The request body did not arrive within 1 seconds")
         _still_served(proxy)
+
+
+# --- what the HTTP parser refuses -------------------------------------------------------
+
+
+def _answers(sock: socket.socket) -> list[tuple[int, dict[str, str], bytes]]:
+    """Every answer on a connection, in order, until the proxy closes it (the answers
+    here carry a content-length)."""
+    data = _read_answer(sock)
+    answers = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+        size = int(headers["content-length"])
+        answers.append((int(status_line.split()[1]), headers, data[:size]))
+        data = data[size:]
+    return answers
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+def test_a_request_the_parser_refuses_is_answered_in_the_client_format_in_turn(
+        upstream, tmp_path, endpoint):
+    """A good request, then one with NUL in a header on the same connection: the first
+    is answered, then the second gets a 400 in the client's format, with its record, and
+    the connection closes."""
+    body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": HI}).encode()
+    good = _head(endpoint, len(body)) + body
+    bad = good.replace(b"content-type:", b"x-bad: a\x00b\r\ncontent-type:")
+    with _serving(upstream, tmp_path) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(good + bad)
+        (first, _, _), (second, headers, answer) = _answers(sock)  # and then it closes
+        assert (first, second) == (200, 400)
+        assert "Invalid header value char" in _error_shape(endpoint, answer)
+        assert headers["connection"] == "close"
+        _still_served(proxy)
+    records = proxy.settled(_records(tmp_path))
+    assert [r["status"] for r in records] == [200, 400, 200]
+    assert records[1]["id"] == headers["x-request-id"]
+    assert records[1]["endpoint"] == endpoint
+    assert records[1]["error"]["type"] == "invalid_http_request"
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+def test_a_broken_chunked_body_is_a_400_with_one_record(upstream, tmp_path, endpoint):
+    with _serving(upstream, tmp_path) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(_head(endpoint, None) + b'5\r\n{"mod\r\nzz\r\n')
+        ((status, headers, answer),) = _answers(sock)  # and then it closes
+        assert status == 400
+        assert "Invalid character in chunk size" in _error_shape(endpoint, answer)
+        _still_served(proxy)
+    records = _records(tmp_path)
+    assert [r["status"] for r in records] == [400, 200]
+    assert records[0]["id"] == headers["x-request-id"]
