@@ -266,6 +266,25 @@ def test_oversized_headers_get_a_431_and_the_connection_closes(upstream, tmp_pat
         assert _request(proxy, "GET", "/health", None, {"x-fine": "a" * 4000})[0] == 200
 
 
+def test_uvicorn_has_the_code_connections_was_written_against():
+    """proxy/connections.py copies uvicorn's ``data_received`` and builds on the parser
+    callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range
+    pyproject.toml pins). Another uvicorn with other code there fails here: read those
+    methods again, adjust connections.py, then this digest."""
+    import hashlib
+    import inspect
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    protocol = HttpToolsProtocol
+    relied_on = [protocol.data_received, protocol.on_message_begin, protocol.on_url,
+                 protocol.on_header, protocol.on_headers_complete, protocol.on_message_complete,
+                 protocol.on_response_complete, RequestResponseCycle.receive]
+    source = "".join(inspect.getsource(method) for method in relied_on)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "4a3934e3414367a79d6f4b01d6a7eea022c005318c64bd6499dca460a9c4ffa8")
+
+
 def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
     with _serving(upstream, tmp_path, server={"header_timeout": 1.0}) as proxy:
         idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
