@@ -251,7 +251,13 @@ class FakeUpstream:
         else:
             await send("content_block_start", {"index": 0, "content_block": {
                 "type": "text", "text": ""}})
-            for i, word in enumerate(_pieces(text)):
+            words = _pieces(text) * (30 if model.endswith("-drip") else 1)
+            for i, word in enumerate(words):
+                if model.endswith("-drip"):
+                    await asyncio.sleep(0.1)
+                    if request.transport is None or request.transport.is_closing():
+                        self.hung_up += 1
+                        return response
                 await send("content_block_delta", {"index": 0, "delta": {
                     "type": "text_delta", "text": word}})
                 if model.endswith("-cut") and i == 1:
