@@ -480,7 +480,7 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/favicon.ico", _no_icon, methods=["GET"]),
     ]
     # A path nothing serves, or a method a path does not take: an error in the client's
-    # own format, and a record.
+    # own format, and a record. (A body too slow for an API endpoint is answered there.)
     handlers: dict[Any, Any] = {404: gateway.not_routed, 405: gateway.not_routed,
                                 BodyTimeout: body_late}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
