@@ -7,16 +7,19 @@ provider sees them, and (``restore = true``) puts them back in the answer, strea
     unreadable = "pass"   # or "reject": refuse what it cannot read (images, PDFs...)
 
 The provider sees ``[EMAIL_1]``, ``[PHONE_1]``, ``[SECRET_1]``...; one value keeps one
-placeholder throughout a request. The patterns run on RE2 (linear time), all kinds in one
-pass, and what a text holds is remembered by content (``proxy.memo``): an agent's history,
-resent every turn, is scanned once. Text documents are masked too; thinking is not (the
-provider signed it, and would refuse it changed).
+placeholder throughout a request. Each message is read as the one text the provider reads
+(its parts joined as content_guard joins them), so a value split over two parts is found;
+each piece of it, in every part it covers, becomes the placeholder, and a run of one
+placeholder is restored as the value once. The patterns run on RE2 (linear time), and
+what a text holds is remembered by content (``proxy.memo``): an agent's history, resent
+every turn, is scanned once. Text documents and tool results are masked too; thinking is
+not (the provider signed it, and would refuse it changed).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -31,10 +34,11 @@ from proxy import (
     StreamEvent,
     TextDelta,
     TextPart,
+    ToolCallDelta,
     ToolCallPart,
-    ToolResultPart,
     hookimpl,
 )
+from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, joined_text
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
@@ -60,7 +64,9 @@ PATTERNS: dict[str, str] = {
     # 9 to 15 digits, with separators, not inside a longer word or number.
     "phone": r"(?:\B\+|\b)(?:\d[\s().-]{0,2}){8,14}\d\b",
 }
-PLACEHOLDER = re.compile(r"\[(?:EMAIL|PHONE|SECRET)_\d+\]")
+# A placeholder, and as many more of the same right after it.
+PLACEHOLDER = re.compile(r"(\[(?:EMAIL|PHONE|SECRET)_\d+\])\1*")
+_AT_END = re.compile(r"\[(?:EMAIL|PHONE|SECRET)_\d+\]\Z")
 _LONGEST_PLACEHOLDER = 16
 Finding = tuple[int, int, str]  # start, end, kind
 
@@ -101,10 +107,13 @@ class _Masker:
         self.placeholders: dict[str, str] = {}  # original -> placeholder
         self.counts: dict[str, int] = {}
 
-    def mask(self, text: str) -> str:
+    def _findings(self, text: str) -> tuple[Finding, ...]:
         # What a text holds is remembered by content: a history that comes back on the
         # next turn is not scanned again, only numbered.
-        findings = memo.get_or_compute(("redact", self.kinds), text, self.find)
+        return memo.get_or_compute(("redact", self.kinds), text, self.find)
+
+    def mask(self, text: str) -> str:
+        findings = self._findings(text)
         if not findings:
             return text
         pieces = []
@@ -116,6 +125,42 @@ class _Masker:
         pieces.append(text[position:])
         return "".join(pieces)
 
+    def mask_parts(self, parts: Sequence[TextPart | DocumentPart],
+                   separator: str = MESSAGE_JOIN) -> None:
+        """Masks the values in the one text ``parts`` make for the provider (joined by
+        ``separator``), so that a value split over two parts is found. Each piece of a
+        value, in every part it covers, becomes the value's placeholder: the provider
+        gets it neither whole nor in pieces, and no part is left empty."""
+        if not parts:
+            return
+        text = joined_text(parts, separator)
+        findings = self._findings(text)
+        if not findings:
+            return
+        values = [(start, end, self._placeholder(kind, text[start:end]))
+                  for start, end, kind in findings]
+        first = 0  # the first value that may reach into this part
+        offset = 0  # where this part begins in ``text``
+        for part in parts:
+            part_end = offset + len(part.text)
+            pieces: list[str] = []
+            position = offset
+            i = first
+            while i < len(values) and values[i][0] < part_end:
+                start, end, placeholder = values[i]
+                if max(start, offset) < min(end, part_end):
+                    pieces.append(text[position:max(start, offset)])
+                    pieces.append(placeholder)
+                    position = min(end, part_end)
+                if end > part_end:
+                    break  # it goes on into the next part
+                i += 1
+            first = i
+            if pieces:
+                pieces.append(text[position:part_end])
+                part.text = "".join(pieces)
+            offset = part_end + len(separator)
+
     def _placeholder(self, kind: str, value: str) -> str:
         placeholder = self.placeholders.get(value)
         if placeholder is None:
@@ -125,10 +170,23 @@ class _Masker:
             self.originals[placeholder] = value
         return placeholder
 
-    def restore(self, text: str) -> str:
+    def restore(self, text: str, after: str = "") -> str:
+        """``text`` with the originals back. A run of one placeholder stands for its value
+        once: a value split over parts went out as one placeholder per part. ``after``:
+        the placeholder the text before this one (an earlier chunk) ended with."""
+        if after and text.startswith(after):
+            text = text[len(after) * _run_length(text, after):]
         if "[" not in text:
             return text
-        return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(), m.group()), text)
+        return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(1), m.group()), text)
+
+
+def _run_length(text: str, piece: str) -> int:
+    """How many times ``text`` begins with ``piece`` in a row."""
+    count = 0
+    while text.startswith(piece, count * len(piece)):
+        count += 1
+    return count
 
 
 @hookimpl
@@ -141,21 +199,15 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     masker = _Masker(config.kinds)
     request = ctx.request
-    for part in request.system:
-        part.text = masker.mask(part.text)
+    # The text each message (and the system prompt) makes for the provider, its parts
+    # joined as the provider reads them: the text content_guard checks too.
+    masker.mask_parts(request.system, SYSTEM_JOIN)
     for message in request.messages:
+        masker.mask_parts(message.text_parts())
         for item in message.content:
-            if isinstance(item, TextPart):
-                item.text = masker.mask(item.text)
-            elif isinstance(item, ToolCallPart):
+            if isinstance(item, ToolCallPart):
                 item.arguments = masker.mask(item.arguments)
-            elif isinstance(item, ToolResultPart):
-                for inner in item.content:
-                    if isinstance(inner, TextPart | DocumentPart):
-                        inner.text = masker.mask(inner.text)
-            elif isinstance(item, DocumentPart):
-                item.text = masker.mask(item.text)
-            # Thinking is signed by the provider: changed, it would be refused.
+        # Thinking is signed by the provider: changed, it would be refused.
     if config.unreadable == "reject":
         unreadable = request.unreadable()
         if unreadable:
@@ -185,23 +237,63 @@ def post_response(ctx: RequestContext, response: Response, settings: dict[str, A
             part.arguments = masker.restore(part.arguments)
 
 
+class _StreamRestore:
+    """What restoring a stream carries from one chunk to the next, per block and choice:
+    an unfinished "[..." held back until the next chunk completes it, and the
+    placeholder the text sent so far ended with."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[int, int], tuple[TextDelta | ToolCallDelta, str]] = {}
+        self.after: dict[tuple[int, int], str] = {}
+
+    def delta(self, masker: _Masker, event: TextDelta | ToolCallDelta) -> list[StreamEvent]:
+        key = (event.index, event.choice)
+        piece = _piece(event)
+        held = self.held.pop(key, None)
+        text = held[1] + piece if held else piece
+        cut = text.rfind("[")
+        if cut >= 0 and "]" not in text[cut:] and len(text) - cut < _LONGEST_PLACEHOLDER:
+            text, self.held[key] = text[:cut], (event, text[cut:])
+        restored = self.restore(masker, key, text)
+        if restored == piece and not held and key not in self.held:
+            return [event]
+        return [_with_piece(event, restored)] if restored else []
+
+    def restore(self, masker: _Masker, key: tuple[int, int], text: str) -> str:
+        restored = masker.restore(text, self.after.get(key, ""))
+        end = _AT_END.search(text, max(0, len(text) - _LONGEST_PLACEHOLDER))
+        self.after[key] = end.group() if end else ""
+        return restored
+
+    def flush(self, masker: _Masker) -> list[StreamEvent]:
+        """What is held back, restored as it is: the block or the stream is ending."""
+        held, self.held = self.held, {}
+        return [_with_piece(event, self.restore(masker, key, text))
+                for key, (event, text) in held.items()]
+
+
+def _piece(event: TextDelta | ToolCallDelta) -> str:
+    return event.text if isinstance(event, TextDelta) else event.arguments
+
+
+def _with_piece(event: TextDelta | ToolCallDelta, piece: str) -> StreamEvent:
+    if isinstance(event, TextDelta):
+        return msgspec.structs.replace(event, text=piece)
+    return msgspec.structs.replace(event, arguments=piece)
+
+
 @hookimpl(trylast=True)
 def stream_chunk(ctx: RequestContext, event: StreamEvent, settings: dict[str, Any]) -> Any:
     masker = _masker(ctx, settings)
     if masker is None:
         return None
-    # A placeholder may be split across chunks: hold back an unfinished "[..." until the
-    # next chunk completes it.
-    carry: tuple[int, str] | None = ctx.scratch.get("redact_carry")
-    if isinstance(event, TextDelta):
-        text = (carry[1] if carry else "") + event.text
-        cut = text.rfind("[")
-        held = ""
-        if cut >= 0 and "]" not in text[cut:] and len(text) - cut < _LONGEST_PLACEHOLDER:
-            text, held = text[:cut], text[cut:]
-        ctx.scratch["redact_carry"] = (event.index, held) if held else None
-        return TextDelta(index=event.index, text=masker.restore(text)) if text else DROP
-    if carry:
-        ctx.scratch["redact_carry"] = None
-        return [TextDelta(index=carry[0], text=masker.restore(carry[1])), event]
-    return None
+    state: _StreamRestore = ctx.scratch.setdefault("redact_stream", _StreamRestore())
+    if isinstance(event, TextDelta | ToolCallDelta):
+        produced = state.delta(masker, event)
+    elif state.held:
+        produced = [*state.flush(masker), event]
+    else:
+        return None
+    if len(produced) == 1 and produced[0] is event:
+        return None
+    return produced or DROP

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -110,6 +110,29 @@ class Message(msgspec.Struct, omit_defaults=True, dict=True):
     def text(self) -> str:
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
+    def text_parts(self) -> list[TextPart | DocumentPart]:
+        """The parts holding the text this message holds, in the order a provider reads
+        them: text parts, the text of tool results, text documents. ``joined_text`` makes
+        them the one text a provider reads."""
+        parts: list[TextPart | DocumentPart] = []
+        for part in self.content:
+            for item in part.content if isinstance(part, ToolResultPart) else (part,):
+                if isinstance(item, TextPart) or (isinstance(item, DocumentPart) and item.text):
+                    parts.append(item)
+        return parts
+
+
+# How a provider reads the text of several parts as one: a message's parts run on with
+# nothing between them (the OpenAI format sends plain parts to a provider as one string),
+# the system prompt's blocks are joined by a blank line. Content checks read exactly this.
+MESSAGE_JOIN = ""
+SYSTEM_JOIN = "\n\n"
+
+
+def joined_text(parts: Sequence[TextPart | DocumentPart], separator: str = MESSAGE_JOIN) -> str:
+    """The text of ``parts`` as a provider reads it (``separator``: see ``MESSAGE_JOIN``)."""
+    return parts[0].text if len(parts) == 1 else separator.join(p.text for p in parts)
+
 
 class Tool(msgspec.Struct, omit_defaults=True):
     """A function the model may call. ``type`` names a provider's built-in (server) tool
@@ -161,15 +184,14 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
 
     @property
     def system_text(self) -> str:
-        return "\n\n".join(p.text for p in self.system)
+        return joined_text(self.system, SYSTEM_JOIN)
 
     def message_texts(self) -> Iterator[str]:
         """Each message's text, newest first: its text parts joined as the provider joins
         them, then its tool results' text; then the system prompt. Empty ones are left
         out. Per-message work iterates this, and can stop early."""
         for message in reversed(self.messages):
-            texts = _texts(message)
-            text = texts[0] if len(texts) == 1 else "".join(texts)
+            text = joined_text(message.text_parts())
             if text:
                 yield text
         if self.system:
@@ -198,22 +220,8 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
         """All text of the system prompt and the messages, for matching and estimates."""
         texts = [p.text for p in self.system]
         for message in self.messages:
-            texts.extend(_texts(message))
+            texts.extend(p.text for p in message.text_parts())
         return "\n".join(texts)
-
-
-def _texts(message: Message) -> list[str]:
-    """The text a message holds, in order: text parts, tool results' text, text
-    documents."""
-    texts = []
-    for part in message.content:
-        if isinstance(part, TextPart):
-            texts.append(part.text)
-        elif isinstance(part, ToolResultPart):
-            texts.extend(p.text for p in part.content if isinstance(p, TextPart))
-        elif isinstance(part, DocumentPart) and part.text:
-            texts.append(part.text)
-    return texts
 
 
 def remember_wire(item: Message | Request, wire: Any) -> None:

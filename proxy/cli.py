@@ -121,8 +121,8 @@ def serve(args: argparse.Namespace) -> int:
     if not config.server.allowed_hosts and host in ("0.0.0.0", "::", ""):
         log.warning("listening on all interfaces with no [server].allowed_hosts: any Host "
                     "header is served; list the names clients use to refuse the others")
-    server_config = uvicorn_config(create_app(gateway), config.server, host=host, port=port,
-                                   timeout_graceful_shutdown=10)
+    server_config = uvicorn_config(create_app(gateway), config.server, gateway.rejected,
+                                   host=host, port=port, timeout_graceful_shutdown=10)
     server = _Server(server_config, gateway)
     server.run()
     if gateway.startup_error:

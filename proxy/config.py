@@ -13,7 +13,7 @@ import tomllib
 import urllib.parse
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import structlog
@@ -66,6 +66,9 @@ class ServerConfig(_Strict):
     # Seconds a client has to send a request's headers, from connecting or from the
     # request's first byte; a slower one is disconnected.
     header_timeout: float = 10.0
+    # Seconds a client has to send a request's body, from the end of its headers; a
+    # slower one gets a 408 and the connection closes.
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # Host header values served (DNS rebinding defence), "*.example.com" for subdomains,
     # "*" for any. Empty: loopback names and the bound address (any, when bound to all
     # interfaces).

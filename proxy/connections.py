@@ -1,32 +1,103 @@
 """Client connections at the HTTP level, below starlette: a cap on the size of a request's
-headers and a deadline for receiving them, so that a client cannot hold memory or a
-connection open by sending headers slowly or without end."""
+headers, a deadline for receiving them and one for receiving the body, so that a client
+cannot hold memory or a connection open by sending a request slowly or without end."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import httptools
+import structlog
 import uvicorn
+from starlette.requests import Request as HttpRequest
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerConfig
+from proxy.endpoints import client_wire, shown_path
+from proxy.errors import ProxyError
+
+log = structlog.get_logger("hookproxy.server")
+# Where an API request is recorded when it is refused before starlette sees it.
+API_PATHS = ("/v1/", "/chat/")
+# Where the scope of a request whose body could not be parsed holds the error.
+BROKEN_BODY = "hookproxy.broken_body"
+# Gateway.rejected: (request_id, endpoint, client_format, error, started_wall, started).
+Refused = Callable[[str, str, str, ProxyError, float, float], None]
 
 
 class _HeadersTooLarge(Exception):
     pass
 
 
+class BodyTimeout(ProxyError):
+    """The request's body did not arrive in time: a 408, and the connection closes (what
+    is still on its way would otherwise be read as the next request)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"The request body did not arrive within {timeout:g} seconds",
+                         code="request_timeout", headers={"connection": "close"})
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must have arrived ``timeout`` seconds after its
+    headers; reading it later raises ``BodyTimeout``, which an API endpoint answers in the
+    client's own format (with a record) and any other route as plain text. What the app
+    receives after the body (the wait for a disconnect) has no deadline."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        complete = False
+
+        async def receive_in_time() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.timeout) from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+
+async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
+    """The answer of a route that is not an API endpoint (the login form) to a body that
+    came too late."""
+    assert isinstance(exc, ProxyError)
+    return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus: the request line and headers of each request
     are at most ``max_header_bytes`` (else 431 and the connection closes), and must be
     complete within ``header_timeout`` seconds of the connection opening or of the
-    request's first byte (else the connection closes). Idle connections between requests
-    are closed by uvicorn's keep-alive timeout."""
+    request's first byte (else the connection closes). A body still arriving
+    ``body_timeout`` seconds after its headers closes the connection once it has been
+    answered (``BodyDeadline`` makes the app answer a 408 then; a route that answered
+    without reading the body cannot keep the connection by a trickle). Idle connections
+    between requests are closed by uvicorn's keep-alive timeout."""
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
+    body_timeout = 60.0
+    refused: Refused | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -37,6 +108,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False
         # Bytes read while in headers: httptools holds a header value until it ends.
         self._unfinished = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_late = False
+        # Between a request's headers and the end of its body.
+        self._in_body = False
+        # Set when the parser failed: nothing more is read, and this answer goes out once
+        # the requests before are answered.
+        self._stopped = False
+        self._refusal: Callable[[], None] | None = None
+        self._forget_request()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -44,6 +124,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
@@ -66,10 +147,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._too_large = True
             raise _HeadersTooLarge
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_overdue(self) -> None:
+        self._body_timer = None
+        self._body_late = True
+        if self.cycle is not None and self.cycle.response_complete:
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        if self._body_late:
+            self.transport.close()
+        super().on_response_complete()
+        if self._refusal and self.cycle.response_complete and not self.transport.is_closing():
+            self._refusal()  # the requests before the one refused have been answered
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = self._unfinished = 0
         self._in_headers = True
+        self._body_late = False
         if self._header_timer is None:
             self._arm_header_timer()
 
@@ -85,18 +185,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._in_headers = False
         super().on_headers_complete()
+        self._in_body = True
+        self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
+
+    def on_message_complete(self) -> None:
+        self._cancel_body_timer()
+        self._in_body = False
+        super().on_message_complete()
+        self._forget_request()
+
+    def _forget_request(self) -> None:
+        # What a refusal reads of the request being parsed (uvicorn sets them when one
+        # begins): nothing of the one before it.
+        self.url = b""
+        self.headers = []
 
     def data_received(self, data: bytes) -> None:
-        # As uvicorn's, but headers past the cap get a 431 rather than a generic 400.
+        # As uvicorn's, but headers past the cap get a 431, and what cannot be parsed a
+        # 400 saying why, both in the client's format (with a record, for the API).
+        if self._stopped:
+            return  # the parser failed: what follows is not read
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
             if self._too_large:
                 self._send_431()
                 return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            self._refuse(400, f"Invalid HTTP request: {exc}", "invalid_http_request")
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -111,20 +227,68 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._send_431()
 
     def _send_431(self) -> None:
-        message = f"Request headers are larger than {self.max_header_bytes} bytes"
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (len(message), message.encode()))
-        self.transport.close()
+        self._refuse(431, f"Request headers are larger than {self.max_header_bytes} bytes",
+                     "headers_too_large")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answers ``status`` and closes the connection, once the requests before this one
+        on it are answered: in the client's format when the request line was read
+        (Anthropic's or OpenAI's, as a 404 would be), with a record for an API POST, and a
+        log line. A broken body is the app's to answer (``BROKEN_BODY``)."""
+        self._stopped = True
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+        error = ProxyError(status, message, code=code)
+        if self._in_body:
+            self._refuse_body(error)
+            return
+        request_id = os.urandom(16).hex()
+        path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
+        method = self.parser.get_method().decode("latin-1") if path else ""
+        wire = client_wire(path, any(name == b"anthropic-version" for name, _ in self.headers))
+        log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
+                    status=status, error=message)
+        body = wire.encode_error(error)
+        answer = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                  % (status, HTTPStatus(status).phrase.encode(), len(body), request_id.encode(),
+                     body))
+        started, started_wall = time.perf_counter(), time.time()
+
+        def send() -> None:
+            self.transport.write(answer)
+            self.transport.close()
+            if self.refused is not None and method == "POST" and path.startswith(API_PATHS):
+                self.refused(request_id, path, wire.NAME, error, started_wall, started)
+
+        self._refusal = send
+        if self.cycle is None or self.cycle.response_complete:
+            send()
+
+    def _refuse_body(self, error: ProxyError) -> None:
+        # The body of the request in flight cannot be parsed (a broken chunk): the app,
+        # still reading it, gets what came so far with the error beside it, and answers;
+        # the connection closes after that answer.
+        cycle = self.cycle
+        cycle.keep_alive = False
+        if cycle.response_complete:
+            self.transport.close()
+        elif not cycle.response_started:
+            cycle.scope[BROKEN_BODY] = error  # type: ignore[literal-required]
+            cycle.more_body = False
+            cycle.message_event.set()
 
 
-def uvicorn_config(app: Any, server: ServerConfig, **options: Any) -> uvicorn.Config:
-    """uvicorn's config for the proxy: the guarded protocol with the [server] limits."""
+def uvicorn_config(app: Any, server: ServerConfig, refused: Refused | None = None,
+                   **options: Any) -> uvicorn.Config:
+    """uvicorn's config for the proxy: the guarded protocol with the [server] limits;
+    ``refused`` records an API request refused before it reached the app
+    (``Gateway.rejected``)."""
     protocol = type("HttpProtocol", (GuardedHttpToolsProtocol,), {
         "max_header_bytes": server.max_header_bytes,
         "header_timeout": server.header_timeout,
+        "body_timeout": server.body_timeout,
+        "refused": staticmethod(refused) if refused else None,
     })
     options.setdefault("log_level", "warning")
     return uvicorn.Config(app, http=protocol, access_log=False, lifespan="on",

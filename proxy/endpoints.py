@@ -241,6 +241,19 @@ API_ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, "
                  "GET /v1/models/{id}")
 
 
+def client_wire(path: str, anthropic_version: bool) -> ModuleType:
+    """The wire format of a request known only by its path and headers: Anthropic's for a
+    path under /v1/messages or a request with an ``anthropic-version`` header, OpenAI's
+    otherwise."""
+    return (anthropic_format if path.startswith("/v1/messages") or anthropic_version
+            else openai_format)
+
+
+def shown_path(path: str) -> str:
+    """``path`` as an error message and a record show it: cut at ``MAX_SHOWN_PATH``."""
+    return path if len(path) <= MAX_SHOWN_PATH else path[:MAX_SHOWN_PATH] + "..."
+
+
 def not_routed(gateway: Gateway, http: HttpRequest, exc: Exception) -> HttpResponse:
     """A 404 (no such path) or 405 (not with this method, with ``Allow``) in the client's
     own error format: Anthropic's for a path under /v1/messages or a request with an
@@ -249,9 +262,8 @@ def not_routed(gateway: Gateway, http: HttpRequest, exc: Exception) -> HttpRespo
     started, started_wall = time.perf_counter(), time.time()
     request_id = os.urandom(16).hex()
     path, method = http.scope["path"], http.scope["method"]
-    wire = (anthropic_format if path.startswith("/v1/messages")
-            or "anthropic-version" in http.headers else openai_format)
-    shown = path if len(path) <= MAX_SHOWN_PATH else path[:MAX_SHOWN_PATH] + "..."
+    wire = client_wire(path, "anthropic-version" in http.headers)
+    shown = shown_path(path)
     status = exc.status_code if isinstance(exc, HTTPException) else 404
     allow = (exc.headers or {}).get("Allow", "") if isinstance(exc, HTTPException) else ""
     # Starlette keeps a route's methods in a set: the same order every time.

@@ -31,12 +31,36 @@ _FRAMING = frozenset({
 })
 
 
-def header_value(value: str) -> str:
+# Clients refuse answers with large headers (Node's default limit is 16 KB for all of
+# them), and a model name or a tag can be as long as a client or a plugin makes it.
+MAX_HEADER_VALUE = 1024
+
+
+def encoded_value(value: str) -> str:
     """``value`` fit for a header: anything beyond printable ASCII (non-Latin-1 text, CR
     and LF that would end the header) is percent-encoded as UTF-8."""
     if value.isascii() and value.isprintable() and "%" not in value:
         return value
     return urllib.parse.quote(value, safe=_HEADER_SAFE)
+
+
+def header_value(value: str) -> str:
+    """``value`` encoded (``encoded_value``) for one of hookproxy's own headers, and past
+    ``MAX_HEADER_VALUE`` characters cut, ending in "..."."""
+    encoded = encoded_value(value)
+    if len(encoded) <= MAX_HEADER_VALUE:
+        return encoded
+    room = MAX_HEADER_VALUE - 3
+    if encoded is value:
+        return value[:room] + "..."
+    pieces = []  # whole characters, so that no character's escapes are split
+    for char in value[:room]:
+        piece = urllib.parse.quote(char, safe=_HEADER_SAFE)
+        room -= len(piece)
+        if room < 0:
+            break
+        pieces.append(piece)
+    return "".join(pieces) + "..."
 
 
 def _response_name_error(name: str) -> str | None:
@@ -78,7 +102,7 @@ class HeaderMap(MutableMapping[str, str]):
                                "headers had gone out (a stream's go with its first event)")
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise TypeError(f"header {name!r}: the value must be text or an integer")
-        encoded = header_value(str(value))
+        encoded = encoded_value(str(value))
         if len(encoded) > MAX_VALUE_BYTES:
             raise ValueError(f"header {name!r} is longer than {MAX_VALUE_BYTES} bytes")
         if name not in self._headers and len(self._headers) >= MAX_HEADERS:

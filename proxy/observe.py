@@ -113,6 +113,11 @@ class Observer:
         record = rejected_record(request_id, endpoint, client_format, error.status, info,
                                  started_wall, duration)
         self.metrics.observe(record)
+        if self._thread is not None and self._pending_count:
+            # Behind records still being made on the thread: they finished first.
+            self._pending_count += 1
+            self._pending.put((record, None, None, 0))
+            return
         self._publish(record)
 
     def _publish(self, record: Record) -> None:

@@ -32,6 +32,7 @@ from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
+from proxy.connections import BROKEN_BODY, BodyDeadline, BodyTimeout, body_late
 from proxy.context import PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
@@ -414,15 +415,20 @@ class Gateway:
         if length and length.isdigit():
             if int(length) > limit:
                 raise _too_large(limit)
-            return await http.body()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body = await http.body()
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        broken: ProxyError | None = http.scope.get(BROKEN_BODY)
+        if broken is not None:  # the body ended where its framing broke
+            raise broken
+        return body
 
     async def _stream_body(self, ctx: RequestContext, wire: ModuleType,
                            events: AsyncIterator[list[StreamEvent]]) -> AsyncIterator[bytes]:
@@ -518,7 +524,10 @@ def create_app(gateway: Gateway) -> Starlette:
         Route("/favicon.ico", _no_icon, methods=["GET"]),
     ]
     # A path nothing serves, or a method a path does not take: an error in the client's
-    # own format, and a record.
-    handlers = {404: gateway.not_routed, 405: gateway.not_routed}
+    # own format, and a record. (A body too slow for an API endpoint is answered there.)
+    handlers: dict[Any, Any] = {404: gateway.not_routed, 405: gateway.not_routed,
+                                BodyTimeout: body_late}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(HostCheck, gateway=gateway)])
+                     middleware=[Middleware(HostCheck, gateway=gateway),
+                                 Middleware(BodyDeadline,
+                                            timeout=gateway.config.server.body_timeout)])

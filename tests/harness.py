@@ -26,7 +26,8 @@ class ProxyServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        server_config = uvicorn_config(create_app(self.gateway), self.config.server)
+        server_config = uvicorn_config(create_app(self.gateway), self.config.server,
+                                       refused=self.gateway.rejected)
         self.server = GatewayServer(server_config, self.gateway)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)

@@ -298,3 +298,21 @@ def test_redaction_stays_linear_on_back_to_back_numbers():
     # 220 KB: one linear pass per kind. (The single alternation took minutes for 1 MB.)
     assert len(found) == 20_000 and all(kind == "phone" for _, _, kind in found)
     assert time.perf_counter() - started < 5
+
+
+def test_redaction_over_many_parts_stays_linear():
+    """A message of 70,000 parts: a key cut into one-character parts and 20,000 short ones
+    that each hold an address. Each part is visited once, each value once per part."""
+    from plugins.redact import _Masker
+    from proxy.canonical import TextPart
+
+    key = "sk-" + "a" * 50_000
+    parts = [TextPart(text=c) for c in [*key, " "]]
+    parts += [TextPart(text="x@y.io ") for _ in range(20_000)]
+    masker = _Masker(["email", "phone", "secret"])
+    started = time.perf_counter()
+    masker.mask_parts(parts)
+    assert {p.text for p in parts[:len(key)]} == {"[SECRET_1]"}
+    assert {p.text for p in parts[len(key) + 1:]} == {"[EMAIL_1] "}
+    assert masker.originals == {"[SECRET_1]": key, "[EMAIL_1]": "x@y.io"}
+    assert time.perf_counter() - started < 5

@@ -266,6 +266,25 @@ def test_oversized_headers_get_a_431_and_the_connection_closes(upstream, tmp_pat
         assert _request(proxy, "GET", "/health", None, {"x-fine": "a" * 4000})[0] == 200
 
 
+def test_uvicorn_has_the_code_connections_was_written_against():
+    """proxy/connections.py copies uvicorn's ``data_received`` and builds on the parser
+    callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range
+    pyproject.toml pins). Another uvicorn with other code there fails here: read those
+    methods again, adjust connections.py, then this digest."""
+    import hashlib
+    import inspect
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    protocol = HttpToolsProtocol
+    relied_on = [protocol.data_received, protocol.on_message_begin, protocol.on_url,
+                 protocol.on_header, protocol.on_headers_complete, protocol.on_message_complete,
+                 protocol.on_response_complete, RequestResponseCycle.receive]
+    source = "".join(inspect.getsource(method) for method in relied_on)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "4a3934e3414367a79d6f4b01d6a7eea022c005318c64bd6499dca460a9c4ffa8")
+
+
 def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
     with _serving(upstream, tmp_path, server={"header_timeout": 1.0}) as proxy:
         idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
@@ -277,3 +296,156 @@ def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path
             with sock, suppress(ConnectionResetError):
                 assert sock.recv(100) == b""  # closed by the proxy
         assert time.monotonic() - started < 8
+
+
+# --- slow bodies ------------------------------------------------------------------------
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """All the proxy sends until it closes the connection (within the socket timeout)."""
+    answer = b""
+    with suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _head(endpoint: str, length: int | None) -> bytes:
+    size = b"content-length: %d" % length if length else b"transfer-encoding: chunked"
+    return (b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"%s\r\n\r\n" % (endpoint.encode(), size))
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+@pytest.mark.parametrize("how", ["stalled", "trickled", "chunked"])
+def test_a_body_slower_than_body_timeout_is_a_408_and_the_connection_closes(
+        upstream, tmp_path, endpoint, how):
+    """Headers in time, then a body that stops, comes a byte at a time, or comes in
+    small chunks without end: cut off at the deadline with a 408 in the client's format,
+    while other clients are served."""
+    with _serving(upstream, tmp_path, server={"body_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(_head(endpoint, None if how == "chunked" else 10_000)
+                     + (b"" if how == "chunked" else b'{"model": "mock-1", "mess'))
+        _still_served(proxy)  # while this one stalls
+        with suppress(OSError):  # the proxy may close while this is still sending
+            for _ in range(50 if how != "stalled" else 0):
+                sock.sendall(b"3\r\n   \r\n" if how == "chunked" else b" ")
+                time.sleep(0.1)
+        answer = _read_answer(sock)  # and then the connection closes
+        assert time.monotonic() - started < 8
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"connection: close" in head.lower()
+        assert "did not arrive within 1 seconds" in _error_shape(endpoint, body)
+        _still_served(proxy)
+    records = _records(tmp_path)
+    assert [r["status"] for r in records] == [200, 408, 200]
+    assert records[1]["endpoint"] == endpoint
+    assert records[1]["error"]["type"] == "request_timeout"
+
+
+def test_a_body_in_time_is_served_on_a_kept_alive_connection(upstream, tmp_path):
+    """The deadline is per request: two bodies, each slow but in time, on one connection
+    that stays open longer than the deadline."""
+    body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": HI}).encode()
+    with _serving(upstream, tmp_path, server={"body_timeout": 1.0}) as proxy:
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        for _ in range(2):
+            connection.putrequest("POST", OPENAI)
+            connection.putheader("content-type", "application/json")
+            connection.putheader("content-length", str(len(body)))
+            connection.endheaders(body[:10])
+            time.sleep(0.6)
+            connection.send(body[10:])
+            response = connection.getresponse()
+            assert response.status == 200 and b"chat.completion" in response.read()
+        connection.close()
+    assert [r["status"] for r in _records(tmp_path)] == [200, 200]
+
+
+def test_a_body_trickled_after_the_answer_does_not_hold_the_connection(upstream, tmp_path):
+    """A route that answers without reading the body (GET /health): the connection closes
+    at the body deadline rather than reading a trickle for ever."""
+    with _serving(upstream, tmp_path, server={"body_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 1000000"
+                     b"\r\n\r\n")
+        with suppress(OSError):
+            for _ in range(80):
+                sock.sendall(b" ")
+                time.sleep(0.1)
+        answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer
+        assert time.monotonic() - started < 8
+        _still_served(proxy)
+
+
+def test_a_slow_login_form_is_a_408(upstream, tmp_path):
+    with _serving(upstream, tmp_path, server={"body_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /dashboard/login HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                     b"content-type: application/x-www-form-urlencoded\r\n"
+                     b"content-length: 100\r\n\r\nkey=")
+        answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert answer.endswith(b"The request body did not arrive within 1 seconds")
+        _still_served(proxy)
+
+
+# --- what the HTTP parser refuses -------------------------------------------------------
+
+
+def _answers(sock: socket.socket) -> list[tuple[int, dict[str, str], bytes]]:
+    """Every answer on a connection, in order, until the proxy closes it (the answers
+    here carry a content-length)."""
+    data = _read_answer(sock)
+    answers = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+        size = int(headers["content-length"])
+        answers.append((int(status_line.split()[1]), headers, data[:size]))
+        data = data[size:]
+    return answers
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+def test_a_request_the_parser_refuses_is_answered_in_the_client_format_in_turn(
+        upstream, tmp_path, endpoint):
+    """A good request, then one with NUL in a header on the same connection: the first
+    is answered, then the second gets a 400 in the client's format, with its record, and
+    the connection closes."""
+    body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": HI}).encode()
+    good = _head(endpoint, len(body)) + body
+    bad = good.replace(b"content-type:", b"x-bad: a\x00b\r\ncontent-type:")
+    with _serving(upstream, tmp_path) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(good + bad)
+        (first, _, _), (second, headers, answer) = _answers(sock)  # and then it closes
+        assert (first, second) == (200, 400)
+        assert "Invalid header value char" in _error_shape(endpoint, answer)
+        assert headers["connection"] == "close"
+        _still_served(proxy)
+    records = proxy.settled(_records(tmp_path))
+    assert [r["status"] for r in records] == [200, 400, 200]
+    assert records[1]["id"] == headers["x-request-id"]
+    assert records[1]["endpoint"] == endpoint
+    assert records[1]["error"]["type"] == "invalid_http_request"
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI, ANTHROPIC])
+def test_a_broken_chunked_body_is_a_400_with_one_record(upstream, tmp_path, endpoint):
+    with _serving(upstream, tmp_path) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(_head(endpoint, None) + b'5\r\n{"mod\r\nzz\r\n')
+        ((status, headers, answer),) = _answers(sock)  # and then it closes
+        assert status == 400
+        assert "Invalid character in chunk size" in _error_shape(endpoint, answer)
+        _still_served(proxy)
+    records = _records(tmp_path)
+    assert [r["status"] for r in records] == [400, 200]
+    assert records[0]["id"] == headers["x-request-id"]

@@ -279,3 +279,42 @@ def test_an_error_body_in_invalid_utf8_keeps_the_status(tmp_path):
             model="m", messages=HI))
         assert isinstance(error, openai.BadRequestError)
     assert _hostile_record(tmp_path)["status"] == 400
+
+
+@pytest.mark.parametrize("model", ["oai/x-drip", "ant/x-drip"])
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+def test_every_kind_of_stream_stops_the_provider_call_when_the_client_leaves(
+        upstream, tmp_path, client, model):
+    """Same format (the provider's bytes passed on) and across formats (translated), from
+    either SDK: the client leaving mid-stream ends the provider's stream too."""
+    from tests.harness import upstream_config
+
+    config = upstream_config(upstream)
+    config["providers"]["oai"]["timeout"] = config["providers"]["ant"]["timeout"] = 10
+    config["log"] = {"path": str(tmp_path / "requests.jsonl")}
+    with ProxyServer(config) as proxy:
+        before = upstream.hung_up
+
+        def leave_midway() -> None:
+            if client == "openai":
+                stream = proxy.openai().chat.completions.create(model=model, messages=HI,
+                                                                stream=True)
+                for i, _ in enumerate(stream):
+                    if i == 3:
+                        break
+                stream.close()
+            else:
+                with proxy.anthropic().messages.stream(model=model, max_tokens=99,
+                                                       messages=HI) as events:
+                    for i, _ in enumerate(events):
+                        if i == 5:
+                            break
+
+        assert _alongside(proxy, leave_midway) is None
+        deadline = time.monotonic() + 5
+        while upstream.hung_up == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstream.hung_up == before + 1
+        proxy.settled(None)
+    (record,) = [r for r in _records(tmp_path) if r["model"] == model]
+    assert record["status"] == 499 and record["error"]["type"] == "client_disconnected"

@@ -141,3 +141,157 @@ def test_garbage_bytes_and_the_server_keeps_serving(mock_proxy: ProxyServer):
             assert 400 <= _post(mock_proxy, endpoint, body) < 500, (endpoint, body[:20])
     assert mock_proxy.openai().chat.completions.create(
         model="mock-1", messages=[{"role": "user", "content": "still fine"}]).choices
+
+
+# --- hostile model names and header values, through the live server ---------------------
+# Every answer is a well-formed status below 500 (never a dropped connection), in the
+# client's own format, with its record in the log; a request sent alongside is served.
+
+HOSTILE = ["", " ", "mock/日本", "mock/a\r\nx-injected: 1", "a\x00b", "mock/\x00", "mock/\u2028",
+           "mock-1\n", "%00", "mock/%0d%0a", "MOCK-1", "mock/\x1b]0;pwned\x07", "\r\n\r\n",
+           "mock/" + "日" * 30_000, "x" * 100_000, "é" * 200]
+hostile_text = st.one_of(
+    st.sampled_from(HOSTILE),
+    st.text(st.characters(), max_size=30),  # any code point: control characters, NUL, CJK
+    st.builds(lambda piece, times: piece * times, st.text(min_size=1, max_size=3),
+              st.integers(1_000, 40_000)),
+)
+model_names = st.one_of(hostile_text, hostile_text.map(lambda text: "mock/" + text))
+header_names = st.sampled_from([
+    "x-custom", "anthropic-version", "anthropic-beta", "openai-organization",
+    "openai-project", "user-agent", "authorization", "x-api-key", "accept", "content-type",
+    "host", "cookie", "x-stainless-lang"])
+header_values = st.one_of(hostile_text, st.binary(max_size=40))
+
+
+@pytest.fixture(scope="module")
+def logged_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
+    log = tmp_path_factory.mktemp("hostile") / "requests.jsonl"
+    config = {"providers": {"mock": {"type": "mock"}},
+              "models": [{"name": "mock-1", "provider": "mock"}], "log": {"path": str(log)}}
+    with ProxyServer(config) as proxy:
+        proxy.log = log  # type: ignore[attr-defined]
+        yield proxy
+
+
+def _record(proxy: Any, request_id: str) -> dict[str, Any] | None:
+    # Split at "\n" only: a record may hold U+2028, which str.splitlines splits at too.
+    for line in proxy.log.read_text(encoding="utf-8").split("\n"):
+        if f'"id":"{request_id}"' in line:
+            return dict(json.loads(line))
+    return None
+
+
+def _by_sdk(proxy: ProxyServer, endpoint: str, model: str,
+            headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """One request through the official SDK of ``endpoint``'s format: its status, headers
+    and body, whether the SDK took it as an answer or an error."""
+    import anthropic
+    import openai
+
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        if endpoint == "/v1/chat/completions":
+            raw = proxy.openai().chat.completions.with_raw_response.create(
+                model=model, messages=messages, max_tokens=5, extra_headers=headers)
+        else:
+            raw = proxy.anthropic().messages.with_raw_response.create(
+                model=model, messages=messages, max_tokens=5, extra_headers=headers)
+        response = raw.http_response
+    except (openai.APIStatusError, anthropic.APIStatusError) as error:
+        response = error.response
+    return response.status_code, dict(response.headers), response.read()
+
+
+def _by_socket(proxy: ProxyServer, endpoint: str, name: str,
+               value: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request with ``name: value`` as it is, bytes no HTTP library would send."""
+    import http.client
+    import socket
+
+    body = json.dumps(VALID[endpoint]).encode()
+    head = {"host": b"127.0.0.1", "content-type": b"application/json",
+            "content-length": str(len(body)).encode()}
+    head[name] = value
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\n%s\r\n%s" % (endpoint.encode(), b"".join(
+            key.encode() + b": " + item + b"\r\n" for key, item in head.items()), body))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, \
+            response.read()
+
+
+def _check_answer(proxy: Any, endpoint: str, answer: tuple[int, dict[str, str], bytes]
+                  ) -> None:
+    from tests.harness import wait_for
+
+    status, headers, body = answer
+    assert 200 <= status < 500, (status, body[:300])
+    payload = json.loads(body)
+    if endpoint == "/v1/messages":
+        assert payload["type"] == ("message" if status == 200 else "error"), payload
+        if status != 200:
+            assert payload["error"]["type"] and payload["error"]["message"]
+    elif status == 200:
+        assert payload["object"] == "chat.completion", payload
+    else:
+        assert set(payload["error"]) >= {"message", "type", "code"}, payload
+    record = wait_for(lambda: _record(proxy, headers["x-request-id"]))
+    assert record is not None and record["status"] == status
+
+
+def _alongside(proxy: ProxyServer, hostile: Any) -> tuple[int, dict[str, str], bytes]:
+    """Runs ``hostile()`` while a plain request goes through; checks that one is served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(proxy.openai().chat.completions.create, model="mock-1",
+                            messages=[{"role": "user", "content": "still here"}])
+        answer = pool.submit(hostile).result()
+        assert plain.result(timeout=30).choices[0].message.content
+    return answer
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(endpoint=st.sampled_from(sorted(VALID)), model=model_names)
+def test_hostile_model_names_get_a_well_formed_answer(logged_proxy: ProxyServer, endpoint: str,
+                                                      model: str):
+    def hostile() -> tuple[int, dict[str, str], bytes]:
+        try:
+            model.encode()
+        except UnicodeEncodeError:  # a lone surrogate: the SDKs cannot send it, JSON can
+            body = json.dumps({**VALID[endpoint], "model": model}).encode()
+            status, headers, payload = post_raw(logged_proxy.url + endpoint, body)
+            return status, {k.lower(): v for k, v in headers.items()}, \
+                json.dumps(payload).encode()
+        return _by_sdk(logged_proxy, endpoint, model, {})
+
+    answer = _alongside(logged_proxy, hostile)
+    _check_answer(logged_proxy, endpoint, answer)
+    status, headers, _ = answer
+    if status == 200:  # routed to the mock: its name went into a response header, safely
+        shown = headers.get("x-hookproxy-model", "")
+        assert shown.isascii() and shown.isprintable() and len(shown) <= 1024
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(endpoint=st.sampled_from(sorted(VALID)), name=header_names, value=header_values)
+def test_hostile_header_values_get_a_well_formed_answer(logged_proxy: ProxyServer, endpoint: str,
+                                                        name: str, value: str | bytes):
+    if isinstance(value, str) and value.isascii() and value.isprintable() and \
+            value == value.strip() and 0 < len(value) < 8000:
+        # What the SDK sends as it is given (its own value of the header is replaced).
+        def hostile() -> tuple[int, dict[str, str], bytes]:
+            assert isinstance(value, str)
+            return _by_sdk(logged_proxy, endpoint, "mock-1", {name: value})
+    else:
+        # What the SDK refuses to send (CR, LF, NUL, control characters, bytes beyond
+        # ASCII, nothing, a megabyte...) goes over a socket as bytes.
+        raw = value.encode() if isinstance(value, str) else value
+
+        def hostile() -> tuple[int, dict[str, str], bytes]:
+            return _by_socket(logged_proxy, endpoint, name, raw)
+    _check_answer(logged_proxy, endpoint, _alongside(logged_proxy, hostile))

@@ -23,6 +23,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -152,6 +153,28 @@ class FakeUpstream:
             await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
         return body, None
 
+    async def _words(self, request: web.Request, model: str, text: str,
+                     send: Callable[[str], Awaitable[None]]) -> bool:
+        """Streams ``text`` word by word through ``send``. ``*-drip``: a word every 0.1 s,
+        30 times over, stopping when the proxy hangs up (counted in ``hung_up``);
+        ``*-cut``: the connection drops after two words. False when it ended early."""
+        words = _pieces(text) * (30 if model.endswith("-drip") else 1)
+        for i, word in enumerate(words):
+            if model.endswith("-drip"):
+                await asyncio.sleep(0.1)
+                if request.transport is None or request.transport.is_closing():
+                    self.hung_up += 1
+                    return False
+            await send(word)
+            if model.endswith("-cut") and i == 1:
+                assert request.transport is not None
+                # What was sent reaches the proxy first, even on a busy machine: a cut read
+                # in the same batch as the words can be reported before them.
+                await asyncio.sleep(0.2)
+                request.transport.close()
+                return False
+        return True
+
     # --- OpenAI -------------------------------------------------------------------------
 
     async def openai(self, request: web.Request) -> web.StreamResponse:
@@ -190,18 +213,9 @@ class FakeUpstream:
             for piece in (arguments[:10], arguments[10:]):
                 await send({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
         else:
-            words = _pieces(text) * (30 if model.endswith("-drip") else 1)
-            for i, word in enumerate(words):
-                if model.endswith("-drip"):
-                    await asyncio.sleep(0.1)
-                    if request.transport is None or request.transport.is_closing():
-                        self.hung_up += 1
-                        return response
-                await send({"content": word})
-                if model.endswith("-cut") and i == 1:
-                    assert request.transport is not None
-                    request.transport.close()
-                    return response
+            if not await self._words(request, model, text,
+                                     lambda word: send({"content": word})):
+                return response
         await send({}, "tool_calls" if tool else "stop")
         if (body.get("stream_options") or {}).get("include_usage"):
             chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
@@ -251,13 +265,10 @@ class FakeUpstream:
         else:
             await send("content_block_start", {"index": 0, "content_block": {
                 "type": "text", "text": ""}})
-            for i, word in enumerate(_pieces(text)):
-                await send("content_block_delta", {"index": 0, "delta": {
-                    "type": "text_delta", "text": word}})
-                if model.endswith("-cut") and i == 1:
-                    assert request.transport is not None
-                    request.transport.close()
-                    return response
+            if not await self._words(request, model, text, lambda word: send(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "text_delta", "text": word}})):
+                return response
         await send("content_block_stop", {"index": 0})
         await send("message_delta", {
             "delta": {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None},
