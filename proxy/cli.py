@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +30,7 @@ from proxy.server import GatewayServer
 
 if TYPE_CHECKING:
     from proxy.plugins import PluginHost
+    from proxy.server import Gateway
 
 log = structlog.get_logger("hookproxy")
 
@@ -90,7 +94,8 @@ def _is_loopback(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
 
-    from proxy.server import Gateway, create_app
+    from proxy.server import Gateway
+    from proxy.workers import run_workers, shared_state_problem, worker_count
 
     try:
         config = load_config(args.config)
@@ -105,6 +110,10 @@ def serve(args: argparse.Namespace) -> int:
                      "anyone who can reach it could spend your provider accounts. Configure "
                      "[auth.keys], or pass --allow-unauthenticated (or set "
                      "[server].allow_unauthenticated = true) if that is what you want.")
+    workers = worker_count(config, args.workers)
+    problem = shared_state_problem(config, workers)
+    if problem:
+        return _fail(problem)
     for name, why in gateway.skipped.items():
         log.warning("provider skipped", provider=name, reason=why)
     if config.source == BUILTIN_SOURCE:
@@ -114,17 +123,33 @@ def serve(args: argparse.Namespace) -> int:
     log.info("hookproxy listening", url=f"http://{host}:{port}", config=config.source,
              providers=sorted(gateway.providers), models=gateway.router.model_names(),
              plugins=sorted(gateway.host.enabled),
-             classifiers=sorted(gateway.host.enabled_classifiers))
-    from proxy.connections import uvicorn_config
-
-    gateway.bind_host = host
+             classifiers=sorted(gateway.host.enabled_classifiers), workers=workers)
     if not config.server.allowed_hosts and host in ("0.0.0.0", "::", ""):
         log.warning("listening on all interfaces with no [server].allowed_hosts: any Host "
                     "header is served; list the names clients use to refuse the others")
+    if workers > 1:
+        if not config.store.url:
+            log.warning("workers without [store]: each keeps its own cooldowns and latency "
+                        "averages, and each dashboard viewer sees one worker's traffic")
+        return run_workers(config, workers, host, port)
+    return run_server(config, host, port, gateway=gateway)
+
+
+def run_server(config: Config, host: str, port: int, *, gateway: Gateway | None = None,
+               sockets: list[socket.socket] | None = None, supervised: bool = False) -> int:
+    """Serves ``config`` in this process until SIGTERM; under ``hookproxy serve --workers``
+    (``supervised``), a reload through /admin/reload reaches every worker."""
+    from proxy.connections import uvicorn_config
+    from proxy.server import Gateway, create_app
+
+    gateway = gateway or Gateway(config)
+    gateway.bind_host = host
+    if supervised:
+        gateway.reload_all = functools.partial(os.kill, os.getppid(), signal.SIGHUP)
     server_config = uvicorn_config(create_app(gateway), config.server, gateway.rejected,
                                    host=host, port=port, timeout_graceful_shutdown=10)
     server = _Server(server_config, gateway)
-    server.run()
+    server.run(sockets=sockets)
     if gateway.startup_error:
         return _fail(f"not serving: {gateway.startup_error}")
     return 0 if server.started else 1
@@ -274,7 +299,7 @@ def reload_running(args: argparse.Namespace) -> int:
 def tail_log(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from proxy.tail import Filters, tail
+    from proxy.tail import Filters, log_files, tail
 
     if args.file:
         path = Path(args.file)
@@ -286,7 +311,7 @@ def tail_log(args: argparse.Namespace) -> int:
         if not config.log.path:
             return _fail(f"{config.source}: [log].path is empty: there is no log to follow")
         path = Path(config.log.path)
-    if not path.exists() and not args.follow:
+    if not log_files(path) and not args.follow:
         return _fail(f"{path}: no such log file")
     filters = Filters(model=args.model, provider=args.provider, tag=args.tag,
                       endpoint=args.endpoint,
@@ -305,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="port (default: [server].port)")
     serve_cmd.add_argument("--allow-unauthenticated", action="store_true",
                            help="listen beyond loopback even with no [auth] keys")
+    serve_cmd.add_argument("--workers", type=_workers, default=None,
+                           help="worker processes on the port, or 'auto' (one per core; "
+                                "default: [server].workers)")
     serve_cmd.set_defaults(run=serve)
     check_cmd = commands.add_parser("check", help="validate a config and show what it serves")
     check_cmd.set_defaults(run=check)
@@ -344,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="config file (default: ./config.toml if it exists, "
                                   "else the built-in default)")
     return parser
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of workers, or 'auto'")
+    return int(value)
 
 
 def _version() -> str:

@@ -73,6 +73,9 @@ class ServerConfig(_Strict):
     # "*" for any. Empty: loopback names and the bound address (any, when bound to all
     # interfaces).
     allowed_hosts: list[str] = []
+    # Processes serving the port ("auto": one per core). More than one needs [store] for
+    # limits and the cache, which must be shared to hold.
+    workers: int | Literal["auto"] = 1
 
 
 class ProviderConfig(_Strict):
@@ -219,6 +222,12 @@ class KeyConfig(_Strict):
     tpm: int = 0
     daily_budget: float = 0.0
     monthly_budget: float = 0.0
+    # Fractions of each budget whose crossing is a warning (app log, metric, record); 0: none.
+    daily_budget_warn: float = 0.8
+    monthly_budget_warn: float = 0.8
+    # Cache entries are this key's own unless this is true: then they are shared with the
+    # other keys that share (and with requests without a key).
+    share_cache: bool = False
 
 
 class AuthConfig(_Strict):
@@ -228,6 +237,30 @@ class AuthConfig(_Strict):
     admin_key_sha256: str = ""
     # Seconds a dashboard login lasts; a changed admin key ends every session at once.
     admin_session_ttl: float = 12 * 3600.0
+    # Output tokens reserved against tpm and budgets for a request that names no
+    # max_tokens.
+    reserve_output_tokens: int = 4096
+
+
+class StoreConfig(_Strict):
+    """Where shared state lives: in the process (one worker), or in Redis."""
+
+    # "redis://host:6379/0", "rediss://..." or "unix:///path"; "": in the process.
+    url: str = ""
+    # Put before every key, so that several hookproxy instances can share one Redis.
+    prefix: str = "hookproxy:"
+    # Seconds a Redis call may take before it counts as failed.
+    timeout: float = 0.5
+    # Connections to Redis per process, at most; calls beyond wait for one (within timeout).
+    connections: int = 64
+    # While Redis cannot be reached: limits refuse requests ("closed", a 503) or let them
+    # through unchecked ("open"); the cache is skipped ("open") or refuses ("closed").
+    limits_on_error: Literal["closed", "open"] = "closed"
+    cache_on_error: Literal["closed", "open"] = "open"
+    # Records the dashboard's shared stream (a Redis Stream) keeps for replay.
+    feed_length: int = 1000
+    # In the process: values kept at most (least recently used go first).
+    max_entries: int = 100_000
 
 
 class Config(_Strict):
@@ -243,6 +276,7 @@ class Config(_Strict):
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     # Where this config was read from, for messages.
     source: str = "<config>"
 
@@ -313,6 +347,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     if config.responses.store_ttl <= 0 or config.responses.store_entries < 1:
         raise ConfigError(f"{source}: responses.store_ttl and responses.store_entries must "
                           "be positive")
+    _check_store(config)
     routing = config.routing
     if routing.retries < 0 or routing.cooldown_failures < 1:
         raise ConfigError(f"{source}: routing.retries must be >= 0 and "
@@ -322,6 +357,25 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             if not isinstance(settings.get("enabled", True), bool):
                 raise ConfigError(f"{source}: {section}.{name}.enabled must be true or false")
     return config
+
+
+def _check_store(config: Config) -> None:
+    source, store = config.source, config.store
+    if store.url and urllib.parse.urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{source}: store.url must be a redis://, rediss:// or unix:// URL")
+    if store.timeout <= 0 or min(store.feed_length, store.max_entries, store.connections) < 1:
+        raise ConfigError(f"{source}: store.timeout, store.connections, store.feed_length "
+                          "and store.max_entries must be positive")
+    workers = config.server.workers
+    if isinstance(workers, int) and workers < 1:
+        raise ConfigError(f"{source}: server.workers must be at least 1, or \"auto\"")
+    for name, key in config.auth.keys.items():
+        for field in ("daily_budget_warn", "monthly_budget_warn"):
+            if not 0 <= getattr(key, field) < 1:
+                raise ConfigError(f"{source}: auth.keys.{name}.{field} must be a fraction "
+                                  "of the budget, at least 0 and below 1")
+    if config.auth.reserve_output_tokens < 1:
+        raise ConfigError(f"{source}: auth.reserve_output_tokens must be positive")
 
 
 def _check_model(model: ModelConfig, where: str, config: Config) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from proxy.lifecycle import PluginApp
+    from proxy.routing import Target
     from proxy.store import Store
 
 _log = structlog.get_logger("hookproxy.plugin")
@@ -27,6 +28,10 @@ _encode = msgspec.json.Encoder().encode
 # What one request's annotations may hold, as JSON, all plugins together; past it, further
 # ones are counted (``annotations_dropped`` in the record), not kept.
 MAX_ANNOTATION_BYTES = 16 * 1024
+
+# Called once a request's targets are known, before the first provider call, with the
+# targets it may be answered by (none when a plugin answered it): where limits reserve.
+Admission = Callable[["RequestContext", "Sequence[Target]"], Awaitable[None]]
 
 
 class Reject(ProxyError):
@@ -92,6 +97,9 @@ class RequestContext:
         self.client_format = client_format
         self.requested_model = request.model
         self.caller = caller
+        # Whose data (cache entries) this request may see: None for the caller's own;
+        # "" for the pool shared by callers who opt into sharing.
+        self.tenant: str | None = None
         self.headers = headers or {}
         self.response: Response | None = None
         self.tags: list[str] = []
@@ -155,6 +163,15 @@ class RequestContext:
         self._response_headers: HeaderMap | None = None
         self._headers_sent = False
         self._upstream_headers: HeaderMap | None = None
+        # Limits to pass before the provider is called (see ``Admission``), and what they
+        # held and charged (a proxy.limits.Ledger, for the record).
+        self.admissions: list[Admission] = []
+        self.limits: Any = None
+        # The usage is hookproxy's estimate: the provider did not finish reporting it.
+        self.usage_estimated: bool = False
+        # Model globs the answering target must match, each with whom it is for: every
+        # list must allow the target (see ``allow_models``).
+        self.model_allow_lists: list[tuple[str, tuple[str, ...]]] = []
 
     @property
     def request(self) -> Request:
@@ -187,6 +204,13 @@ class RequestContext:
         """The request if it has been decoded whole, else None (``undecoded_body`` is then
         the body it comes from)."""
         return None if self._decode_rest is not None else self._request
+
+    def allow_models(self, patterns: Sequence[str], owner: str) -> None:
+        """Narrows the targets that may answer this request to those whose model matches
+        one of ``patterns`` (globs on the target's model name or ``provider/model``);
+        ``owner`` names who asks, for the 403 (``"key 'team-a'"``). Calls only ever
+        narrow: a target must pass every list."""
+        self.model_allow_lists.append((owner, tuple(patterns)))
 
     @property
     def stream(self) -> bool:

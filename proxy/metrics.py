@@ -1,12 +1,19 @@
-"""Prometheus metrics for ``GET /metrics``, counted from the request records."""
+"""Prometheus metrics for ``GET /metrics``, counted from the request records.
+
+Under ``serve --workers`` the supervisor names a folder in ``PROMETHEUS_MULTIPROC_DIR``
+before the workers start: prometheus-client then keeps every worker's counts in files
+there, and whichever worker is scraped answers with the sum of all of them — one set of
+series for the whole instance.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.record import Record
 
@@ -28,8 +35,13 @@ def endpoint_label(path: str) -> str:
 
 
 class Metrics:
-    def __init__(self, dropped: Callable[[], int]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # What /metrics reads: this process's registry, or every worker's files.
+        self.scraped = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.scraped = CollectorRegistry()
+            MultiProcessCollector(self.scraped)
         labels = ("model", "provider")
         self.requests = Counter("hookproxy_requests", "Requests handled",
                                 (*labels, "status"), registry=self.registry)
@@ -49,7 +61,15 @@ class Metrics:
                                        ("provider", "status"), registry=self.registry)
         self.endpoints = Counter("hookproxy_endpoint_requests", "Requests by API endpoint",
                                  ("endpoint", "status"), registry=self.registry)
-        self.registry.register(_Dropped(dropped))
+        self.budget_warnings = Counter("hookproxy_budget_warnings",
+                                       "Budgets a key's spending carried past their warn "
+                                       "threshold", ("key", "budget"), registry=self.registry)
+        self.store_errors = Counter("hookproxy_store_errors",
+                                    "Calls to the shared store that failed or timed out",
+                                    ("operation",), registry=self.registry)
+        self.log_entries_dropped = Counter(
+            "hookproxy_log_entries_dropped", "Log entries dropped because the log queue "
+            "was full", registry=self.registry)
         self._cache: dict[tuple[str, str, int], _Children] = {}
         self._models: frozenset[str] = frozenset()
         self._providers: frozenset[str] = frozenset()
@@ -96,14 +116,24 @@ class Metrics:
             children.output_tokens.inc(record.output_tokens)
         if record.cost:
             children.cost.inc(record.cost)
+        if record.limits is not None and record.limits.warnings:
+            # Key names come from the config: a bounded set of series.
+            for budget in record.limits.warnings:
+                self.budget_warnings.labels(record.caller or "-", budget).inc()
         for attempt in record.attempts:
             if attempt.error is not None:
                 name = attempt.provider if attempt.provider in self._providers else "other"
                 status = attempt.status if 0 <= attempt.status <= 599 else 0
                 self.upstream_errors.labels(name, str(status)).inc()
 
+    def store_failed(self, operation: str) -> None:
+        self.store_errors.labels(operation).inc()
+
+    def log_dropped(self) -> None:
+        self.log_entries_dropped.inc()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
 
 
 class _Children(NamedTuple):
@@ -113,16 +143,3 @@ class _Children(NamedTuple):
     input_tokens: Any
     output_tokens: Any
     cost: Any
-
-
-class _Dropped:
-    """Reads the log writer's drop count when scraped."""
-
-    def __init__(self, dropped: Callable[[], int]) -> None:
-        self.dropped = dropped
-
-    def collect(self) -> list[CounterMetricFamily]:
-        family = CounterMetricFamily("hookproxy_log_entries_dropped",
-                                     "Log entries dropped because the log queue was full")
-        family.add_metric([], self.dropped())
-        return [family]

@@ -7,6 +7,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -55,7 +56,10 @@ class Observer:
         self.feed = Feed(held=config.dashboard.held,
                          subscriber_queue=config.dashboard.subscriber_queue,
                          held_bytes=config.dashboard.held_bytes)
-        self.metrics = Metrics(lambda: self.writer.dropped if self.writer else 0)
+        self.metrics = Metrics()
+        # Where records go for the dashboard: the feed here, or through a shared store
+        # to every worker's feed (proxy.feed.SharedFeed).
+        self.relay: Callable[[bytes], object] = self.feed.publish
         self.loop: asyncio.AbstractEventLoop | None = None
         # Records waiting for their bodies; past queue_size they go out without them.
         self._pending: queue.SimpleQueue[tuple[Record, Any, Any, int] | None] = \
@@ -122,9 +126,12 @@ class Observer:
 
     def _publish(self, record: Record) -> None:
         data = self._encode(record)
-        if self.writer is not None:
-            self.writer.submit(data + b"\n")
-        self.feed.publish(data)
+        self._write(data)
+        self.relay(data)
+
+    def _write(self, data: bytes) -> None:
+        if self.writer is not None and not self.writer.submit(data + b"\n"):
+            self.metrics.log_dropped()
 
     def _encode(self, record: Record) -> bytes:
         data = _encode(record)
@@ -156,8 +163,7 @@ class Observer:
                     "record_bodies_failed", request_id=record.id)
                 record.request = record.response = None
                 data = _encode(record)
-            if self.writer is not None:
-                self.writer.submit(data + b"\n")
+            self._write(data)
             loop = self.loop
             if loop is not None and not loop.is_closed():
                 try:
@@ -169,7 +175,7 @@ class Observer:
 
     def _feed(self, data: bytes, size: int) -> None:
         self._done(size)
-        self.feed.publish(data)
+        self.relay(data)
 
     def _done(self, size: int) -> None:
         self._pending_count -= 1

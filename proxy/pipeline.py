@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import HookFailed, call_impl, finish_impl, implementations, start_impl
 from proxy.errors import ProxyError, Untranslatable, UpstreamError
+from proxy.limits import account_usage
 from proxy.plugins import SELF, PluginHost
 from proxy.providers import Provider
 from proxy.routing import Router, Target, is_context_length, is_transient
@@ -86,6 +87,8 @@ class Pipeline:
             if response is None:
                 response = await (self._call_provider_alongside(ctx) if call is None
                                   else self._with_fallback(ctx, call))
+            else:
+                await _admit(ctx, ())
             return await self._post_response(ctx, response)
         except ProxyError as exc:
             await self._fail(ctx, exc)
@@ -108,6 +111,7 @@ class Pipeline:
         try:
             response = await self._before_provider(ctx)
             if response is not None:
+                await _admit(ctx, ())
                 events: AsyncIterator[list[StreamEvent]] = _replay(response)
             else:
                 events = await self._open_provider_stream_alongside(ctx)
@@ -308,7 +312,9 @@ class Pipeline:
         last_error: UpstreamError | None = None
         untranslatable: Untranslatable | None = None
         context_floor: int | None = None
-        for target in self.router.route_targets(ctx):
+        targets = self.router.route_targets(ctx)
+        await _admit(ctx, targets)
+        for target in targets:
             if context_floor is not None and target.context <= context_floor:
                 continue
             provider = self.providers[target.provider]
@@ -515,6 +521,7 @@ class Pipeline:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ANSWER_WAIT):
                         await ctx.answered.wait()
+            account_usage(ctx)
             await self._observe(ctx)
         finally:
             try:
@@ -675,6 +682,13 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     return f"{type(error).__name__}: {error}"
+
+
+async def _admit(ctx: RequestContext, targets: Sequence[Target]) -> None:
+    """The limits of ``ctx.admissions`` (the auth plugin's) reserve what the request may
+    cost, or refuse it, before any provider is called."""
+    for admit in ctx.admissions:
+        await admit(ctx, targets)
 
 
 def record_attempt(ctx: RequestContext, started: float,

@@ -25,6 +25,12 @@ upstream_ms         time spent waiting for providers; overhead_ms: the rest
 input_tokens, output_tokens, cost   usage, and cost from the configured prices
 cache_read_tokens, cache_write_tokens  of the input tokens, those the prompt cache served/took
 cache_hit           answered by the response cache
+usage_estimated     the tokens (and cost) are hookproxy's estimate: the provider did not
+                    report its usage to the end (a stream cut off or broken midway)
+limits              what the key's limits held for the request (reserved_tokens,
+                    reserved_cost) and charged it (tokens, cost, estimated), the budgets
+                    it carried past their warn threshold (warnings), and unchecked when
+                    the limits store could not be reached and the request went through
 finish_reason       stop | length | tool_calls | content_filter
 request, response   bodies, per ``[log].bodies``: none, truncated or full (a large body
                     shows its first and newest messages; ``messages_omitted``,
@@ -92,6 +98,8 @@ class Record(msgspec.Struct, omit_defaults=True):
     cache_write_tokens: int = 0
     cost: float = 0.0
     cache_hit: bool = False
+    usage_estimated: bool = False
+    limits: Any = None
     finish_reason: str | None = None
     request: Any = None
     response: Any = None
@@ -259,6 +267,8 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         cache_write_tokens=usage.cache_write_tokens if usage else 0,
         cost=round(ctx.cost, 8),
         cache_hit=ctx.scratch.get("cache") == "hit",
+        usage_estimated=ctx.usage_estimated,
+        limits=ctx.limits,
         finish_reason=response.finish_reason if response is not None and not error else None,
         request=None if bodies == "none" else body_view(ctx.request, bodies, limit, cap),
         response=body_view(response, bodies, limit, cap),

@@ -31,7 +31,7 @@ from proxy.endpoints import JSON, error_response, response_headers, when_sent
 from proxy.errors import ProxyError
 from proxy.formats import responses as responses_format
 from proxy.params import check_parameters
-from proxy.store import Store
+from proxy.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from proxy.server import Gateway
@@ -63,6 +63,12 @@ def tenant_of(headers: Any) -> str:
     return hashlib.sha256(b"hookproxy-responses\0" + key.encode()).hexdigest()
 
 
+def _unavailable() -> ProxyError:
+    """The shared store (Redis) did not answer: a 503, never a 500."""
+    return ProxyError(503, "Stored responses cannot be reached right now; retry shortly",
+                      code="store_unavailable", headers={"retry-after": "1"})
+
+
 class StoredResponses:
     """Responses kept for later turns, by id, each with the tenant that made it."""
 
@@ -77,7 +83,10 @@ class StoredResponses:
 
     async def load(self, tenant: str, response_id: str) -> _Entry | None:
         """The entry, or None when there is none or it belongs to another tenant."""
-        data = await self.store.get(_key(response_id))
+        try:
+            data = await self.store.get(_key(response_id))
+        except StoreUnavailable:
+            raise _unavailable() from None
         if data is None:
             return None
         entry = _decode_entry(data)
@@ -86,7 +95,10 @@ class StoredResponses:
     async def delete(self, tenant: str, response_id: str) -> bool:
         if await self.load(tenant, response_id) is None:
             return False
-        return await self.store.delete(_key(response_id))
+        try:
+            return await self.store.delete(_key(response_id))
+        except StoreUnavailable:
+            raise _unavailable() from None
 
     async def history(self, tenant: str, response_id: str, limit: int) -> list[Any]:
         """The items of the conversation up to and including ``response_id``: each turn's

@@ -46,6 +46,7 @@ from proxy.endpoints import (
     when_sent,
 )
 from proxy.errors import BadRequest, ProxyError
+from proxy.feed import shared_feed
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.hosts import HostCheck
@@ -62,7 +63,7 @@ log = structlog.get_logger("hookproxy.server")
 # What a reload cannot do, said every time it runs.
 RELOAD_NOTE = ("plugins installed since the start are found; the code of plugins already "
                "loaded is not re-imported, so changed plugin code needs a restart, as do "
-               "[log] and [dashboard] changes")
+               "[log], [dashboard] and [store] changes")
 _encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
 
@@ -73,17 +74,25 @@ class Gateway:
     def __init__(self, config: Config, host: PluginHost | None = None,
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.observer = Observer(config)
+        # The process's one store: limits, the cache, routing's lessons, stored responses
+        # and what plugins keep ([store] changes need a restart, like [log]).
+        self.store = build_store(config, on_error=self.observer.metrics.store_failed)
+        # With a shared store, every worker's and replica's records reach every viewer.
+        self.shared_feed = shared_feed(self.observer, self.store, config.store.feed_length)
+        # Set under `serve --workers`: tells the supervisor to reload every worker.
+        self.reload_all: Callable[[], None] | None = None
         self.guard = AdminGuard(config.auth)
         self._extra_finish = on_finish
         self._session: aiohttp.ClientSession | None = None
         # Kept across reloads (a [responses] change needs a restart).
         self.stored_responses = responses_api.StoredResponses(
-            MemoryStore(config.responses.store_entries), config.responses.store_ttl)
+            self.store if self.store.shared else MemoryStore(config.responses.store_entries),
+            config.responses.store_ttl)
         # The address serve listens on (for the Host check); the CLI sets --host here.
         self.bind_host = config.server.host
         # What plugins share for the life of the process (ctx.app), and why it did not
         # start, if it did not.
-        self.app = PluginApp(self.session, build_store(config), config)
+        self.app = PluginApp(self.session, self.store, config)
         self.startup_error: str | None = None
         self.plugins_reloaded: asyncio.Task[list[str]] | None = None
         self._apply(config, host)
@@ -109,7 +118,7 @@ class Gateway:
             name: build_provider(name, provider, self.session)
             for name, provider in usable.items()
         }
-        router = Router(config, set(providers), skipped)
+        router = Router(config, set(providers), skipped, self.store)
         if host is None:
             host = PluginHost()
             host.discover()
@@ -146,6 +155,8 @@ class Gateway:
             log.warning("reload refused", error=str(exc))
             return HttpResponse(_encode({"status": "refused", "error": str(exc)}),
                                 status_code=400, media_type=JSON)
+        if self.reload_all is not None:
+            self.reload_all()  # the other workers too
         answer: dict[str, Any] = {"status": "reloaded", "config": self.config.source,
                                   "note": RELOAD_NOTE}
         if self.plugins_reloaded is not None:
@@ -170,6 +181,8 @@ class Gateway:
 
     async def start(self) -> None:
         self.observer.start()
+        if self.shared_feed is not None:
+            self.shared_feed.start()
 
     async def start_plugins(self) -> str | None:
         """Runs the plugins' startup hooks, before anything is served. On a failure, the
@@ -192,6 +205,9 @@ class Gateway:
         await self.app.shutdown(self.host, self.config.server.plugin_timeout)
         if self._session is not None:
             await self._session.close()
+        if self.shared_feed is not None:
+            await self.shared_feed.stop()
+        await self.store.close()
         await asyncio.to_thread(self.observer.close)
 
     # --- endpoints ----------------------------------------------------------------------

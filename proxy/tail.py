@@ -1,7 +1,9 @@
-"""``hookproxy tail``: follows the JSONL request log, one readable line per request."""
+"""``hookproxy tail``: follows the JSONL request log, one readable line per request —
+under ``serve --workers``, every worker's log at once."""
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -110,38 +112,92 @@ def _short_endpoint(path: str) -> str:
     return short if len(short) <= 40 else short[:39] + "…"
 
 
-def _lines(path: Path, last: int, follow: bool, poll: float) -> Iterator[str]:
-    """The last ``last`` lines, then (following) new ones, across rotations."""
-    while follow and not path.exists():
-        time.sleep(poll)
-    if not path.exists():
-        return
-    handle = path.open("r", encoding="utf-8")
-    try:
-        yield from deque(handle, maxlen=last) if last else ()
-        if not last:
-            handle.seek(0, os.SEEK_END)
-        pending = ""
-        while follow:
-            chunk = handle.readline()
+def log_files(path: Path) -> list[Path]:
+    """The log at ``path`` and, beside it, the workers' own (``requests-1.jsonl``...)."""
+    found = [path] if path.exists() else []
+    prefix = f"{path.stem}-"
+    workers = [p for p in path.parent.glob(f"{glob.escape(prefix)}*{path.suffix}")
+               if p.name[len(prefix):len(p.name) - len(path.suffix)].isdigit()]
+    return found + sorted(workers, key=lambda p: int(p.name[len(prefix):].split(".")[0]))
+
+
+class _Follower:
+    """One log file followed across its rotations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = path.open("r", encoding="utf-8")
+        self.pending = ""
+
+    def last(self, count: int) -> list[str]:
+        """Its last ``count`` lines; following goes on from its end."""
+        if not count:
+            self.handle.seek(0, os.SEEK_END)
+            return []
+        return list(deque(self.handle, maxlen=count))
+
+    def new_lines(self) -> Iterator[str]:
+        while True:
+            chunk = self.handle.readline()
             if chunk:
-                pending += chunk
-                if pending.endswith("\n"):
-                    yield pending
-                    pending = ""
+                self.pending += chunk
+                if self.pending.endswith("\n"):
+                    yield self.pending
+                    self.pending = ""
                 continue
             try:
-                rotated = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
-                shrunk = path.stat().st_size < handle.tell()
+                rotated = self.path.stat().st_ino != os.fstat(self.handle.fileno()).st_ino
+                shrunk = self.path.stat().st_size < self.handle.tell()
             except FileNotFoundError:
                 rotated = shrunk = False
-            if rotated or shrunk:
-                handle.close()
-                handle = path.open("r", encoding="utf-8")
-                continue
-            time.sleep(poll)
+            if not (rotated or shrunk):
+                return
+            self.handle.close()
+            self.handle = self.path.open("r", encoding="utf-8")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _time(line: str) -> str:
+    try:
+        record = _decode(line)
+    except msgspec.DecodeError:
+        return ""
+    return str(record.get("time", "")) if isinstance(record, dict) else ""
+
+
+def _lines(path: Path, last: int, follow: bool, poll: float) -> Iterator[str]:
+    """The last ``last`` lines of the log and the workers' logs beside it (in the order
+    their requests came), then (following) new ones of each as they come, across
+    rotations and workers that start later."""
+    files = log_files(path)
+    while follow and not files:
+        time.sleep(poll)
+        files = log_files(path)
+    followers = {file: _Follower(file) for file in files}
+    try:
+        earlier = [line for f in followers.values() for line in f.last(last)]
+        if len(followers) > 1:
+            earlier.sort(key=_time)
+        yield from earlier[-last:] if last else ()
+        rescan = time.monotonic() + 1.0
+        while follow:
+            quiet = True
+            for follower in list(followers.values()):
+                for line in follower.new_lines():
+                    quiet = False
+                    yield line
+            if time.monotonic() >= rescan:
+                rescan = time.monotonic() + 1.0
+                for file in log_files(path):
+                    if file not in followers:
+                        followers[file] = _Follower(file)  # a new worker: from its start
+            if quiet:
+                time.sleep(poll)
     finally:
-        handle.close()
+        for follower in followers.values():
+            follower.close()
 
 
 def tail(path: Path, filters: Filters, *, last: int = 10, follow: bool = True,

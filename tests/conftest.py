@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import ProxyServer, upstream_config
+from tests.redis_server import RedisServer
 from tests.upstreams import FakeUpstream
 
 
@@ -19,3 +20,11 @@ def upstream() -> Iterator[FakeUpstream]:
 def proxy(upstream: FakeUpstream) -> Iterator[ProxyServer]:
     with ProxyServer(upstream_config(upstream)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by key prefix."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -15,9 +15,7 @@ from typing import Any
 
 import pytest
 
-from plugins import auth as auth_plugin
 from proxy.config import parse_config
-from proxy.store import MemoryStore
 from tests.harness import ProxyServer, upstream_config
 
 ADMIN = "admin-secret-0123456789"
@@ -29,7 +27,6 @@ HI = [{"role": "user", "content": "hello"}]
 def keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HP_ADMIN_KEY", ADMIN)
     monkeypatch.setenv("TEAM_A_KEY", TEAM)
-    monkeypatch.setattr(auth_plugin, "store", MemoryStore())
 
 
 def _config(upstream: Any, tmp_path: Path, **auth: Any) -> dict[str, Any]:

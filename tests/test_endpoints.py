@@ -16,10 +16,8 @@ import anthropic
 import openai
 import pytest
 
-from plugins import auth as auth_plugin
 from proxy import RequestContext, hookimpl
 from proxy.plugins import PluginHost
-from proxy.store import MemoryStore
 from tests.harness import ProxyServer, post_raw, upstream_config, wait_for
 from tests.upstreams import COUNTED_TOKENS, FakeUpstream
 
@@ -294,7 +292,6 @@ def test_count_tokens_is_an_estimate_for_a_target_that_does_not_count(
 
 def test_count_tokens_refuses_a_key_as_messages_does(upstream, tmp_path, monkeypatch):
     monkeypatch.setenv("HP_TEST_TEAM_KEY", CLIENT_KEY)
-    monkeypatch.setattr(auth_plugin, "store", MemoryStore())
     config = _config(upstream, tmp_path, auth={"keys": {"team": {
         "key_env": "HP_TEST_TEAM_KEY", "models": ["claude-*", "mock-*"]}}})
     with ProxyServer(config) as proxy:

@@ -18,8 +18,6 @@ import anthropic
 import openai
 import pytest
 
-from plugins import auth as auth_plugin
-from proxy.store import MemoryStore
 from tests.harness import ProxyServer, post_raw, upstream_config
 from tests.test_cli import HOKPROXY_ENV_ROOT, _free_port
 
@@ -32,8 +30,6 @@ KEYS = {"TEAM_A_KEY": "sk-team-a-0123456789abcdef", "TEAM_B_KEY": "sk-team-b-012
 def keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name, value in KEYS.items():
         monkeypatch.setenv(name, value)
-    # Counters are per process; each test starts from zero.
-    monkeypatch.setattr(auth_plugin, "store", MemoryStore())
     return KEYS
 
 
@@ -98,9 +94,13 @@ def test_requests_per_minute(upstream, tmp_path, keys):
 def test_tokens_per_minute(upstream, tmp_path, keys):
     with ProxyServer(_auth_config(upstream, tmp_path, tpm=30)) as proxy:
         client = proxy.openai(api_key=keys["TEAM_A_KEY"])
-        client.chat.completions.create(model="gpt-test", messages=HI)  # 18 tokens
-        client.chat.completions.create(model="gpt-test", messages=HI)  # 36 in all
+        # Each reserves its prompt (1 token, estimated) + max_tokens, and uses 18.
+        client.chat.completions.create(model="gpt-test", messages=HI, max_tokens=5)
+        client.chat.completions.create(model="gpt-test", messages=HI, max_tokens=5)  # 36
         with pytest.raises(openai.RateLimitError, match="30 tokens per minute"):
+            client.chat.completions.create(model="gpt-test", messages=HI, max_tokens=5)
+        # Without max_tokens, a request reserves [auth].reserve_output_tokens: too many.
+        with pytest.raises(openai.RateLimitError, match="this request alone may use 4097"):
             client.chat.completions.create(model="gpt-test", messages=HI)
 
 
