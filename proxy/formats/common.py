@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from proxy.canonical import Request, remember_wire
+from proxy.canonical import Request, Usage, remember_wire
 from proxy.errors import BadRequest
 
 _decode = msgspec.json.Decoder().decode
@@ -54,6 +54,29 @@ def items(raw: msgspec.Raw) -> list[msgspec.Raw] | None:
         return None
 
 
+def _with_messages(body: bytes) -> tuple[dict[str, msgspec.Raw], list[msgspec.Raw]] | None:
+    """The body's top-level fields and its messages, all still JSON text; None unless the
+    body is a JSON object whose ``messages`` is an array."""
+    fields = top_fields(body)
+    messages = items(fields["messages"]) if fields and "messages" in fields else None
+    if fields is None or messages is None:
+        return None
+    return fields, messages
+
+
+def usage_from(usage: dict[str, Any], input_key: str, output_key: str, details_key: str,
+               known: AbstractSet[str]) -> Usage:
+    """Usage from an OpenAI-style usage object (Chat Completions and Responses name the
+    same counts differently): cached tokens under ``details_key``, the rest kept."""
+    details = usage.get(details_key)
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt, completion = usage.get(input_key), usage.get(output_key)
+    return Usage(input_tokens=prompt if isinstance(prompt, int) else 0,
+                 output_tokens=completion if isinstance(completion, int) else 0,
+                 cache_read_tokens=cached if isinstance(cached, int) else 0,
+                 extra=known_extra(usage, known))
+
+
 def peek_request(body: bytes, deferred: AbstractSet[str],
                  build: Callable[[dict[str, Any]], Request]) -> tuple[Request, int] | None:
     """A request's top-level fields without its ``deferred`` ones (its messages, tools...:
@@ -63,12 +86,10 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
     ``build`` makes the request from the decoded fields, given no messages and none of the
     other deferred fields; the request remembers the body's fields, the deferred ones
     still as JSON text, which encodes back as it came."""
-    fields = top_fields(body)
-    if fields is None or "messages" not in fields:
+    split = _with_messages(body)
+    if split is None:
         return None
-    messages = items(fields["messages"])
-    if messages is None:
-        return None
+    fields, messages = split
     try:
         decoded = {key: _decode(value) for key, value in fields.items() if key not in deferred}
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
@@ -83,10 +104,10 @@ def preview_request(body: bytes, keep_newest: int, decode: Callable[[bytes], Req
     """The request in ``body`` with only its first and ``keep_newest`` newest messages
     decoded (what a record shows of a long history), and how many were left out; None if
     the body is not a request ``decode`` can read that far."""
-    fields = top_fields(body)
-    messages = items(fields["messages"]) if fields and "messages" in fields else None
-    if fields is None or messages is None:
+    split = _with_messages(body)
+    if split is None:
         return None
+    fields, messages = split
     kept = messages if len(messages) <= keep_newest + 1 else \
         [messages[0], *messages[-keep_newest:]]
     fields["messages"] = msgspec.Raw(b"[" + b",".join(kept) + b"]")

@@ -551,13 +551,8 @@ _USAGE_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"}
 def decode_usage(usage: dict[str, Any] | None) -> Usage:
     if not usage:
         return Usage()
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return Usage(input_tokens=prompt if isinstance(prompt, int) else 0,
-                 output_tokens=completion if isinstance(completion, int) else 0,
-                 cache_read_tokens=cached if isinstance(cached, int) else 0,
-                 extra=known_extra(usage, _USAGE_FIELDS))
+    return common.usage_from(usage, "prompt_tokens", "completion_tokens",
+                             "prompt_tokens_details", _USAGE_FIELDS)
 
 
 def encode_usage(usage: Usage, same_format: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from proxy.canonical import (
     Usage,
 )
 from proxy.errors import BadRequest
-from proxy.formats.common import known_extra, parse_data_url
+from proxy.formats.common import known_extra, parse_data_url, usage_from
 
 NAME = "responses"
 encode_json = msgspec.json.Encoder().encode
@@ -256,13 +256,8 @@ def encode_model_parts(parts: list[Part], ids: bool, status: str | None = None
 def decode_usage(usage: object) -> Usage:
     if not isinstance(usage, dict):
         return Usage()
-    details = usage.get("input_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
-    return Usage(input_tokens=input_tokens if isinstance(input_tokens, int) else 0,
-                 output_tokens=output_tokens if isinstance(output_tokens, int) else 0,
-                 cache_read_tokens=cached if isinstance(cached, int) else 0,
-                 extra=known_extra(usage, _USAGE_FIELDS))
+    return usage_from(usage, "input_tokens", "output_tokens", "input_tokens_details",
+                      _USAGE_FIELDS)
 
 
 def encode_usage(usage: Usage, same_format: bool) -> dict[str, Any]:
