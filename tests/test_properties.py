@@ -290,7 +290,7 @@ def test_hostile_header_values_get_a_well_formed_answer(logged_proxy: ProxyServe
     else:
         # What the SDK refuses to send (CR, LF, NUL, control characters, bytes beyond
         # ASCII, nothing, a megabyte...) goes over a socket as bytes.
-        raw = value.encode() if isinstance(value, str) else value
+        raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
 
         def hostile() -> tuple[int, dict[str, str], bytes]:
             return _by_socket(logged_proxy, endpoint, name, raw)
