@@ -224,15 +224,40 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
         return "\n".join(texts)
 
 
-def remember_wire(item: Message | Request, wire: Any) -> None:
+def remember_wire(item: Message | Request, wire: Any, printed: bytes | None = None) -> None:
     """Notes the wire JSON ``item`` was decoded from (not a field: never encoded or
-    compared, and gone from a copy)."""
+    compared, and gone from a copy); for a message, also its ``fingerprint`` as decoded
+    (given, or made here), which ``unchanged`` compares with."""
     item.__dict__["wire"] = wire
+    if isinstance(item, Message):
+        item.__dict__["printed"] = printed if printed is not None else fingerprint(item)
 
 
 def wire_of(item: Message | Request) -> Any:
     """The wire JSON ``item`` was decoded from, or None."""
     return item.__dict__.get("wire")
+
+
+def unchanged(message: Message) -> bool:
+    """Whether ``message`` is still what it was decoded as (so its wire JSON can go back
+    as it came): one encode of the message, no decode."""
+    printed = message.__dict__.get("printed")
+    return printed is not None and printed == fingerprint(message)
+
+
+_msgpack = msgspec.msgpack.Encoder().encode
+_json = msgspec.json.Encoder().encode
+
+
+def fingerprint(value: Any) -> bytes:
+    """Bytes equal for equal values (canonical types, lists of them), made in one pass in C:
+    how a stage sees whether a plugin changed something. MessagePack, which copies strings
+    as they are where JSON scans them for escapes; JSON for what it cannot hold (an integer
+    beyond 64 bits a plugin put in an ``extra``)."""
+    try:
+        return _msgpack(value)
+    except OverflowError:
+        return _json(value)
 
 
 class Usage(msgspec.Struct, omit_defaults=True):

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -149,10 +150,22 @@ def run_server(config: Config, host: str, port: int, *, gateway: Gateway | None 
     server_config = uvicorn_config(create_app(gateway), config.server, gateway.rejected,
                                    host=host, port=port, timeout_graceful_shutdown=10)
     server = _Server(server_config, gateway)
+    _tune_gc()
     server.run(sockets=sockets)
     if gateway.startup_error:
         return _fail(f"not serving: {gateway.startup_error}")
     return 0 if server.started else 1
+
+
+def _tune_gc() -> None:
+    """Fewer cycle collections: a 200 KB request decodes into thousands of containers, and
+    with CPython's default threshold (700 more allocated than freed) each one set off
+    several young-generation collections, about 1.7 ms of every such request. Nearly all
+    of them are freed by reference counting anyway; the collector still runs every 50,000,
+    which bounds what cycles can hold. What is loaded by now (modules, config, plugins)
+    lives as long as the process: ``freeze`` keeps full collections from walking it."""
+    gc.set_threshold(50_000, 10, 10)
+    gc.freeze()
 
 
 def check(args: argparse.Namespace) -> int:

@@ -12,12 +12,14 @@ hand one text's result to another). Least recently used results go first.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Text = TypeVar("Text", str, bytes)
 
 # Texts shorter than this are cheaper to scan again than to look up and keep. (Even a
 # short text costs a pattern engine's per-call overhead, tens of microseconds; a lookup
@@ -29,7 +31,7 @@ class Memo:
     def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int = 200_000) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+        self._entries: OrderedDict[tuple[Hashable, str | bytes], Any] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
@@ -38,8 +40,10 @@ class Memo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_compute(self, what: Hashable, text: str, compute: Callable[[str], T]) -> T:
+    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T]) -> T:
         """``compute(text)``, or what it gave the last time for this ``what`` and text.
+        ``text`` may be bytes too (JSON text, say), whose result is bytes of about the same
+        size (such as the canonical form of a message).
 
         ``what`` names the computation and everything else its result depends on (a
         classifier's name and a digest of its settings, say): small, and not the text. A
@@ -68,15 +72,47 @@ class Memo:
                 self.bytes -= _size(old)
         return result
 
+    def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
+                           compute: Callable[[Text, int], T]) -> list[T]:
+        """``get_or_compute`` for each of ``texts`` (``compute`` also gets the index), with
+        one lock for all that were seen before."""
+        entries = self._entries
+        results: list[Any] = []
+        missing: list[int] = []
+        with self._lock:
+            for index, text in enumerate(texts):
+                key = (what, text)
+                found = entries.get(key, _MISSING)
+                if found is _MISSING:
+                    missing.append(index)
+                else:
+                    entries.move_to_end(key)
+                results.append(found)
+            self.hits += len(texts) - len(missing)
+        for index in missing:
+            results[index] = self.get_or_compute(what, texts[index],
+                                                 functools.partial(_with_index, compute, index))
+        return results
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self.bytes = 0
 
 
-def _size(text: str) -> int:
+_MISSING: Any = object()
+
+
+def _with_index(compute: Callable[[Text, int], T], index: int, text: Text) -> T:
+    return compute(text, index)
+
+
+def _size(text: str | bytes) -> int:
     # An upper bound on what CPython keeps for the text: 1 byte a character for ASCII, at
-    # most 4 otherwise (isascii is a flag lookup, not a scan).
+    # most 4 otherwise (isascii is a flag lookup, not a scan). Bytes are counted twice:
+    # the key and its result, bytes of about its size.
+    if isinstance(text, bytes):
+        return 2 * len(text)
     return len(text) if text.isascii() else 4 * len(text)
 
 

@@ -29,6 +29,7 @@ from proxy.canonical import (
     StreamEnd,
     StreamEvent,
     StreamStart,
+    fingerprint,
     response_events,
 )
 from proxy.config import RoutingConfig
@@ -42,7 +43,6 @@ from proxy.routing import Router, Target, is_context_length, is_transient
 
 log = structlog.get_logger("hookproxy.pipeline")
 T = TypeVar("T")
-_fingerprint = msgspec.json.Encoder().encode
 
 
 class _Drop:
@@ -147,7 +147,7 @@ class Pipeline:
         impls = implementations(self.pm, hook, ctx.plugin_settings)
         # Each plugin's change is seen by comparing the request's encoding after it with
         # the one before it: one encode per plugin, plus one.
-        before = _fingerprint(ctx.request) if impls else b""
+        before = fingerprint(ctx.request) if impls else b""
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
             try:
@@ -165,7 +165,7 @@ class Pipeline:
                 ctx.plugin_actions[name] = "short_circuit"
                 ctx.short_circuited_by = name
                 return result
-            after = _fingerprint(ctx.request)
+            after = fingerprint(ctx.request)
             if after != before:
                 ctx.plugin_actions.setdefault(name, "modified")
                 before = after
@@ -482,7 +482,7 @@ class Pipeline:
     async def _post_response(self, ctx: RequestContext, response: Response) -> Response:
         ctx.response = response
         for name, impl in implementations(self.pm, "post_response", ctx.plugin_settings):
-            before = _fingerprint(response)
+            before = fingerprint(response)
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
                 result = await call_impl(name, "post_response", impl, arguments,
@@ -499,7 +499,7 @@ class Pipeline:
                 response = ctx.response = result
                 ctx.plugin_actions.setdefault(name, "modified")
                 ctx.raw_response = None
-            elif _fingerprint(response) != before:
+            elif fingerprint(response) != before:
                 ctx.plugin_actions.setdefault(name, "modified")
                 ctx.raw_response = None
         return response

@@ -6,6 +6,7 @@ with a 400 naming it and the provider. The shapes are in tests/corpus.py."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,10 @@ import pytest
 from aiohttp import web
 
 from proxy import RequestContext, Response, TextDelta, TextPart, hookimpl
+from proxy.canonical import unchanged
+from proxy.formats import anthropic, openai
+from proxy.formats.common import decode_json
+from proxy.memo import memo
 from proxy.plugins import PluginHost
 from proxy.record import build_record
 from tests import corpus
@@ -210,6 +215,40 @@ def test_a_changed_field_is_the_only_difference(upstream, fmt, stream, change):
     else:
         expected = ["$.messages[7].content"]
     assert differences(body, received) == expected
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai"])
+def test_a_change_to_a_remembered_message_stays_in_its_request(upstream, fmt):
+    """A message seen before is copied from the memo, not decoded again: a plugin that
+    changes it in one request changes neither the memo nor another request's copy."""
+    body = corpus_request(fmt, False)
+    where = (["$.messages[4].content[1].text"] if fmt == "anthropic"
+             else ["$.messages[7].content"])
+    hits = memo.hits
+    # "answer_text" reads the request (so it is decoded) and changes only answers.
+    with serving(upstream, "answer_text") as reading, serving(upstream, "last_text") as changing:
+        for proxy, expected in ((reading, []), (changing, where), (reading, []),
+                                (changing, where), (reading, [])):
+            assert send(proxy, fmt, body).status_code == 200
+            assert differences(body, upstream.received[-1]) == expected
+    assert memo.hits > hits
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_messages_from_the_memo_equal_a_full_decode(fmt, stream):
+    wire = anthropic if fmt == "anthropic" else openai
+    body = json.dumps(corpus_request(fmt, stream)).encode()
+    full = wire._request(decode_json(body))
+    fresh, remembered = wire.decode_request(body), wire.decode_request(body)
+    assert fresh == full and remembered == full
+    assert fresh.messages is not remembered.messages
+    for message in fresh.messages:
+        assert unchanged(message)
+    encoded = json.loads(wire.encode_request(remembered, remembered.model, same_format=True))
+    if fmt == "openai" and stream:  # the proxy always asks for usage when it streams
+        encoded["stream_options"]["include_usage"] = True
+    assert differences(json.loads(body), encoded) == []
 
 
 @pytest.mark.parametrize("fmt", ["anthropic", "openai"])

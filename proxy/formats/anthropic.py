@@ -44,6 +44,7 @@ from proxy.canonical import (
     Usage,
     WireEvent,
     remember_wire,
+    unchanged,
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
@@ -128,7 +129,35 @@ def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) ->
 
 
 def decode_request(body: bytes) -> Request:
+    # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
+    # check of the body first.
+    split = common.split_body(body, checked=False)
+    if split is not None:
+        try:
+            return _request_by_messages(*split)
+        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
+                KeyError):
+            pass  # the full decode below names what is wrong
     return _request(decode_json(body))
+
+
+def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:
+    """The request from its top-level fields and its messages, each still JSON text: each
+    message decoded on its own, or copied from one seen before (``messages_by_content``)."""
+    decoded = {key: common.decode_raw(value) for key, value in fields.items()
+               if key != "messages"}
+    request = _request({**decoded, "messages": []})
+    request.messages = []
+    for message, raw, printed in common.messages_by_content(NAME, raws, _checked_message):
+        remember_wire(message, raw, printed)
+        request.messages.append(message)
+    remember_wire(request, {**decoded, "messages": raws})
+    return request
+
+
+def _checked_message(raw: dict[str, Any], index: int) -> Message:
+    msgspec.convert(raw, _Message)  # what _MessagesRequest checks of each message
+    return _decode_message(raw, index)
 
 
 # Where a request's size is: what peek_request leaves undecoded.
@@ -408,9 +437,11 @@ def _encode_messages(messages: list[Message], same_format: bool) -> list[dict[st
     out: list[dict[str, Any]] = []
     for message in messages:
         original = wire_of(message) if same_format else None
-        if original is not None and _decode_message(original, 0) == message:
-            out.append(original)  # unchanged: as it came
+        if original is not None and unchanged(message):
+            out.append(original)  # unchanged: as it came (JSON text, or decoded)
             continue
+        if isinstance(original, msgspec.Raw):
+            original = common.decode_raw(original)
         blocks = _encode_content(message.content, same_format,
                                  original.get("content") if original else None)
         if not same_format and out and out[-1]["role"] == message.role != "system" \

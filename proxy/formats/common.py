@@ -8,8 +8,9 @@ from typing import Any
 
 import msgspec
 
-from proxy.canonical import Request, Usage, remember_wire
+from proxy.canonical import Message, Request, Usage, fingerprint, remember_wire
 from proxy.errors import BadRequest
+from proxy.memo import memo
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -31,11 +32,11 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return raw
 
 
-def top_fields(body: bytes) -> dict[str, msgspec.Raw] | None:
+def top_fields(body: bytes, *, checked: bool = True) -> dict[str, msgspec.Raw] | None:
     """The body's top-level fields, each still its JSON text (checked, not decoded), when
     the body is a JSON object in valid UTF-8; None otherwise (``decode_json`` then says
     what is wrong). Reading 200 KB this way allocates next to nothing."""
-    if not body.isascii():
+    if checked and not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
@@ -54,14 +55,43 @@ def items(raw: msgspec.Raw) -> list[msgspec.Raw] | None:
         return None
 
 
-def _with_messages(body: bytes) -> tuple[dict[str, msgspec.Raw], list[msgspec.Raw]] | None:
+def decode_raw(raw: msgspec.Raw) -> Any:
+    return _decode(raw)
+
+
+def split_body(body: bytes, *, checked: bool = True
+               ) -> tuple[dict[str, msgspec.Raw], list[msgspec.Raw]] | None:
     """The body's top-level fields and its messages, all still JSON text; None unless the
-    body is a JSON object whose ``messages`` is an array."""
-    fields = top_fields(body)
+    body is a JSON object whose ``messages`` is an array. Unless ``checked``, the body's
+    UTF-8 is not checked: for a caller that decodes every part (or one seen whole)."""
+    fields = top_fields(body, checked=checked)
     messages = items(fields["messages"]) if fields and "messages" in fields else None
     if fields is None or messages is None:
         return None
     return fields, messages
+
+
+_clone = msgspec.msgpack.Decoder(Message).decode
+
+
+def messages_by_content(fmt: str, raws: list[msgspec.Raw],
+                        decode: Callable[[dict[str, Any], int], Message]
+                        ) -> list[tuple[Message, msgspec.Raw, bytes]]:
+    """Each message of a body, still JSON text in ``raws``, decoded by ``decode(json,
+    index)``: a message seen before (an agent resends its whole history every turn) is not
+    decoded again but copied from ``proxy.memo``, where the canonical form of each message
+    is kept by its JSON text, as its ``fingerprint``. With each message come its JSON text
+    and its fingerprint, for ``remember_wire``.
+
+    Each request gets messages of its own, however many others sent the same text: a
+    plugin's change to one never reaches another. Raises what ``decode`` raises (or a
+    ``msgspec`` error), for the caller to fall back to the full decode that names it."""
+    def compute(text: bytes, index: int) -> bytes:
+        return fingerprint(decode(_decode(text), index))
+
+    texts = [bytes(raw) for raw in raws]
+    prints = memo.get_or_compute_all(fmt, texts, compute)
+    return [(_clone(printed), raw, printed) for raw, printed in zip(raws, prints, strict=True)]
 
 
 def usage_from(usage: dict[str, Any], input_key: str, output_key: str, details_key: str,
@@ -86,7 +116,7 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
     ``build`` makes the request from the decoded fields, given no messages and none of the
     other deferred fields; the request remembers the body's fields, the deferred ones
     still as JSON text, which encodes back as it came."""
-    split = _with_messages(body)
+    split = split_body(body)
     if split is None:
         return None
     fields, messages = split
@@ -104,7 +134,7 @@ def preview_request(body: bytes, keep_newest: int, decode: Callable[[bytes], Req
     """The request in ``body`` with only its first and ``keep_newest`` newest messages
     decoded (what a record shows of a long history), and how many were left out; None if
     the body is not a request ``decode`` can read that far."""
-    split = _with_messages(body)
+    split = split_body(body)
     if split is None:
         return None
     fields, messages = split

@@ -11,6 +11,7 @@ message no plugin changed goes back as the very JSON it came as.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -41,6 +42,7 @@ from proxy.canonical import (
     Usage,
     WireEvent,
     remember_wire,
+    unchanged,
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
@@ -108,7 +110,28 @@ _FINISH_IN: dict[str | None, FinishReason] = {
 
 
 def decode_request(body: bytes) -> Request:
+    # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
+    # check of the body first.
+    split = common.split_body(body, checked=False)
+    if split is not None:
+        try:
+            return _request_by_messages(*split)
+        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
+                KeyError):
+            pass  # the full decode below names what is wrong
     return _request(decode_json(body))
+
+
+def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:
+    """The request from its top-level fields and its messages, each still JSON text: each
+    message decoded on its own, or copied from one seen before (``messages_by_content``)."""
+    decoded = {key: common.decode_raw(value) for key, value in fields.items()
+               if key != "messages"}
+    request = _request({**decoded, "messages": []})
+    request.system, request.messages = _assemble(
+        common.messages_by_content(NAME, raws, _checked_unit))
+    remember_wire(request, {**decoded, "messages": raws})
+    return request
 
 
 # Where a request's size is: what peek_request leaves undecoded.
@@ -153,56 +176,79 @@ def _request(raw: dict[str, Any]) -> Request:
     return request
 
 
-def _decode_messages(raws: list[dict[str, Any]], offset: int = 0
-                     ) -> tuple[list[TextPart], list[Message]]:
+def _decode_messages(raws: list[dict[str, Any]]) -> tuple[list[TextPart], list[Message]]:
     """The leading system/developer messages as the system prompt, and the messages;
     each message remembers the wire message(s) it came from."""
+    return _assemble([(_unit(raw, i), raw, None) for i, raw in enumerate(raws)])
+
+
+def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
+              ) -> tuple[list[TextPart], list[Message]]:
+    """The system prompt and the messages from each wire message decoded on its own
+    (``_unit``, with its wire JSON and maybe its fingerprint): the leading system/developer
+    messages become the system prompt, and consecutive tool results one user turn."""
     system: list[TextPart] = []
     messages: list[Message] = []
     leading = True
-    for i, raw in enumerate(raws, offset):
-        role = raw["role"]
-        extra = known_extra(raw, _MESSAGE_FIELDS)
-        if role in ("system", "developer") and leading:
-            text_extra = {"role": role} if role == "developer" else {}
-            for part in _content_parts(raw.get("content"), i):
+    merged: dict[int, Message] = {}
+    for i, (message, raw, printed) in enumerate(units):
+        if message.role == "system" and leading:
+            developer = message.extra.get("role") == "developer"
+            for part in message.content:
                 if not isinstance(part, TextPart):
-                    raise BadRequest(f"Invalid request: `$.messages[{i}]` ({role}) may only "
+                    raise BadRequest(f"Invalid request: `$.messages[{i}]` "
+                                     f"({'developer' if developer else 'system'}) may only "
                                      "hold text")
-                system.append(TextPart(text=part.text, extra={**part.extra, **text_extra}))
+                system.append(TextPart(text=part.text, extra={
+                    **part.extra, **({"role": "developer"} if developer else {})}))
             continue
         leading = False
-        if role == "tool":
-            result = ToolResultPart(tool_call_id=raw.get("tool_call_id") or "", extra=extra)
-            for part in _content_parts(raw.get("content"), i):
-                if not isinstance(part, TextPart | ImagePart | DocumentPart | OpaquePart):
-                    raise BadRequest(f"Invalid request: `$.messages[{i}]` (tool) may not "
-                                     f"hold a {type(part).__name__}")
-                result.content.append(part)
+        last = messages[-1] if messages else None
+        if _is_tool_result(message) and last is not None and _is_tool_result(last):
             # Consecutive tool results answer one assistant turn: keep them in one message.
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "user" and all(
-                    isinstance(p, ToolResultPart) for p in last.content):
-                last.content.append(result)
-                wire_of(last).append(raw)
-            else:
-                message = Message(role="user", content=[result])
-                remember_wire(message, [raw])
-                messages.append(message)
+            last.content.extend(message.content)
+            wire_of(last).append(raw)
+            merged[id(last)] = last
             continue
-        parts = _content_parts(raw.get("content"), i)
-        for j, call in enumerate(raw.get("tool_calls") or ()):
-            parts.append(_decode_tool_call(call, f"messages[{i}].tool_calls[{j}]"))
-        if role in ("system", "developer"):
-            if role == "developer":
-                extra = {**extra, "role": "developer"}
-            message = Message(role="system", content=parts, name=raw.get("name"), extra=extra)
-        else:
-            message = Message(role="assistant" if role == "assistant" else "user",
-                              content=parts, name=raw.get("name"), extra=extra)
-        remember_wire(message, [raw])
+        remember_wire(message, [raw], printed)
         messages.append(message)
+    for message in merged.values():
+        remember_wire(message, wire_of(message))  # its fingerprint as merged
     return system, messages
+
+
+def _is_tool_result(message: Message) -> bool:
+    return message.role == "user" and bool(message.content) and all(
+        isinstance(p, ToolResultPart) for p in message.content)
+
+
+def _checked_unit(raw: dict[str, Any], index: int) -> Message:
+    msgspec.convert(raw, _Message)  # what _ChatRequest checks of each message
+    return _unit(raw, index)
+
+
+def _unit(raw: dict[str, Any], i: int) -> Message:
+    """One wire message as a message of its own: a system or developer message as a system
+    message (``extra.role`` says which), a tool message as a user turn of one result."""
+    role = raw["role"]
+    extra = known_extra(raw, _MESSAGE_FIELDS)
+    if role == "tool":
+        result = ToolResultPart(tool_call_id=raw.get("tool_call_id") or "", extra=extra)
+        for part in _content_parts(raw.get("content"), i):
+            if not isinstance(part, TextPart | ImagePart | DocumentPart | OpaquePart):
+                raise BadRequest(f"Invalid request: `$.messages[{i}]` (tool) may not "
+                                 f"hold a {type(part).__name__}")
+            result.content.append(part)
+        return Message(role="user", content=[result])
+    parts = _content_parts(raw.get("content"), i)
+    for j, call in enumerate(raw.get("tool_calls") or ()):
+        parts.append(_decode_tool_call(call, f"messages[{i}].tool_calls[{j}]"))
+    if role in ("system", "developer"):
+        if role == "developer":
+            extra = {**extra, "role": "developer"}
+        return Message(role="system", content=parts, name=raw.get("name"), extra=extra)
+    return Message(role="assistant" if role == "assistant" else "user",
+                   content=parts, name=raw.get("name"), extra=extra)
 
 
 def _decode_tool_call(call: object, where: str) -> ToolCallPart:
@@ -326,8 +372,8 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
                 messages.append({"role": role, "content": part.text})
     for message in request.messages:
         original = wire_of(message) if same_format else None
-        if original is not None and _decode_messages(original)[1] == [message]:
-            messages.extend(original)  # unchanged: as it came
+        if original is not None and unchanged(message):
+            messages.extend(original)  # unchanged: as it came (JSON text, or decoded)
         else:
             messages.extend(_encode_message(message, same_format))
     body = dict(request.extra) if same_format else _from_anthropic(request)
@@ -373,9 +419,10 @@ def stream_body(request: Request, raw_body: bytes) -> bytes:
     return _encode(body)
 
 
-def _leading_system(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _leading_system(raws: list[dict[str, Any] | msgspec.Raw]) -> list[dict[str, Any]]:
     leading = []
-    for raw in raws:
+    for item in raws:
+        raw = common.decode_raw(item) if isinstance(item, msgspec.Raw) else item
         if raw.get("role") not in ("system", "developer"):
             break
         leading.append(raw)
