@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from proxy.canonical import Request
+from proxy.canonical import Request, wire_of
 from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.errors import ProxyError, error_type
@@ -103,8 +103,8 @@ class Observer:
         self._pending_bytes += size
         request: Request | _Undecoded | None = ctx.decoded_request
         if request is None:
-            request = _Undecoded(FORMATS[ctx.client_format], ctx.undecoded_body,
-                                 ctx.request_fields.headers)
+            fields = ctx.request_fields
+            request = _Undecoded(FORMATS[ctx.client_format], wire_of(fields), fields.headers)
         self._pending.put((record, request, ctx.response, size))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
@@ -186,13 +186,13 @@ class _Undecoded(NamedTuple):
     """A request nothing decoded whole: its body, to show in the record."""
 
     wire: ModuleType
-    body: bytes
+    fields: dict[str, Any]  # its wire JSON, as ``peek_request`` left it
     headers: dict[str, str]
 
     def preview(self) -> tuple[Request | None, int]:
         """The request with the messages a record shows (see ``body_view``) decoded, and
         how many others it has."""
-        preview = preview_request(self.body, KEEP_NEWEST, self.wire.decode_request)
+        preview = preview_request(self.fields, KEEP_NEWEST, self.wire.decode_request)
         if preview is None:
             return None, 0
         request, omitted = preview

@@ -125,23 +125,22 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         return None
     request = build({**decoded, "messages": []})
-    remember_wire(request, {**fields, **decoded})
+    remember_wire(request, {**fields, **decoded, "messages": messages})
     return request, len(messages)
 
 
-def preview_request(body: bytes, keep_newest: int, decode: Callable[[bytes], Request]
-                    ) -> tuple[Request, int] | None:
-    """The request in ``body`` with only its first and ``keep_newest`` newest messages
+def preview_request(fields: dict[str, Any], keep_newest: int,
+                    decode: Callable[[bytes], Request]) -> tuple[Request, int] | None:
+    """The request ``peek_request`` left undecoded (``fields``: its wire JSON, the
+    messages each still JSON text) with only its first and ``keep_newest`` newest messages
     decoded (what a record shows of a long history), and how many were left out; None if
-    the body is not a request ``decode`` can read that far."""
-    split = split_body(body)
-    if split is None:
+    it is not a request ``decode`` can read that far."""
+    messages = fields.get("messages")
+    if not isinstance(messages, list):
         return None
-    fields, messages = split
     kept = messages if len(messages) <= keep_newest + 1 else \
         [messages[0], *messages[-keep_newest:]]
-    fields["messages"] = msgspec.Raw(b"[" + b",".join(kept) + b"]")
-    return decode(_encode(fields)), len(messages) - len(kept)
+    return decode(_encode({**fields, "messages": kept})), len(messages) - len(kept)
 
 
 def known_extra(raw: dict[str, Any], known: AbstractSet[str]) -> dict[str, Any]:
