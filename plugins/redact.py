@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Literal
 
 import msgspec
@@ -38,7 +38,7 @@ from proxy import (
     ToolCallPart,
     hookimpl,
 )
-from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, joined_text
+from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, Message, content_key, joined_text
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
@@ -125,6 +125,18 @@ class _Masker:
         pieces.append(text[position:])
         return "".join(pieces)
 
+    def holds_nothing(self, message: Message) -> bool:
+        """Whether ``message`` holds no value to mask."""
+        return not self._findings(joined_text(message.text_parts())) and not any(
+            self._findings(item.arguments) for item in message.content
+            if isinstance(item, ToolCallPart))
+
+    def mask_message(self, message: Message) -> None:
+        self.mask_parts(message.text_parts())
+        for item in message.content:
+            if isinstance(item, ToolCallPart):
+                item.arguments = self.mask(item.arguments)
+
     def mask_parts(self, parts: Sequence[TextPart | DocumentPart],
                    separator: str = MESSAGE_JOIN) -> None:
         """Masks the values in the one text ``parts`` make for the provider (joined by
@@ -203,10 +215,12 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     # joined as the provider reads them: the text content_guard checks too.
     masker.mask_parts(request.system, SYSTEM_JOIN)
     for message in request.messages:
-        masker.mask_parts(message.text_parts())
-        for item in message.content:
-            if isinstance(item, ToolCallPart):
-                item.arguments = masker.mask(item.arguments)
+        # A message known to hold nothing to mask (by its content_key: no text is even
+        # joined or hashed for it) is passed over.
+        key = content_key(message)
+        if key is None or not memo.get_or_compute(("redact-clean", masker.kinds), key,
+                                                  partial(_holds_nothing, masker, message)):
+            masker.mask_message(message)
         # Thinking is signed by the provider: changed, it would be refused.
     if config.unreadable == "reject":
         unreadable = request.unreadable()
@@ -216,6 +230,10 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     if masker.originals:
         ctx.scratch["redact"] = masker
         ctx.scratch["redacted"] = len(masker.originals)
+
+
+def _holds_nothing(masker: _Masker, message: Message, _key: bytes) -> bool:
+    return masker.holds_nothing(message)
 
 
 def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:

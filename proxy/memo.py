@@ -40,10 +40,11 @@ class Memo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T]) -> T:
+    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T],
+                       size: int | None = None) -> T:
         """``compute(text)``, or what it gave the last time for this ``what`` and text.
-        ``text`` may be bytes too (JSON text, say), whose result is bytes of about the same
-        size (such as the canonical form of a message).
+        ``text`` may be bytes too (a message's ``content_key``, say). ``size`` is what the
+        entry keeps, in bytes, when its result is large (else the text's size counts).
 
         ``what`` names the computation and everything else its result depends on (a
         classifier's name and a digest of its settings, say): small, and not the text. A
@@ -53,29 +54,32 @@ class Memo:
         key = (what, text)
         entries = self._entries
         with self._lock:  # plugins may call this from worker threads too
-            if key in entries:
+            found = entries.get(key, _MISSING)
+            if found is not _MISSING:
                 entries.move_to_end(key)
                 self.hits += 1
-                found: T = entries[key]
-                return found
+                result: T = found[0]
+                return result
             self.misses += 1
         result = compute(text)  # outside the lock: the slow part, run by each caller
-        size = _size(text)
+        if size is None:
+            size = _size(text)
         if size > self.max_bytes:
             return result
         with self._lock:
             if key not in entries:
-                entries[key] = result
+                entries[key] = (result, size)
                 self.bytes += size
             while entries and (self.bytes > self.max_bytes or len(entries) > self.max_entries):
-                (_, old), _ = entries.popitem(last=False)
-                self.bytes -= _size(old)
+                _, (_, old_size) = entries.popitem(last=False)
+                self.bytes -= old_size
         return result
 
     def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
-                           compute: Callable[[Text, int], T]) -> list[T]:
+                           compute: Callable[[Text, int], T], weight: int = 1) -> list[T]:
         """``get_or_compute`` for each of ``texts`` (``compute`` also gets the index), with
-        one lock for all that were seen before."""
+        one lock for all that were seen before. Each entry counts ``weight`` times its
+        text's size (2 for results about as large as their texts)."""
         entries = self._entries
         results: list[Any] = []
         missing: list[int] = []
@@ -87,11 +91,13 @@ class Memo:
                     missing.append(index)
                 else:
                     entries.move_to_end(key)
+                    found = found[0]
                 results.append(found)
             self.hits += len(texts) - len(missing)
         for index in missing:
             results[index] = self.get_or_compute(what, texts[index],
-                                                 functools.partial(_with_index, compute, index))
+                                                 functools.partial(_with_index, compute, index),
+                                                 weight * _size(texts[index]))
         return results
 
     def clear(self) -> None:
@@ -109,10 +115,9 @@ def _with_index(compute: Callable[[Text, int], T], index: int, text: Text) -> T:
 
 def _size(text: str | bytes) -> int:
     # An upper bound on what CPython keeps for the text: 1 byte a character for ASCII, at
-    # most 4 otherwise (isascii is a flag lookup, not a scan). Bytes are counted twice:
-    # the key and its result, bytes of about its size.
+    # most 4 otherwise (isascii is a flag lookup, not a scan).
     if isinstance(text, bytes):
-        return 2 * len(text)
+        return len(text)
     return len(text) if text.isascii() else 4 * len(text)
 
 

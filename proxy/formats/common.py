@@ -90,7 +90,7 @@ def messages_by_content(fmt: str, raws: list[msgspec.Raw],
         return fingerprint(decode(_decode(text), index))
 
     texts = [bytes(raw) for raw in raws]
-    prints = memo.get_or_compute_all(fmt, texts, compute)
+    prints = memo.get_or_compute_all(fmt, texts, compute, weight=2)
     return [(_clone(printed), raw, printed) for raw, printed in zip(raws, prints, strict=True)]
 
 
