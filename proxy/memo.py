@@ -12,7 +12,6 @@ hand one text's result to another). Least recently used results go first.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -62,10 +61,36 @@ class Memo:
                 return result
             self.misses += 1
         result = compute(text)  # outside the lock: the slow part, run by each caller
+        self.put(what, text, result, size)
+        return result
+
+    def lookup_all(self, what: Hashable, texts: Sequence[Text]) -> list[Any]:
+        """What was kept for each of ``texts`` under ``what`` (``put``), or None; one lock
+        for all."""
+        entries = self._entries
+        results: list[Any] = []
+        with self._lock:
+            for text in texts:
+                key = (what, text)
+                found = entries.get(key)
+                if found is None:
+                    self.misses += 1
+                    results.append(None)
+                else:
+                    entries.move_to_end(key)
+                    self.hits += 1
+                    results.append(found[0])
+        return results
+
+    def put(self, what: Hashable, text: Text, result: Any, size: int | None = None) -> None:
+        """Keeps ``result`` (not None) for ``what`` and ``text``; ``size`` as in
+        ``get_or_compute``."""
         if size is None:
             size = _size(text)
         if size > self.max_bytes:
-            return result
+            return
+        key = (what, text)
+        entries = self._entries
         with self._lock:
             if key not in entries:
                 entries[key] = (result, size)
@@ -73,32 +98,6 @@ class Memo:
             while entries and (self.bytes > self.max_bytes or len(entries) > self.max_entries):
                 _, (_, old_size) = entries.popitem(last=False)
                 self.bytes -= old_size
-        return result
-
-    def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
-                           compute: Callable[[Text, int], T], weight: int = 1) -> list[T]:
-        """``get_or_compute`` for each of ``texts`` (``compute`` also gets the index), with
-        one lock for all that were seen before. Each entry counts ``weight`` times its
-        text's size (2 for results about as large as their texts)."""
-        entries = self._entries
-        results: list[Any] = []
-        missing: list[int] = []
-        with self._lock:
-            for index, text in enumerate(texts):
-                key = (what, text)
-                found = entries.get(key, _MISSING)
-                if found is _MISSING:
-                    missing.append(index)
-                else:
-                    entries.move_to_end(key)
-                    found = found[0]
-                results.append(found)
-            self.hits += len(texts) - len(missing)
-        for index in missing:
-            results[index] = self.get_or_compute(what, texts[index],
-                                                 functools.partial(_with_index, compute, index),
-                                                 weight * _size(texts[index]))
-        return results
 
     def clear(self) -> None:
         with self._lock:
@@ -107,10 +106,6 @@ class Memo:
 
 
 _MISSING: Any = object()
-
-
-def _with_index(compute: Callable[[Text, int], T], index: int, text: Text) -> T:
-    return compute(text, index)
 
 
 def _size(text: str | bytes) -> int:

@@ -10,7 +10,7 @@ import msgspec
 
 from proxy.canonical import Message, Request, Usage, fingerprint, remember_wire
 from proxy.errors import BadRequest
-from proxy.memo import memo
+from proxy.memo import MIN_CHARS, memo
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -86,12 +86,19 @@ def messages_by_content(fmt: str, raws: list[msgspec.Raw],
     Each request gets messages of its own, however many others sent the same text: a
     plugin's change to one never reaches another. Raises what ``decode`` raises (or a
     ``msgspec`` error), for the caller to fall back to the full decode that names it."""
-    def compute(text: bytes, index: int) -> bytes:
-        return fingerprint(decode(_decode(text), index))
-
     texts = [bytes(raw) for raw in raws]
-    prints = memo.get_or_compute_all(fmt, texts, compute, weight=2)
-    return [(_clone(printed), raw, printed) for raw, printed in zip(raws, prints, strict=True)]
+    out = []
+    for index, (raw, text, printed) in enumerate(zip(raws, texts, memo.lookup_all(fmt, texts),
+                                                     strict=True)):
+        if printed is None:
+            message = decode(_decode(text), index)
+            printed = fingerprint(message)
+            if len(text) >= MIN_CHARS:  # the canonical form is kept too: twice the size
+                memo.put(fmt, text, printed, 2 * len(text))
+        else:
+            message = _clone(printed)
+        out.append((message, raw, printed))
+    return out
 
 
 def usage_from(usage: dict[str, Any], input_key: str, output_key: str, details_key: str,
