@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Literal
 
 from proxy import Request
-from proxy.canonical import fingerprint
+from proxy.canonical import CLASSIFYING
 from proxy.memo import memo
 
 Scope = Literal["last", "messages", "all"]
@@ -41,17 +41,14 @@ def _message_texts(request: Request, scope: Scope) -> Iterator[str]:
 
 def scoped_texts(request: Request, scope: Scope, max_chars: int = MAX_CHARS) -> list[str]:
     """The texts in ``scope``, newest first, cut to ``max_chars`` characters in all (the
-    oldest text kept loses its beginning). Several classifiers ask for the same: the
-    texts are made once per request, and made again only if the request has changed
-    since (one ``fingerprint`` tells)."""
-    printed = fingerprint(request)
-    made: tuple[bytes, dict[tuple[str, int], list[str]]] | None = \
-        request.__dict__.get("scoped_texts")
-    if made is None or made[0] != printed:
-        made = request.__dict__["scoped_texts"] = (printed, {})
-    texts = made[1].get((scope, max_chars))
+    oldest text kept loses its beginning). While classifiers run (``proxy.pipeline`` marks
+    the request, which no classifier changes), the texts are made once for all of them."""
+    made: dict[tuple[str, int], list[str]] | None = request.__dict__.get(CLASSIFYING)
+    if made is None:
+        return _scoped_texts(request, scope, max_chars)
+    texts = made.get((scope, max_chars))
     if texts is None:
-        texts = made[1][(scope, max_chars)] = _scoped_texts(request, scope, max_chars)
+        texts = made[(scope, max_chars)] = _scoped_texts(request, scope, max_chars)
     return texts
 
 

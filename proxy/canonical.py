@@ -245,6 +245,11 @@ def unchanged(message: Message) -> bool:
     return printed is not None and printed == fingerprint(message)
 
 
+# Set in a request's ``__dict__`` while classifiers run: what they share (their scoped
+# texts, see classifiers.scope) for as long as the request cannot change.
+CLASSIFYING = "classifying"
+
+
 def content_key(message: Message) -> bytes | None:
     """A key for work that depends only on what ``message`` holds (a redaction's or a
     classifier's verdict): its canonical form as decoded, while it is unchanged; None for a

@@ -23,6 +23,7 @@ import structlog
 
 from proxy.alongside import Alongside
 from proxy.canonical import (
+    CLASSIFYING,
     Request,
     Response,
     StreamAccumulator,
@@ -193,6 +194,14 @@ class Pipeline:
         impls = implementations(self.pm, "classify", ctx.classifier_settings)
         if not impls:
             return
+        shared = ctx.request.__dict__
+        shared[CLASSIFYING] = {}  # what classifiers share while the request cannot change
+        try:
+            await self._classify_with(ctx, impls)
+        finally:
+            shared.pop(CLASSIFYING, None)
+
+    async def _classify_with(self, ctx: RequestContext, impls: list[tuple[str, Any]]) -> None:
         started = time.perf_counter()
         results: list[tuple[str, Iterable[str]]] = []
         pending: list[tuple[str, Any]] = []
