@@ -131,7 +131,7 @@ def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) ->
 def decode_request(body: bytes) -> Request:
     # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
     # check of the body first.
-    split = common.split_body(body, checked=False)
+    split = common.split_body(body, checked=False, known=_DOCUMENTED)
     if split is not None:
         try:
             return _request_by_messages(*split)
@@ -160,6 +160,14 @@ def _checked_message(raw: dict[str, Any], index: int) -> Message:
     return _decode_message(raw, index)
 
 
+# Every top-level field of the API's reference (and hookproxy's own): a body with none
+# other is split in one pass (``common.split_body``).
+_DOCUMENTED = frozenset({
+    "messages", "model", "max_tokens", "container", "context_management", "mcp_servers",
+    "metadata", "output_config", "output_format", "service_tier", "stop_sequences", "stream",
+    "system", "temperature", "thinking", "tool_choice", "tools", "top_k", "top_p",
+    "hookproxy"})
+
 # Where a request's size is: what peek_request leaves undecoded.
 _DEFERRED = frozenset({"messages", "tools", "system"})
 
@@ -167,7 +175,7 @@ _DEFERRED = frozenset({"messages", "tools", "system"})
 def peek_request(body: bytes) -> tuple[Request, int] | None:
     """The request without its messages, tools or system decoded, and its message count; see
     ``common.peek_request``."""
-    return common.peek_request(body, _DEFERRED, _request)
+    return common.peek_request(body, _DEFERRED, _request, _DOCUMENTED)
 
 
 def _request(raw: dict[str, Any]) -> Request:

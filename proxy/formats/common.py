@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -59,12 +60,40 @@ def decode_raw(raw: msgspec.Raw) -> Any:
     return _decode(raw)
 
 
-def split_body(body: bytes, *, checked: bool = True
+@functools.lru_cache(maxsize=8)
+def _splitter(known: frozenset[str]) -> Callable[[bytes], Any]:
+    """A decoder of a body whose top-level fields are all among ``known``, into a struct of
+    their JSON texts and its messages as an array of them: one pass over the body."""
+    fields: list[tuple[str, Any, Any]] = [("messages", list[msgspec.Raw], msgspec.NODEFAULT)]
+    fields += [(name, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET)
+               for name in sorted(known - {"messages"})]
+    split = msgspec.defstruct("Split", fields, forbid_unknown_fields=True)
+    return msgspec.json.Decoder(split).decode
+
+
+def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = frozenset()
                ) -> tuple[dict[str, msgspec.Raw], list[msgspec.Raw]] | None:
     """The body's top-level fields and its messages, all still JSON text; None unless the
     body is a JSON object whose ``messages`` is an array. Unless ``checked``, the body's
-    UTF-8 is not checked: for a caller that decodes every part (or one seen whole)."""
-    fields = top_fields(body, checked=checked)
+    UTF-8 is not checked: for a caller that decodes every part (or one seen whole).
+
+    A body with no top-level field outside ``known`` (the fields its API documents) is
+    read in one pass; any other in two (its fields, then its messages)."""
+    if checked and not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if known:
+        try:
+            split = _splitter(known)(body)
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+            pass
+        else:
+            values = {name: getattr(split, name) for name in split.__struct_fields__}
+            messages = values.pop("messages")
+            return {k: v for k, v in values.items() if v is not msgspec.UNSET}, messages
+    fields = top_fields(body, checked=False)
     messages = items(fields["messages"]) if fields and "messages" in fields else None
     if fields is None or messages is None:
         return None
@@ -115,7 +144,8 @@ def usage_from(usage: dict[str, Any], input_key: str, output_key: str, details_k
 
 
 def peek_request(body: bytes, deferred: AbstractSet[str],
-                 build: Callable[[dict[str, Any]], Request]) -> tuple[Request, int] | None:
+                 build: Callable[[dict[str, Any]], Request], known: frozenset[str] = frozenset()
+                 ) -> tuple[Request, int] | None:
     """A request's top-level fields without its ``deferred`` ones (its messages, tools...:
     where its size is), and how many messages it has; None when only a full decode can say
     what is wrong with the body.
@@ -123,7 +153,7 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
     ``build`` makes the request from the decoded fields, given no messages and none of the
     other deferred fields; the request remembers the body's fields, the deferred ones
     still as JSON text, which encodes back as it came."""
-    split = split_body(body)
+    split = split_body(body, known=known)
     if split is None:
         return None
     fields, messages = split

@@ -112,7 +112,7 @@ _FINISH_IN: dict[str | None, FinishReason] = {
 def decode_request(body: bytes) -> Request:
     # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
     # check of the body first.
-    split = common.split_body(body, checked=False)
+    split = common.split_body(body, checked=False, known=_DOCUMENTED)
     if split is not None:
         try:
             return _request_by_messages(*split)
@@ -134,6 +134,17 @@ def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]
     return request
 
 
+# Every top-level field of the API's reference (and hookproxy's own): a body with none
+# other is split in one pass (``common.split_body``).
+_DOCUMENTED = frozenset({
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions",
+    "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
+    "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+    "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "response_format",
+    "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options", "hookproxy"})
+
 # Where a request's size is: what peek_request leaves undecoded.
 _DEFERRED = frozenset({"messages", "tools"})
 
@@ -141,7 +152,7 @@ _DEFERRED = frozenset({"messages", "tools"})
 def peek_request(body: bytes) -> tuple[Request, int] | None:
     """The request without its messages, tools decoded, and its message count; see
     ``common.peek_request``."""
-    return common.peek_request(body, _DEFERRED, _request)
+    return common.peek_request(body, _DEFERRED, _request, _DOCUMENTED)
 
 
 def _request(raw: dict[str, Any]) -> Request:
