@@ -38,7 +38,7 @@ from proxy import (
     ToolCallPart,
     hookimpl,
 )
-from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, Message, content_keys, joined_text
+from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, Message, content_key, joined_text
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
@@ -214,9 +214,10 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     # The text each message (and the system prompt) makes for the provider, its parts
     # joined as the provider reads them: the text content_guard checks too.
     masker.mask_parts(request.system, SYSTEM_JOIN)
-    for message, key in zip(request.messages, content_keys(request.messages), strict=True):
+    for message in request.messages:
         # A message known to hold nothing to mask (by its content_key: no text is even
         # joined or hashed for it) is passed over.
+        key = content_key(message)
         if key is None or not memo.get_or_compute(("redact-clean", masker.kinds), key,
                                                   partial(_holds_nothing, masker, message)):
             masker.mask_message(message)

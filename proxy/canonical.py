@@ -227,7 +227,7 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
 def remember_wire(item: Message | Request, wire: Any, printed: bytes | None = None) -> None:
     """Notes the wire JSON ``item`` was decoded from (not a field: never encoded or
     compared, and gone from a copy); for a message, also its ``fingerprint`` as decoded
-    (given, or made here), which ``content_key`` compares with."""
+    (given, or made here), which ``unchanged`` compares with."""
     item.__dict__["wire"] = wire
     if isinstance(item, Message):
         item.__dict__["printed"] = printed if printed is not None else fingerprint(item)
@@ -236,6 +236,13 @@ def remember_wire(item: Message | Request, wire: Any, printed: bytes | None = No
 def wire_of(item: Message | Request) -> Any:
     """The wire JSON ``item`` was decoded from, or None."""
     return item.__dict__.get("wire")
+
+
+def unchanged(message: Message) -> bool:
+    """Whether ``message`` is still what it was decoded as (so its wire JSON can go back
+    as it came): one encode of the message, no decode."""
+    printed = message.__dict__.get("printed")
+    return printed is not None and printed == fingerprint(message)
 
 
 # Set in a request's ``__dict__`` while classifiers run: what they share (their scoped
@@ -251,20 +258,6 @@ def content_key(message: Message) -> bytes | None:
     lookup with it costs the same for a 50 KB message as for a short one."""
     printed = message.__dict__.get("printed")
     return printed if printed is not None and printed == fingerprint(message) else None
-
-
-def content_keys(messages: list[Message]) -> list[bytes | None]:
-    """``content_key`` of each message; when none has changed (the usual case), told by
-    one encode of them all: a MessagePack array is its header and its items' encodings."""
-    printed = [m.__dict__.get("printed") for m in messages]
-    if messages and None not in printed:
-        count = len(messages)
-        header = (bytes([0x90 | count]) if count < 16 else
-                  b"\xdc" + count.to_bytes(2, "big") if count < 65536 else
-                  b"\xdd" + count.to_bytes(4, "big"))
-        if fingerprint(messages) == header + b"".join(printed):  # type: ignore[arg-type]
-            return printed
-    return [content_key(m) for m in messages]
 
 
 _msgpack = msgspec.msgpack.Encoder().encode

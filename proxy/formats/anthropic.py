@@ -43,8 +43,8 @@ from proxy.canonical import (
     ToolResultPart,
     Usage,
     WireEvent,
-    content_keys,
     remember_wire,
+    unchanged,
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
@@ -443,10 +443,9 @@ def _shown(value: object) -> str:
 
 def _encode_messages(messages: list[Message], same_format: bool) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    kept = content_keys(messages) if same_format else [None] * len(messages)
-    for message, printed in zip(messages, kept, strict=True):
+    for message in messages:
         original = wire_of(message) if same_format else None
-        if original is not None and printed is not None:
+        if original is not None and unchanged(message):
             out.append(original)  # unchanged: as it came (JSON text, or decoded)
             continue
         if isinstance(original, msgspec.Raw):

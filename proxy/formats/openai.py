@@ -41,8 +41,8 @@ from proxy.canonical import (
     ToolResultPart,
     Usage,
     WireEvent,
-    content_keys,
     remember_wire,
+    unchanged,
     wire_of,
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
@@ -381,10 +381,9 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
             else:
                 _check_block_fields(part, "a system text block")
                 messages.append({"role": role, "content": part.text})
-    kept = content_keys(request.messages) if same_format else [None] * len(request.messages)
-    for message, printed in zip(request.messages, kept, strict=True):
-        original = wire_of(message) if printed is not None else None
-        if original is not None:
+    for message in request.messages:
+        original = wire_of(message) if same_format else None
+        if original is not None and unchanged(message):
             messages.extend(original)  # unchanged: as it came (JSON text, or decoded)
         else:
             messages.extend(_encode_message(message, same_format))
