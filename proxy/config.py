@@ -51,8 +51,9 @@ class ServerConfig(_Strict):
     # overrides) larger than this, as JSON, gets a 400: what a client may hand to a
     # pattern engine, a keyword automaton or a settings cache stays small.
     max_request_settings_bytes: int = 64 * 1024
-    # The memo of per-message results (classifier verdicts, redaction findings, guard
-    # verdicts) that makes a resent history cheap: text kept, and results kept, at most.
+    # The memo of per-message work (decoded messages, classifier verdicts, redaction
+    # findings, guard verdicts) that makes a resent history cheap: bytes kept, and
+    # entries kept, at most.
     memo_bytes: int = 64 * 1024 * 1024
     memo_entries: int = 200_000
     # Seconds an idle client connection stays open; longer than clients' own idle expiry
