@@ -241,8 +241,7 @@ def wire_of(item: Message | Request) -> Any:
 def unchanged(message: Message) -> bool:
     """Whether ``message`` is still what it was decoded as (so its wire JSON can go back
     as it came): one encode of the message, no decode."""
-    printed = message.__dict__.get("printed")
-    return printed is not None and printed == fingerprint(message)
+    return content_key(message) is not None
 
 
 # Set in a request's ``__dict__`` while classifiers run: what they share (their scoped

@@ -33,15 +33,9 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return raw
 
 
-def top_fields(body: bytes, *, checked: bool = True) -> dict[str, msgspec.Raw] | None:
-    """The body's top-level fields, each still its JSON text (checked, not decoded), when
-    the body is a JSON object in valid UTF-8; None otherwise (``decode_json`` then says
-    what is wrong). Reading 200 KB this way allocates next to nothing."""
-    if checked and not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+def _top_fields(body: bytes) -> dict[str, msgspec.Raw] | None:
+    """The body's top-level fields, each still its JSON text (not decoded), when the body
+    is a JSON object; None otherwise. Reading 200 KB this way allocates next to nothing."""
     try:
         return _decode_fields(body)
     except (msgspec.DecodeError, RecursionError):
@@ -74,8 +68,9 @@ def _splitter(known: frozenset[str]) -> Callable[[bytes], Any]:
 def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = frozenset()
                ) -> tuple[dict[str, msgspec.Raw], list[msgspec.Raw]] | None:
     """The body's top-level fields and its messages, all still JSON text; None unless the
-    body is a JSON object whose ``messages`` is an array. Unless ``checked``, the body's
-    UTF-8 is not checked: for a caller that decodes every part (or one seen whole).
+    body is a JSON object in valid UTF-8 whose ``messages`` is an array (``decode_json``
+    then says what is wrong). Unless ``checked``, the UTF-8 is not checked: for a caller
+    that decodes every part (or one seen whole).
 
     A body with no top-level field outside ``known`` (the fields its API documents) is
     read in one pass; any other in two (its fields, then its messages)."""
@@ -93,7 +88,7 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
             values = {name: getattr(split, name) for name in split.__struct_fields__}
             messages = values.pop("messages")
             return {k: v for k, v in values.items() if v is not msgspec.UNSET}, messages
-    fields = top_fields(body, checked=False)
+    fields = _top_fields(body)
     messages = items(fields["messages"]) if fields and "messages" in fields else None
     if fields is None or messages is None:
         return None
