@@ -195,6 +195,8 @@ class KeyLimits:
         tokens, micro, estimated = charged(ctx)
         ledger.tokens, ledger.cost, ledger.estimated = tokens, micro / MICRO, estimated
         held = [limit for limit in self.limits if limit.charge.held]
+        if not held:  # requests only: nothing was held
+            return
         amounts = {"tpm": tokens, "daily": micro, "monthly": micro}
         try:
             totals = await self.store.settle(
@@ -203,7 +205,8 @@ class KeyLimits:
         except StoreUnavailable:
             log.warning("limits_not_settled", key=self.name, request_id=ctx.request_id,
                         tokens=tokens, cost=micro / MICRO,
-                        note="the store is unreachable; the reservation lapses by itself")
+                        note="the store is unreachable; the settlement is applied when "
+                             "it is back (else the reservation lapses by itself)")
             ledger.unchecked = True
             return
         for limit, total in zip(held, totals, strict=True):
