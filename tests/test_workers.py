@@ -289,6 +289,11 @@ def test_workers_share_cooldowns_reload_together_and_replace_the_fallen(
     output = served.output
     assert served.process.returncode == 0, output
     assert re.search(r"worker died; replacing it.*exit_code=-9", output)
+    # Each worker's lines in the app log name it: both reloaded, each said so.
+    reloaded = [line for line in output.splitlines() if "config reloaded" in line]
+    assert {re.search(r"\bworker=(\d)", line).group(1) for line in reloaded} == {"1", "2"}
+    assert all(re.search(r"\bpid=\d+", line) for line in reloaded)
+    assert not re.search(r"workers started.*\bworker=", output)  # the supervisor's own
 
 
 def test_workers_refuse_to_start_when_limits_would_not_be_shared(upstream, tmp_path):
