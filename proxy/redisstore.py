@@ -176,11 +176,13 @@ CLOSE_WAIT = 5.0
 
 
 class _Settlement:
-    __slots__ = ("charges", "hold", "scope", "waiter")
+    __slots__ = ("charges", "due", "hold", "scope", "waiter")
 
     def __init__(self, scope: str, hold: str, charges: Sequence[Charge],
-                 waiter: asyncio.Future[list[int]] | None) -> None:
+                 waiter: asyncio.Future[list[int]] | None, due: float) -> None:
         self.scope, self.hold, self.charges, self.waiter = scope, hold, charges, waiter
+        # When it goes on its own if no admission has carried it (the loop's clock).
+        self.due = due
 
 
 class RedisStore:
@@ -282,8 +284,10 @@ class RedisStore:
         costs the requests no round trip of its own. If the call that carries it fails,
         this raises ``StoreUnavailable`` and the settlement stays queued, applied once
         Redis answers again (within ``SETTLE_QUEUE``; at shutdown, within the close)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._settlements.append(_Settlement(scope, hold, charges, waiter))
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._settlements.append(
+            _Settlement(scope, hold, charges, waiter, loop.time() + SETTLE_DELAY))
         self._trim()
         self._schedule(SETTLE_DELAY)
         result: list[int] = await waiter
@@ -315,7 +319,7 @@ class RedisStore:
         """Puts back the settlements of a call that failed, first in line; their waiters
         learn that it failed."""
         for settlement in reversed(batch):
-            waiter, settlement.waiter = settlement.waiter, None
+            waiter, settlement.waiter, settlement.due = settlement.waiter, None, 0.0
             if waiter is not None and not waiter.done():
                 waiter.set_exception(StoreUnavailable(
                     f"the store at {self.where} is unreachable"))
@@ -345,9 +349,17 @@ class RedisStore:
             self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush_soon)
 
     def _flush_soon(self) -> None:
+        """Flushes once the oldest settlement is due: while admissions come often enough
+        to carry them, none is."""
         self._flush_timer = None
-        if self._settlements:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        if not self._settlements:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._settlements[0].due - loop.time()
+        if wait > 0:
+            self._schedule(wait)
+        else:
+            self._flushing = loop.create_task(self._flush())
 
     async def _flush(self) -> None:
         """Applies the waiting settlements, a batch per round trip, until none is left
