@@ -264,16 +264,9 @@ def caller_key(gateway: Gateway, http: HttpRequest) -> str | None:
     auth = gateway.config.auth
     if not auth.keys:
         return None
-    from plugins.auth import identify, key_digests, presented_key
+    from plugins.auth import caller_name
 
-    secret = presented_key({k.lower(): v for k, v in http.headers.items()})
-    if not secret:
-        raise ProxyError(401, "Missing API key: send it as 'Authorization: Bearer <key>' or "
-                              "'x-api-key: <key>'", code="missing_api_key")
-    name = identify(key_digests(auth), secret)
-    if name is None:
-        raise ProxyError(401, "Invalid API key", code="invalid_api_key")
-    return name
+    return caller_name(auth, {k.lower(): v for k, v in http.headers.items()})
 
 
 def _model(gateway: Gateway, name: str, anthropic: bool) -> dict[str, Any]:

@@ -8,11 +8,12 @@ no round trip of its own. With no admission to carry them, they go together
 applied when it is back, or at the close.
 
 Every call is bounded by ``[store].timeout`` (the one bound: the connections have no
-socket timeout of their own, which would cost each command a task); a call that fails or
-times out raises ``StoreUnavailable`` (its caller fails open or closed, as configured), is a warning
-in the app log and a count in ``hookproxy_store_errors_total``. After a failure the store
-is not asked again for ``RETRY_AFTER`` seconds (so an unreachable Redis costs requests
-nothing), then the next call tries again: Redis coming back is picked up by itself.
+socket timeout of their own, which would cost each command a task). A call that fails or
+times out raises ``StoreUnavailable`` (its caller fails open or closed, as configured), is
+a warning in the app log and a count in ``hookproxy_store_errors_total``. After a failure
+the store is not asked again for ``RETRY_AFTER`` seconds (so an unreachable Redis costs
+requests nothing), then the next call tries again: Redis coming back is picked up by
+itself.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class RedisStore:
                      "1" if charge.held else "0"]
         try:
             reply = await self._call("reserve", lambda: self._admit(keys=keys, args=args))
-        except StoreUnavailable:
+        except BaseException:  # unreachable, or cancelled (its client left): kept
             self._requeue(batch)
             raise
         self._settled(batch, reply[0])
@@ -374,6 +375,9 @@ class RedisStore:
                 except StoreUnavailable:
                     self._requeue(batch)
                     return
+                except BaseException:
+                    self._requeue(batch)
+                    raise
                 self._settled(batch, reply[0])
         finally:
             self._flushing = None

@@ -24,6 +24,8 @@ import openai
 import pytest
 import redis
 
+from proxy.config import load_config
+from proxy.workers import worker_count
 from tests.harness import wait_for
 from tests.test_cli import HOKPROXY_ENV_ROOT, _free_port
 from tests.test_limits import (
@@ -81,8 +83,10 @@ key_env = "TEAM_B_KEY"
 
 
 class Workers:
-    def __init__(self, folder: Path, config: str, workers: int) -> None:
-        self.folder, self.workers = folder, workers
+    def __init__(self, folder: Path, config: str, workers: int | None) -> None:
+        """``workers``: passed as ``--workers``; None: the config's ``[server].workers``
+        (then 2)."""
+        self.folder, self.workers = folder, workers or 2
         self.config = folder / "config.toml"
         self.config.write_text(config)
         self.port = _free_port()
@@ -91,7 +95,8 @@ class Workers:
         self.output = ""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config),
-             "--port", str(self.port), "--workers", str(workers)],
+             "--port", str(self.port),
+             *(["--workers", str(workers)] if workers is not None else [])],
             cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
@@ -335,6 +340,23 @@ output_price = {PRICE}
     held = sum(int(plain.get(key) or 0) for key in plain.scan_iter(f"{prefix}auth:team-a:*:held"))
     assert spent == round(sum(r["limits"]["cost"] for r in answered) * 1e6) > 0
     assert held == 0
+
+
+def test_server_workers_in_the_config_and_auto(upstream, tmp_path, redis_server,
+                                               monkeypatch):
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    config = _config(upstream, redis_server.url, redis_server.prefix())
+    # No --workers: [server].workers says how many.
+    served = Workers(tmp_path, "[server]\nworkers = 2\n" + config, None)
+    try:
+        served.wait_ready()
+        assert len(served.worker_pids()) == 2
+    finally:
+        served.stop()
+    assert served.process.returncode == 0, served.output
+    assert worker_count(load_config(str(served.config)), "auto") == \
+        len(os.sched_getaffinity(0))
 
 
 def test_workers_refuse_to_start_when_limits_would_not_be_shared(upstream, tmp_path):
