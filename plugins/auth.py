@@ -78,6 +78,19 @@ def presented_key(headers: dict[str, str]) -> str | None:
     return headers.get("x-api-key")
 
 
+def caller_name(config: AuthConfig, headers: dict[str, str]) -> str:
+    """The name of the key ``headers`` (lower-case names) carry; a 401 if there is none or
+    it is no key of ``config``."""
+    secret = presented_key(headers)
+    if not secret:
+        raise Reject(401, "Missing API key: send it as 'Authorization: Bearer <key>' or "
+                          "'x-api-key: <key>'", code="missing_api_key")
+    name = identify(key_digests(config), secret)
+    if name is None:
+        raise Reject(401, "Invalid API key", code="invalid_api_key")
+    return name
+
+
 def identify(digests: dict[str, str], secret: str) -> str | None:
     """The name of the key ``secret`` is, comparing against every key in constant time."""
     presented = digest(secret)
@@ -102,14 +115,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(tryfirst=True)
 async def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, AuthConfig)
-    secret = presented_key(ctx.headers)
-    if not secret:
-        raise Reject(401, "Missing API key: send it as 'Authorization: Bearer <key>' or "
-                          "'x-api-key: <key>'", code="missing_api_key")
-    name = identify(key_digests(config), secret)
-    if name is None:
-        raise Reject(401, "Invalid API key", code="invalid_api_key")
-    ctx.caller = name
+    name = ctx.caller = caller_name(config, ctx.headers)
     key = config.keys[name]
     if key.share_cache:
         ctx.tenant = ""  # the pool of keys that share
@@ -195,6 +201,8 @@ class KeyLimits:
         tokens, micro, estimated = charged(ctx)
         ledger.tokens, ledger.cost, ledger.estimated = tokens, micro / MICRO, estimated
         held = [limit for limit in self.limits if limit.charge.held]
+        if not held:  # requests only: nothing was held
+            return
         amounts = {"tpm": tokens, "daily": micro, "monthly": micro}
         try:
             totals = await self.store.settle(
@@ -203,7 +211,8 @@ class KeyLimits:
         except StoreUnavailable:
             log.warning("limits_not_settled", key=self.name, request_id=ctx.request_id,
                         tokens=tokens, cost=micro / MICRO,
-                        note="the store is unreachable; the reservation lapses by itself")
+                        note="the store is unreachable; the settlement is applied when "
+                             "it is back (else the reservation lapses by itself)")
             ledger.unchecked = True
             return
         for limit, total in zip(held, totals, strict=True):

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -37,17 +37,34 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hookproxy")
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, worker: int | None = None) -> None:
+    """The app log on stderr; under ``serve --workers``, each line of a worker names it
+    (``worker=2``: its index, as in its log file ``requests-2.jsonl``, and its pid)."""
+    processors: list[Any] = [structlog.processors.add_log_level,
+                             structlog.processors.TimeStamper(fmt="iso")]
+    if worker is not None:
+        processors.append(_WorkerField(worker, os.getpid()))
     structlog.configure(
         processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
+            *processors,
             structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class _WorkerField:
+    """Names the worker on each of its log lines."""
+
+    def __init__(self, index: int, pid: int) -> None:
+        self.index, self.pid = index, pid
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("worker", self.index)
+        event.setdefault("pid", self.pid)
+        return event
 
 
 def _fail(message: str) -> int:

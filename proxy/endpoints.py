@@ -204,28 +204,87 @@ def _upstream_body(ctx: RequestContext, fields: dict[str, Any], model: str) -> b
     return _encode(body)
 
 
-# --- GET /v1/models/{id} -----------------------------------------------------------------
+# --- GET /v1/models and GET /v1/models/{id} ----------------------------------------------
+
+
+def models_list(gateway: Gateway, http: HttpRequest) -> HttpResponse:
+    """The configured models the caller may use, in the OpenAI list format (Anthropic's
+    when the request carries ``anthropic-version``)."""
+    anthropic = "anthropic-version" in http.headers
+    try:
+        names = usable_models(gateway, http)
+    except ProxyError as exc:
+        return _refused(gateway, http, exc, anthropic)
+    if anthropic:
+        data: list[dict[str, Any]] = [_model(gateway, n, anthropic) for n in names]
+        body: dict[str, Any] = {"data": data, "has_more": False,
+                                "first_id": names[0] if names else None,
+                                "last_id": names[-1] if names else None}
+    else:
+        body = {"object": "list", "data": [_model(gateway, n, anthropic) for n in names]}
+    return HttpResponse(_encode(body), media_type=JSON)
 
 
 def model_info(gateway: Gateway, http: HttpRequest) -> HttpResponse:
-    """One configured model, in the OpenAI format (Anthropic's when the request carries
-    ``anthropic-version``), or a 404 in that format, logged and recorded as an unknown
-    path is."""
+    """One configured model the caller may use, in the same formats, or a 404 in that
+    format, logged and recorded as an unknown path is."""
     name = str(http.path_params.get("model_id", ""))
     anthropic = "anthropic-version" in http.headers
-    if name in gateway.router.model_names():
-        body: dict[str, Any] = (
-            {"type": "model", "id": name, "display_name": name,
-             "created_at": "1970-01-01T00:00:00Z"} if anthropic else
-            {"id": name, "object": "model", "created": 0,
-             "owned_by": gateway.router.owner(name)})
-        return HttpResponse(_encode(body), media_type=JSON)
+    try:
+        names = usable_models(gateway, http)
+    except ProxyError as exc:
+        return _refused(gateway, http, exc, anthropic)
+    if name in names:
+        return HttpResponse(_encode(_model(gateway, name, anthropic)), media_type=JSON)
+    shown = name if len(name) <= MAX_SHOWN_PATH else name[:MAX_SHOWN_PATH] + "..."
+    # A model the key may not use is, to that key, one that does not exist (as OpenAI
+    # answers it); the log says which.
+    hidden = name in gateway.router.model_names()
+    error = ProxyError(404, f"The model '{shown}' does not exist" +
+                       (" or this API key may not use it" if hidden else ""),
+                       code="model_not_found")
+    return _refused(gateway, http, error, anthropic, model=shown, not_allowed=hidden)
+
+
+def usable_models(gateway: Gateway, http: HttpRequest) -> list[str]:
+    """The model names the request's caller may use: with ``[auth]`` keys, those whose
+    targets the key's ``models`` let answer (every one for the admin); a missing or
+    unknown key is a 401, as on every API endpoint."""
+    auth = gateway.config.auth
+    if auth.keys and not gateway.guard.is_admin(http):
+        caller = caller_key(gateway, http)
+        assert caller is not None
+        return gateway.router.model_names(auth.keys[caller].models)
+    return gateway.router.model_names()
+
+
+def caller_key(gateway: Gateway, http: HttpRequest) -> str | None:
+    """With ``[auth]`` keys, the name of the key the request carries; a missing or
+    unknown key is a 401, as on every API endpoint."""
+    auth = gateway.config.auth
+    if not auth.keys:
+        return None
+    from plugins.auth import caller_name
+
+    return caller_name(auth, {k.lower(): v for k, v in http.headers.items()})
+
+
+def _model(gateway: Gateway, name: str, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
+        return {"type": "model", "id": name, "display_name": name,
+                "created_at": "1970-01-01T00:00:00Z"}
+    return {"id": name, "object": "model", "created": 0,
+            "owned_by": gateway.router.owner(name)}
+
+
+def _refused(gateway: Gateway, http: HttpRequest, error: ProxyError, anthropic: bool,
+             **logged: Any) -> HttpResponse:
+    """``error`` in the caller's format, logged and recorded."""
     started, started_wall = time.perf_counter(), time.time()
     request_id = os.urandom(16).hex()
-    shown = name if len(name) <= MAX_SHOWN_PATH else name[:MAX_SHOWN_PATH] + "..."
     wire = anthropic_format if anthropic else openai_format
-    error = ProxyError(404, f"The model '{shown}' does not exist", code="model_not_found")
-    log.info("model_not_found", request_id=request_id, model=shown)
+    log.info(error.code or "models_refused", request_id=request_id, status=error.status,
+             **logged)
     gateway.rejected(request_id, http.scope["path"][:MAX_SHOWN_PATH], wire.NAME, error,
                      started_wall, started)
     return error_response(wire, error, None, request_id)

@@ -27,7 +27,7 @@ from starlette.responses import StreamingResponse
 
 from proxy.canonical import Request, wire_of
 from proxy.context import PipelineError, RequestContext
-from proxy.endpoints import JSON, error_response, response_headers, when_sent
+from proxy.endpoints import JSON, caller_key, error_response, response_headers, when_sent
 from proxy.errors import ProxyError
 from proxy.formats import responses as responses_format
 from proxy.params import check_parameters
@@ -246,7 +246,7 @@ async def _stored(gateway: Gateway, http: HttpRequest, *, delete: bool) -> HttpR
                          client_format=responses_format.NAME)
     ctx.started = started
     try:
-        ctx.caller = _caller(gateway, http)
+        ctx.caller = caller_key(gateway, http)
         tenant = tenant_of(http.headers)
         stored = gateway.stored_responses
         if delete:
@@ -275,21 +275,3 @@ async def _stored(gateway: Gateway, http: HttpRequest, *, delete: bool) -> HttpR
 
 def _not_found(response_id: str) -> ProxyError:
     return ProxyError(404, f"No response found with id '{response_id}'.", code="not_found")
-
-
-def _caller(gateway: Gateway, http: HttpRequest) -> str | None:
-    """With ``[auth]`` keys, the name of the key the request carries; a missing or
-    unknown key is a 401, as on every API endpoint."""
-    auth = gateway.config.auth
-    if not auth.keys:
-        return None
-    from plugins.auth import identify, key_digests, presented_key
-
-    secret = presented_key({k.lower(): v for k, v in http.headers.items()})
-    if not secret:
-        raise ProxyError(401, "Missing API key: send it as 'Authorization: Bearer <key>' or "
-                              "'x-api-key: <key>'", code="missing_api_key")
-    name = identify(key_digests(auth), secret)
-    if name is None:
-        raise ProxyError(401, "Invalid API key", code="invalid_api_key")
-    return name

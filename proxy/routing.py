@@ -12,7 +12,7 @@ import fnmatch
 import random
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -72,14 +72,19 @@ def refused_by(ctx: RequestContext, provider: str, model: str, group: str | None
     matches the target's model name or ``provider/model``; a list that names a model
     group exactly (no wildcard) also allows that group's own targets, given as ``group``
     when the target is one of them."""
-    if not ctx.model_allow_lists:
-        return None
-    qualified = f"{provider}/{model}"
     for owner, patterns in ctx.model_allow_lists:
-        if not any(fnmatch.fnmatchcase(model, p) or fnmatch.fnmatchcase(qualified, p)
-                   or p == group for p in patterns):
+        if not allows(patterns, provider, model, group):
             return owner
     return None
+
+
+def allows(patterns: Sequence[str], provider: str, model: str, group: str | None = None
+           ) -> bool:
+    """Whether one allow-list (a key's ``models``) lets the target ``provider``/``model``
+    answer, as ``refused_by`` judges it."""
+    qualified = f"{provider}/{model}"
+    return any(fnmatch.fnmatchcase(model, p) or fnmatch.fnmatchcase(qualified, p)
+               or p == group for p in patterns)
 
 
 class _Health:
@@ -125,10 +130,14 @@ class Router:
         self._latency_written: dict[Target, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def model_names(self) -> list[str]:
-        """The model names that at least one available provider can serve."""
+    def model_names(self, allowed: Sequence[str] | None = None) -> list[str]:
+        """The model names that at least one available provider can serve; with
+        ``allowed`` (a key's ``models``), only those with such a target that the list lets
+        answer (a group is usable by a key only for its allowed targets)."""
         return [name for name, targets in self.targets.items()
-                if any(t.provider in self.providers for t in targets)]
+                if any(t.provider in self.providers and
+                       (allowed is None or allows(allowed, t.provider, t.model, name))
+                       for t in targets)]
 
     def owner(self, name: str) -> str:
         return self.targets[name][0].provider

@@ -40,6 +40,7 @@ from proxy.endpoints import (
     count_tokens,
     error_response,
     model_info,
+    models_list,
     not_routed,
     response_headers,
     vendor_headers,
@@ -240,19 +241,7 @@ class Gateway:
         return not_routed(self, http, exc)
 
     async def models(self, http: HttpRequest) -> HttpResponse:
-        names = self.router.model_names()
-        if "anthropic-version" in http.headers:
-            data: list[dict[str, Any]] = [
-                {"type": "model", "id": n, "display_name": n,
-                 "created_at": "1970-01-01T00:00:00Z"} for n in names]
-            body: dict[str, Any] = {"data": data, "has_more": False,
-                                    "first_id": names[0] if names else None,
-                                    "last_id": names[-1] if names else None}
-        else:
-            body = {"object": "list", "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": self.router.owner(n)}
-                for n in names]}
-        return HttpResponse(_encode(body), media_type=JSON)
+        return models_list(self, http)
 
     async def health(self, http: HttpRequest) -> HttpResponse:
         if not self.guard.is_admin(http):

@@ -10,7 +10,8 @@ Limits reserve before the provider call and settle after it. ``reserve`` checks 
 request's charges to every counter it falls under in one atomic step (all or none); each
 held charge is kept as a *hold* until ``settle`` replaces it with what the request really
 used. A hold nobody settles (a worker killed mid-request) is released once its
-``hold_ttl`` has passed, so a crash cannot eat a budget for the rest of its window.
+``hold_ttl`` has passed, so a crash cannot eat a budget for the rest of its window; it
+leaves a mark, so that a settlement that comes after all still counts, once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import msgspec
 
 if TYPE_CHECKING:
     from proxy.config import Config
+
+
+# A lapsed hold's mark is kept this many hold ttls: a settlement that comes after the hold
+# lapsed still counts, once; one that comes again (a retry) does not count twice.
+LAPSED_KEEP = 3
+_LAPSED: list[tuple[str, int]] = []
 
 
 class StoreUnavailable(Exception):
@@ -87,9 +94,12 @@ class Store(Protocol):
         ...
 
     async def settle(self, scope: str, hold: str, charges: Sequence[Charge]) -> list[int]:
-        """Releases the hold ``hold`` (if it is still there) and adds ``charges`` — what
-        the request really used — to their counters' used part; returns each counter's
-        used total after."""
+        """Releases the hold ``hold`` and adds ``charges`` — what the request really used
+        — to their counters' used part; returns each counter's used total after. Counted
+        once: only while the hold, or the mark it left when it lapsed, is there (a
+        settlement applied again, or more than ``LAPSED_KEEP`` hold ttls after the hold
+        lapsed, adds nothing). The Redis store applies it with the next admission or soon
+        after, so it costs no round trip of its own."""
         ...
 
     def fail_open(self, what: str) -> bool:
@@ -114,8 +124,9 @@ class MemoryStore:
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         # key -> [expires, used, held]
         self._counters: dict[str, list[float]] = {}
-        # hold -> (deadline, [(key, amount)]); a heap of deadlines finds the late ones.
-        self._holds: dict[tuple[str, str], tuple[float, list[tuple[str, int]]]] = {}
+        # hold -> (deadline, [(key, amount)], hold ttl); a heap of deadlines finds the late
+        # ones. A hold that lapsed leaves a mark (no amounts) for LAPSED_KEEP hold ttls.
+        self._holds: dict[tuple[str, str], tuple[float, list[tuple[str, int]], float]] = {}
         self._deadlines: list[tuple[float, str, str]] = []
         self._clock = time.monotonic
         self._next_sweep = 0.0
@@ -172,19 +183,20 @@ class MemoryStore:
             totals[index] += charge.amount
             if charge.held and charge.amount:
                 held.append((charge.key, charge.amount))
-        if held:
+        if any(charge.held for charge in charges):
             deadline = now + hold_ttl
-            self._holds[(scope, hold)] = (deadline, held)
+            self._holds[(scope, hold)] = (deadline, held, hold_ttl)
             heapq.heappush(self._deadlines, (deadline, scope, hold))
         return Admission(admitted=True, totals=totals)
 
     async def settle(self, scope: str, hold: str, charges: Sequence[Charge]) -> list[int]:
-        self._release(scope, hold)
+        settling = self._release(scope, hold)
         totals = []
         for charge in charges:
             counter = self._counter(charge.key, charge.ttl)
             assert counter is not None
-            counter[1] += charge.amount
+            if settling:
+                counter[1] += charge.amount
             totals.append(int(counter[1]))
         return totals
 
@@ -214,25 +226,33 @@ class MemoryStore:
         for key in [k for k, c in self._counters.items() if c[0] <= now]:
             del self._counters[key]
 
-    def _release(self, scope: str, hold: str) -> None:
+    def _release(self, scope: str, hold: str) -> bool:
+        """Releases the hold (or its lapsed mark); whether it was there."""
         found = self._holds.pop((scope, hold), None)
         if found is None:
-            return
+            return False
         for key, amount in found[1]:
             counter = self._counters.get(key)
             if counter is not None:
                 counter[2] -= amount
+        return True
 
     def _release_late(self, now: float) -> None:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             deadline, scope, hold = heapq.heappop(deadlines)
             found = self._holds.get((scope, hold))
-            if found is not None and found[0] == deadline:
-                self._release(scope, hold)
+            if found is None or found[0] != deadline:
+                continue
+            self._release(scope, hold)
+            if found[1] is not _LAPSED:
+                # Its mark stays a while: a settlement that comes later still counts, once.
+                mark = now + found[2] * LAPSED_KEEP
+                self._holds[(scope, hold)] = (mark, _LAPSED, found[2])
+                heapq.heappush(deadlines, (mark, scope, hold))
         # Settled holds leave their deadline behind: rebuild once they dominate.
         if len(deadlines) > 64 and len(deadlines) > 4 * len(self._holds):
-            self._deadlines = [(d, s, h) for (s, h), (d, _) in self._holds.items()]
+            self._deadlines = [(d, s, h) for (s, h), (d, _, _) in self._holds.items()]
             heapq.heapify(self._deadlines)
 
 

@@ -173,7 +173,7 @@ def serve_worker(source: str, host: str, port: int, index: int, sock: Any) -> No
     from proxy.cli import configure_logging, run_server
     from proxy.config import ConfigError, load_config
 
-    configure_logging()
+    configure_logging(worker=index)
     try:
         config = load_config(source)
         config.log.path = log_path(config.log.path, index)

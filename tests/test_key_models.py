@@ -4,6 +4,9 @@ the side of a key that tries to reach a model it was not given."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -135,3 +138,38 @@ def test_a_shared_cache_entry_from_another_target_is_not_served(upstream):
         assert answer.headers["x-hookproxy-provider"] == "mock"
         assert answer.parse().choices[0].message.content != \
             first.parse().choices[0].message.content
+
+
+def test_the_model_list_shows_each_key_only_the_models_it_may_use(upstream):
+    with serving(upstream, routes=[]) as proxy:
+        def listed(key: str) -> list[str]:
+            return [m.id for m in _client(proxy, key).models.list()]
+
+        assert listed("ANY_KEY") == ["gpt-test", "claude-test", "mock-1", "gpt-x",
+                                     "mock-smart", "smart", "mixed", "either", "forced"]
+        # Judged by the targets, as a request is: mock-smart is served by gpt-x; a
+        # fallback group is listed to a key that may use one of its targets.
+        assert listed("MOCK_ONLY_KEY") == ["mock-1", "mixed", "either", "forced"]
+        assert listed("GPT_ONLY_KEY") == ["gpt-test", "gpt-x", "mock-smart", "smart",
+                                          "mixed", "either"]
+        assert listed("SMART_KEY") == ["smart"]
+        # Anthropic's format and SDK, the same list.
+        mock_only = proxy.anthropic(api_key=KEYS["MOCK_ONLY_KEY"])
+        assert [m.id for m in mock_only.models.list()] == ["mock-1", "mixed", "either",
+                                                           "forced"]
+        assert mock_only.models.retrieve("mixed").id == "mixed"
+        # One model: a model the key may not use does not exist, for that key.
+        assert _client(proxy, "MOCK_ONLY_KEY").models.retrieve("mock-1").id == "mock-1"
+        with pytest.raises(openai.NotFoundError, match="may not use it"):
+            _client(proxy, "MOCK_ONLY_KEY").models.retrieve("gpt-x")
+        assert _client(proxy, "GPT_ONLY_KEY").models.retrieve("gpt-x").id == "gpt-x"
+        with pytest.raises(openai.NotFoundError) as caught:
+            _client(proxy, "GPT_ONLY_KEY").models.retrieve("no-such-model")
+        assert "may not use" not in caught.value.message
+        # Without a key, or with a wrong one, as on every API endpoint.
+        with pytest.raises(openai.AuthenticationError, match="Invalid API key"):
+            proxy.openai(api_key="sk-wrong").models.list()
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{proxy.url}/v1/models/mock-1", timeout=10)
+        assert missing.value.code == 401
+        assert "Missing API key" in json.loads(missing.value.read())["error"]["message"]

@@ -4,6 +4,7 @@ about a target the other honours, and Redis going away never turns into a 500.""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -128,6 +129,32 @@ def test_a_cooldown_one_replica_learns_is_honoured_by_the_other(upstream, tmp_pa
         # The second replica never failed there itself; it reads the cooldown.
         assert wait_for(second_skips_it)
         assert upstream.count("shared-status-503") <= failed + 2
+
+
+def test_latencies_one_replica_measured_steer_the_other(upstream, tmp_path, redis_server):
+    config = limits_config(upstream, tmp_path)
+    del config["auth"]
+    slow, fast = "steer-delay-400", "steer-fast"
+    config["models"].append({"name": "quickest", "strategy": "least_latency", "targets": [
+        {"provider": "oai", "model": fast}, {"provider": "oai", "model": slow}]})
+    config["store"] = {"url": redis_server.url, "prefix": redis_server.prefix()}
+
+    def ask(proxy: ProxyServer) -> str:
+        answer = proxy.openai().chat.completions.with_raw_response.create(
+            model="quickest", messages=PROMPT)
+        return str(answer.headers["x-hookproxy-model"])
+
+    with replicas(2, config, tmp_path) as (first, second):
+        # The first replica measures both targets (one never measured goes first).
+        assert {ask(first), ask(first)} == {fast, slow}
+        # The second has measured neither: alone, after its first request (to the fast
+        # one, first in the list) it would try the slow one it never measured. It reads
+        # the first's latencies instead (as the first request made it refresh them).
+        assert ask(second) == fast
+        time.sleep(0.3)
+        before = upstream.count(slow)
+        assert [ask(second) for _ in range(4)] == [fast] * 4
+        assert upstream.count(slow) == before
 
 
 def _metrics(proxy: ProxyServer) -> str:

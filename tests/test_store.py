@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from proxy import redisstore
 from proxy.config import StoreConfig
 from proxy.redisstore import RedisStore
 from proxy.store import Charge, MemoryStore, Store, StoreUnavailable
@@ -94,8 +96,9 @@ def test_settling_replaces_the_hold_with_what_was_used(make_store):
         await store.reserve("k", "r1", _charges(tokens=20, money=500), 60)
         used = [Charge("k:tpm", 7, ttl=60), Charge("k:day", 120, ttl=60)]
         assert await store.settle("k", "r1", used) == [7, 120]
-        # Settling twice does not release twice.
-        assert await store.settle("k", "r1", [Charge("k:tpm", 0, ttl=60)]) == [7]
+        # A settlement sent again (a retry after its reply was lost) neither releases
+        # nor counts twice.
+        assert await store.settle("k", "r1", used) == [7, 120]
         again = await store.reserve("k", "r2", _charges(tokens=28, money=1), 60)
         assert again.admitted and again.totals[1:] == [35, 121]
 
@@ -169,3 +172,90 @@ def test_redis_unreachable_is_store_unavailable_and_recovers(redis_server):
         asyncio.run(store.close())
         server.stop()
     assert failures[:2] == ["get", "incr"]
+
+
+# --- the Redis store's settlements: carried by admissions, kept through outages ----------
+
+
+def _redis(server: RedisServer, timeout: float = 1.0) -> tuple[RedisStore, str]:
+    prefix = server.prefix()
+    return RedisStore(StoreConfig(url=server.url, prefix=prefix, timeout=timeout)), prefix
+
+
+def _evalsha_calls(server: RedisServer) -> int:
+    stats = redis.Redis(port=server.port).info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_settlement_rides_with_the_next_admission(redis_server, monkeypatch):
+    # Nothing flushes on its own here: only an admission can carry the settlement.
+    monkeypatch.setattr(redisstore, "SETTLE_DELAY", 60.0)
+    store, _ = _redis(redis_server)
+
+    async def main() -> None:
+        try:
+            await store.reserve("k", "r1", _charges(tokens=20, money=500), 60)
+            settling = asyncio.create_task(store.settle("k", "r1", [
+                Charge("k:tpm", 7, ttl=60), Charge("k:day", 120, ttl=60)]))
+            await asyncio.sleep(0)
+            before = _evalsha_calls(redis_server)
+            admission = await store.reserve("k", "r2", _charges(tokens=5, money=1), 60)
+            # One round trip: the settlement was applied first, then the reservation.
+            assert _evalsha_calls(redis_server) - before == 1
+            assert await settling == [7, 120]
+            assert admission.totals[1:] == [7 + 5, 120 + 1]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_waiting_settlements_go_on_their_own_and_at_the_close(redis_server):
+    store, prefix = _redis(redis_server)
+    plain = redis.Redis(port=redis_server.port)
+
+    async def main() -> None:
+        await store.reserve("k", "r1", _charges(tokens=20), 60)
+        await store.reserve("k", "r2", _charges(tokens=10), 60)
+        # No admission follows: they go together, soon.
+        assert await asyncio.gather(
+            store.settle("k", "r1", [Charge("k:tpm", 7, ttl=60)]),
+            store.settle("k", "r2", [Charge("k:tpm", 4, ttl=60)])) in ([[7], [11]],
+                                                                        [[11], [7]])
+        await store.reserve("k", "r3", _charges(tokens=10), 60)
+        # The process shuts down with one still waiting: the close applies it.
+        settling = asyncio.create_task(store.settle("k", "r3", [Charge("k:tpm", 2, ttl=60)]))
+        await asyncio.sleep(0)
+        await store.close()
+        assert await settling == [13]
+
+    asyncio.run(main())
+    assert plain.get(prefix + "k:tpm") == b"13"
+    assert int(plain.get(prefix + "k:tpm:held") or 0) == 0
+
+
+def test_settlements_wait_out_a_redis_that_stalls_and_count_once(redis_server):
+    store, prefix = _redis(redis_server, timeout=0.3)
+    plain = redis.Redis(port=redis_server.port)
+
+    async def main() -> None:
+        try:
+            await store.reserve("k", "r1", _charges(tokens=20), 60)
+            # Redis stops answering (its clients are paused) for longer than the timeout.
+            plain.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            with pytest.raises(StoreUnavailable):
+                await store.settle("k", "r1", [Charge("k:tpm", 7, ttl=60)])
+            # Kept, and applied once Redis answers again; the call that timed out may
+            # have run too once the pause ended: the settlement still counts once.
+            deadline = time.monotonic() + 10
+            while plain.get(prefix + "k:tpm") != b"7":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # whatever else was to come has come
+            assert plain.get(prefix + "k:tpm") == b"7"
+            assert int(plain.get(prefix + "k:tpm:held") or 0) == 0
+        finally:
+            plain.execute_command("CLIENT", "UNPAUSE")
+            await store.close()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ import pytest
 
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config
+from tests.strict_upstream import OPENAI_KEY, StrictUpstream
 
 KEYS = {"TENANT_A_KEY": "sk-tenant-a-0123456789abcdef",
         "TENANT_B_KEY": "sk-tenant-b-0123456789abcdef"}
@@ -124,3 +125,40 @@ def test_keys_that_opt_into_sharing_share_and_the_others_do_not(upstream, monkey
             assert upstream.count("gpt-test") == seen + 2  # B shares with A
     finally:
         del KEYS["TENANT_C_KEY"]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/embeddings", "/v1/responses"])
+def test_embeddings_and_responses_are_cached_per_key_too(monkeypatch, endpoint):
+    monkeypatch.setenv("STRICT_UPSTREAM_OPENAI_KEY", OPENAI_KEY)
+    config: dict[str, Any] = {
+        "providers": {},
+        "models": [{"name": "embed", "provider": "resp", "model": "text-embedding-strict"},
+                   {"name": "gpt-resp", "provider": "resp", "model": "gpt-strict"}],
+        "plugins": {"cache": {}, "redact": {}},
+        "auth": {"keys": {"tenant-a": {"key_env": "TENANT_A_KEY"},
+                          "tenant-b": {"key_env": "TENANT_B_KEY"}}}}
+
+    def ask(proxy: ProxyServer, key: str, text: str) -> Any:
+        client = proxy.openai(api_key=KEYS[key])
+        if endpoint == "/v1/embeddings":
+            return client.embeddings.create(model="embed", input=text).data[0].embedding
+        return client.responses.create(model="gpt-resp", input=text).output_text
+
+    with StrictUpstream() as upstream:
+        config["providers"]["resp"] = upstream.provider("responses")
+        with ProxyServer(config) as proxy:
+            text = f"Email me at {ALICE}"
+            first = ask(proxy, "TENANT_A_KEY", text)
+            proxy.settled(None)
+            assert ask(proxy, "TENANT_A_KEY", text) == first
+            assert len(upstream.on(endpoint)) == 1  # A's own entry answered A
+            # B, with the same request (and the same masked one): its own provider call.
+            ask(proxy, "TENANT_B_KEY", text)
+            assert len(upstream.on(endpoint)) == 2
+            proxy.settled(None)
+            answer = ask(proxy, "TENANT_B_KEY", f"Email me at {BOB}")
+            assert len(upstream.on(endpoint)) == 2  # B's entry, with B's own originals
+            if endpoint == "/v1/responses":  # the upstream echoes: each their own
+                assert first == f"answered: Email me at {ALICE}"
+                assert answer == f"answered: Email me at {BOB}"
+        assert not upstream.rejections, [c.error for c in upstream.rejections]

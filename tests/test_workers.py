@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import redis
 
+from proxy.config import load_config
+from proxy.workers import worker_count
 from tests.harness import wait_for
 from tests.test_cli import HOKPROXY_ENV_ROOT, _free_port
 from tests.test_limits import (
@@ -79,8 +83,10 @@ key_env = "TEAM_B_KEY"
 
 
 class Workers:
-    def __init__(self, folder: Path, config: str, workers: int) -> None:
-        self.folder, self.workers = folder, workers
+    def __init__(self, folder: Path, config: str, workers: int | None) -> None:
+        """``workers``: passed as ``--workers``; None: the config's ``[server].workers``
+        (then 2)."""
+        self.folder, self.workers = folder, workers or 2
         self.config = folder / "config.toml"
         self.config.write_text(config)
         self.port = _free_port()
@@ -89,7 +95,8 @@ class Workers:
         self.output = ""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config),
-             "--port", str(self.port), "--workers", str(workers)],
+             "--port", str(self.port),
+             *(["--workers", str(workers)] if workers is not None else [])],
             cwd=folder, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
@@ -289,6 +296,67 @@ def test_workers_share_cooldowns_reload_together_and_replace_the_fallen(
     output = served.output
     assert served.process.returncode == 0, output
     assert re.search(r"worker died; replacing it.*exit_code=-9", output)
+    # Each worker's lines in the app log name it: both reloaded, each said so.
+    reloaded = [line for line in output.splitlines() if "config reloaded" in line]
+    assert {re.search(r"\bworker=(\d)", line).group(1) for line in reloaded} == {"1", "2"}
+    assert all(re.search(r"\bpid=\d+", line) for line in reloaded)
+    assert not re.search(r"workers started.*\bworker=", output)  # the supervisor's own
+
+
+def test_sigterm_drains_every_worker_and_settles_every_request(upstream, tmp_path,
+                                                               redis_server, monkeypatch):
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    prefix = redis_server.prefix()
+    config = _config(upstream, redis_server.url, prefix, team_a="daily_budget = 100.0") + f"""
+[[models]]
+name = "slow-priced"
+provider = "oai"
+model = "priced-delay-1500"
+input_price = {PRICE}
+output_price = {PRICE}
+"""
+    served = Workers(tmp_path, config, 2)
+    try:
+        served.wait_ready()
+        client = served.client("TEAM_A_KEY")
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(client.chat.completions.create, model="slow-priced",
+                                   messages=PROMPT, max_tokens=MAX_TOKENS)
+                       for _ in range(6)]
+            assert wait_for(lambda: upstream.count("priced-delay-1500") == 6)
+            # Every request is in flight (each settles only once answered): stop now.
+            served.process.send_signal(signal.SIGTERM)
+            assert all(answer.result().choices for answer in answers)
+    finally:
+        served.stop()
+    assert served.process.returncode == 0, served.output
+    answered = [r for r in served.records() if r["model"] == "slow-priced"]
+    assert len(answered) == 6 and all(r["status"] == 200 for r in answered)
+    # What Redis holds for the key's day is what the six cost, and nothing is left held.
+    plain = redis.Redis(port=redis_server.port)
+    spent = sum(int(plain.get(key) or 0) for key in plain.scan_iter(f"{prefix}auth:team-a:day:*")
+                if not key.endswith(b":held"))
+    held = sum(int(plain.get(key) or 0) for key in plain.scan_iter(f"{prefix}auth:team-a:*:held"))
+    assert spent == round(sum(r["limits"]["cost"] for r in answered) * 1e6) > 0
+    assert held == 0
+
+
+def test_server_workers_in_the_config_and_auto(upstream, tmp_path, redis_server,
+                                               monkeypatch):
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    config = _config(upstream, redis_server.url, redis_server.prefix())
+    # No --workers: [server].workers says how many.
+    served = Workers(tmp_path, "[server]\nworkers = 2\n" + config, None)
+    try:
+        served.wait_ready()
+        assert len(served.worker_pids()) == 2
+    finally:
+        served.stop()
+    assert served.process.returncode == 0, served.output
+    assert worker_count(load_config(str(served.config)), "auto") == \
+        len(os.sched_getaffinity(0))
 
 
 def test_workers_refuse_to_start_when_limits_would_not_be_shared(upstream, tmp_path):
