@@ -49,7 +49,7 @@ from proxy.canonical import (
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
 from proxy.formats import common
-from proxy.formats.common import decode_json, known_extra
+from proxy.formats.common import known_extra
 
 NAME = "anthropic"
 DEFAULT_MAX_TOKENS = 4096
@@ -129,16 +129,7 @@ def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) ->
 
 
 def decode_request(body: bytes) -> Request:
-    # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
-    # check of the body first.
-    split = common.split_body(body, checked=False, known=_DOCUMENTED)
-    if split is not None:
-        try:
-            return _request_by_messages(*split)
-        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
-                KeyError):
-            pass  # the full decode below names what is wrong
-    return _request(decode_json(body))
+    return common.decode_request(body, _DOCUMENTED, _request_by_messages, _request)
 
 
 def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:

@@ -95,6 +95,24 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
     return fields, messages
 
 
+def decode_request(body: bytes, known: frozenset[str],
+                   by_messages: Callable[[dict[str, msgspec.Raw], list[msgspec.Raw]], Request],
+                   whole: Callable[[dict[str, Any]], Request]) -> Request:
+    """A client's request: split into its fields and messages and made by
+    ``by_messages`` (which decodes each message on its own, or copies one seen before);
+    a body that fails there is decoded whole by ``whole``, which names what is wrong.
+    Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
+    check of the body first."""
+    split = split_body(body, checked=False, known=known)
+    if split is not None:
+        try:
+            return by_messages(*split)
+        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
+                KeyError):
+            pass  # the full decode below names what is wrong
+    return whole(decode_json(body))
+
+
 _clone = msgspec.msgpack.Decoder(Message).decode
 
 

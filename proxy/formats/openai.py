@@ -47,7 +47,7 @@ from proxy.canonical import (
 )
 from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, error_type
 from proxy.formats import common
-from proxy.formats.common import decode_json, known_extra, parse_data_url
+from proxy.formats.common import known_extra, parse_data_url
 
 NAME = "openai"
 _encode = msgspec.json.Encoder().encode
@@ -110,16 +110,7 @@ _FINISH_IN: dict[str | None, FinishReason] = {
 
 
 def decode_request(body: bytes) -> Request:
-    # Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
-    # check of the body first.
-    split = common.split_body(body, checked=False, known=_DOCUMENTED)
-    if split is not None:
-        try:
-            return _request_by_messages(*split)
-        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
-                KeyError):
-            pass  # the full decode below names what is wrong
-    return _request(decode_json(body))
+    return common.decode_request(body, _DOCUMENTED, _request_by_messages, _request)
 
 
 def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:
