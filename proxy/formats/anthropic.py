@@ -129,21 +129,14 @@ def _stop_reason(finish: str, stop_sequence: str | None, wire: object = None) ->
 
 
 def decode_request(body: bytes) -> Request:
-    return common.decode_request(body, _DOCUMENTED, _request_by_messages, _request)
+    return common.decode_request(body, _DOCUMENTED, _request, _add_messages)
 
 
-def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:
-    """The request from its top-level fields and its messages, each still JSON text: each
-    message decoded on its own, or copied from one seen before (``messages_by_content``)."""
-    decoded = {key: common.decode_raw(value) for key, value in fields.items()
-               if key != "messages"}
-    request = _request({**decoded, "messages": []})
+def _add_messages(request: Request, raws: list[msgspec.Raw]) -> None:
     request.messages = []
     for message, raw, printed in common.messages_by_content(NAME, raws, _checked_message):
         remember_wire(message, raw, printed)
         request.messages.append(message)
-    remember_wire(request, {**decoded, "messages": raws})
-    return request
 
 
 def _checked_message(raw: dict[str, Any], index: int) -> Message:

@@ -96,17 +96,23 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
 
 
 def decode_request(body: bytes, known: frozenset[str],
-                   by_messages: Callable[[dict[str, msgspec.Raw], list[msgspec.Raw]], Request],
-                   whole: Callable[[dict[str, Any]], Request]) -> Request:
-    """A client's request: split into its fields and messages and made by
-    ``by_messages`` (which decodes each message on its own, or copies one seen before);
-    a body that fails there is decoded whole by ``whole``, which names what is wrong.
-    Every part is decoded, or is a message seen (and decoded) whole before: no UTF-8
-    check of the body first."""
+                   whole: Callable[[dict[str, Any]], Request],
+                   add_messages: Callable[[Request, list[msgspec.Raw]], None]) -> Request:
+    """A client's request: its top-level fields made into a request by ``whole`` (given no
+    messages), and its messages added by ``add_messages``, which decodes each on its own or
+    copies one seen before (``messages_by_content``). A body that fails there is decoded
+    whole by ``whole``, which names what is wrong. Every part is decoded, or is a message
+    seen (and decoded) whole before: no UTF-8 check of the body first."""
     split = split_body(body, checked=False, known=known)
     if split is not None:
+        fields, raws = split
         try:
-            return by_messages(*split)
+            decoded = {key: _decode(value) for key, value in fields.items()
+                       if key != "messages"}
+            request = whole({**decoded, "messages": []})
+            add_messages(request, raws)
+            remember_wire(request, {**decoded, "messages": raws})
+            return request
         except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
                 KeyError):
             pass  # the full decode below names what is wrong

@@ -110,19 +110,12 @@ _FINISH_IN: dict[str | None, FinishReason] = {
 
 
 def decode_request(body: bytes) -> Request:
-    return common.decode_request(body, _DOCUMENTED, _request_by_messages, _request)
+    return common.decode_request(body, _DOCUMENTED, _request, _add_messages)
 
 
-def _request_by_messages(fields: dict[str, msgspec.Raw], raws: list[msgspec.Raw]) -> Request:
-    """The request from its top-level fields and its messages, each still JSON text: each
-    message decoded on its own, or copied from one seen before (``messages_by_content``)."""
-    decoded = {key: common.decode_raw(value) for key, value in fields.items()
-               if key != "messages"}
-    request = _request({**decoded, "messages": []})
+def _add_messages(request: Request, raws: list[msgspec.Raw]) -> None:
     request.system, request.messages = _assemble(
         common.messages_by_content(NAME, raws, _checked_unit))
-    remember_wire(request, {**decoded, "messages": raws})
-    return request
 
 
 # Every top-level field of the API's reference (and hookproxy's own): a body with none
