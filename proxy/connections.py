@@ -30,6 +30,8 @@ API_PATHS = ("/v1/", "/chat/")
 BROKEN_BODY = "hookproxy.broken_body"
 # Where the scope of a request holds its ClientGone (set by the guarded protocol).
 CLIENT_GONE = "hookproxy.client_gone"
+# Set in the scope of a request once its whole body has been received.
+BODY_RECEIVED = "hookproxy.body_received"
 # Gateway.rejected: (request_id, endpoint, client_format, error, started_wall, started).
 Refused = Callable[[str, str, str, ProxyError, float, float], None]
 
@@ -95,7 +97,8 @@ class BodyDeadline:
 
         async def receive_in_time() -> Message:
             nonlocal complete
-            if complete:
+            if complete or BODY_RECEIVED in scope:
+                # Nothing left to wait for (the protocol has the whole body): no deadline.
                 return await receive()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -228,6 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_body_timer()
         self._in_body = False
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         super().on_message_complete()
         self._forget_request()
 
