@@ -40,7 +40,7 @@ from proxy.connections import (
     ClientGone,
     body_late,
 )
-from proxy.context import PipelineError, RequestContext
+from proxy.context import Answered, PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
     JSON,
@@ -382,7 +382,7 @@ class Gateway:
                 ctx.defer_decoding(rest, body)
         ctx.client_classifiers = client_set
         ctx.app = self.app
-        ctx.answered = asyncio.Event()
+        ctx.answered = Answered()
         ctx.body_bytes = len(body)
         if own_field is None:
             ctx.raw_body = body
