@@ -542,11 +542,17 @@ class Pipeline:
     def _answered(self, entry: _Finishing) -> None:
         if entry.ready:
             return  # waited for too long already
+        self._account(entry)
+        self._flush()
+
+    def _account(self, entry: _Finishing) -> None:
+        """Charges the request's usage to its limits; its record may go then."""
+        assert entry.ctx is not None
         try:
-            account_usage(entry.ctx)  # type: ignore[arg-type]
-        finally:
-            entry.ready = True
-            self._flush()
+            account_usage(entry.ctx)
+        except Exception:
+            log.exception("record_failed", request_id=entry.ctx.request_id)
+        entry.ready = True
 
     async def _after(self, ctx: RequestContext, entry: _Finishing) -> None:
         try:
@@ -609,18 +615,10 @@ class Pipeline:
             if entry.task:
                 entry.detached = detached = True
             else:
-                self._answered_late(entry)
+                self._account(entry)
         if detached:
             self._order = deque(e for e in self._order if not e.detached)
         self._flush()
-
-    def _answered_late(self, entry: _Finishing) -> None:
-        try:
-            account_usage(entry.ctx)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("record_failed", request_id=entry.ctx.request_id
-                          if entry.ctx else None)
-        entry.ready = True
 
     def in_order(self, publish: Callable[[], None]) -> None:
         """Calls ``publish`` (a record of a request that never reached the pipeline) once

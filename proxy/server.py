@@ -414,12 +414,12 @@ class Gateway:
         except asyncio.CancelledError:
             if not left:
                 raise
-            task.uncancel()
             raise _left_error() from None
         finally:
             gone.unwatch()
+            if left:  # the cancellation was ours, and is over
+                task.uncancel()
         if left:  # the work went on through its cancellation
-            task.uncancel()
             raise _left_error()
         return result
 
