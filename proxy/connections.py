@@ -28,12 +28,45 @@ log = structlog.get_logger("hookproxy.server")
 API_PATHS = ("/v1/", "/chat/")
 # Where the scope of a request whose body could not be parsed holds the error.
 BROKEN_BODY = "hookproxy.broken_body"
+# Where the scope of a request holds its ClientGone (set by the guarded protocol).
+CLIENT_GONE = "hookproxy.client_gone"
+# Set in the scope of a request once its whole body has been received.
+BODY_RECEIVED = "hookproxy.body_received"
 # Gateway.rejected: (request_id, endpoint, client_format, error, started_wall, started).
 Refused = Callable[[str, str, str, ProxyError, float, float], None]
 
 
 class _HeadersTooLarge(Exception):
     pass
+
+
+class ClientGone:
+    """Says when the client of a request has gone, without a task waiting on the ASGI
+    ``receive`` for its ``http.disconnect``: the protocol calls ``left`` when the
+    connection is lost before the request's answer is complete."""
+
+    __slots__ = ("_resume", "callback", "gone")
+
+    def __init__(self, resume_reading: Callable[[], None]) -> None:
+        self._resume = resume_reading
+        self.callback: Callable[[], None] | None = None
+        self.gone = False
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` (once) if the client leaves, until ``unwatch``."""
+        # As a receive() waiting for the disconnect would: reading on, so that a client
+        # that leaves is seen even if reading was paused.
+        self._resume()
+        self.callback = callback
+
+    def unwatch(self) -> None:
+        self.callback = None
+
+    def left(self) -> None:
+        self.gone = True
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
 
 
 class BodyTimeout(ProxyError):
@@ -64,7 +97,8 @@ class BodyDeadline:
 
         async def receive_in_time() -> Message:
             nonlocal complete
-            if complete:
+            if complete or BODY_RECEIVED in scope:
+                # Nothing left to wait for (the protocol has the whole body): no deadline.
                 return await receive()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -125,7 +159,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self._cancel_body_timer()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            gone: ClientGone | None = cycle.scope.get(CLIENT_GONE)  # type: ignore[assignment]
+            if gone is not None:
+                gone.left()
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
@@ -184,6 +223,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
         self._in_headers = False
+        self.scope[CLIENT_GONE] = ClientGone(self.flow.resume_reading)  # type: ignore[literal-required]
         super().on_headers_complete()
         self._in_body = True
         self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
@@ -191,6 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_body_timer()
         self._in_body = False
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         super().on_message_complete()
         self._forget_request()
 

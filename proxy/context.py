@@ -72,6 +72,51 @@ class Attempt(msgspec.Struct, omit_defaults=True):
     latency_ms: float = 0.0
 
 
+class Answered:
+    """Set, on the event loop, once a request's answer has gone out. Like an
+    ``asyncio.Event``, plus callbacks run as it is set: most requests have nothing to
+    wait for it but their record, which needs no task of its own."""
+
+    __slots__ = ("_callbacks", "_is_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._is_set = False
+        self._callbacks: list[Callable[[], None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._is_set
+
+    def set(self) -> None:
+        if self._is_set:
+            return
+        self._is_set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        callbacks, self._callbacks, self._waiters = self._callbacks, [], []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` once this is set (at once if it is)."""
+        if self._is_set:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    async def wait(self) -> None:
+        if self._is_set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class RequestContext:
     """The request's state as it moves through the stages.
 
@@ -131,7 +176,7 @@ class RequestContext:
         self.chunk_failures: dict[str, int] = {}
         # Set by the server once the answer has gone out: what observes the request
         # (on_error, request_end, the record) waits for it. None: nobody will set it.
-        self.answered: asyncio.Event | None = None
+        self.answered: Answered | None = None
         self.logged_failures: set[str] = set()
         self.attempts: list[Attempt] = []
         self.provider: str | None = None

@@ -47,17 +47,24 @@ async def _events(feed: Feed, last_id: int, keepalive: float, request: Request
         yield b"retry: 1000\n: connected\n\n"
         for entry in backlog:
             yield _event(entry)
+        queue = subscriber.queue
         while not subscriber.dropped:
             try:
-                entry = await asyncio.wait_for(subscriber.queue.get(), keepalive)
+                async with asyncio.timeout(keepalive):
+                    entry = await queue.get()
             except TimeoutError:
                 # Writing to a client that left raises nothing here: ask.
                 if await request.is_disconnected():
                     return
                 yield b": keep-alive\n\n"
                 continue
-            if entry[0]:
-                yield _event(entry)
+            # What else has arrived goes out in the same write.
+            entries = [entry]
+            while not queue.empty():
+                entries.append(queue.get_nowait())
+            events = b"".join([_event(entry) for entry in entries if entry[0]])
+            if events:
+                yield events
     finally:
         feed.unsubscribe(subscriber)
 

@@ -4,7 +4,6 @@ client's vendor headers, and the endpoints beside the two message APIs:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from types import ModuleType
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
 
-from proxy.context import RequestContext
+from proxy.context import Answered, RequestContext
 from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
@@ -47,10 +46,10 @@ def when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpRespons
     return response
 
 
-async def _set(event: asyncio.Event) -> None:
+async def _set(answered: Answered) -> None:
     # A coroutine, so that starlette runs it on the event loop: a plain function would
-    # go to a worker thread, and an asyncio.Event must be set from the loop.
-    event.set()
+    # go to a worker thread, and Answered must be set from the loop.
+    answered.set()
 
 
 def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:

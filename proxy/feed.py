@@ -32,7 +32,9 @@ FLUSH_EVERY = 0.05
 
 class Subscriber:
     def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(maxsize=size)
+        # Bounded by the feed: it lets a subscriber go once ``size`` records wait for it.
+        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.size = size
         self.dropped = False
 
 
@@ -56,6 +58,15 @@ class Feed:
             id = self.last_id + 1
         elif id <= self.last_id:
             return self.last_id
+        self._hand_out([self._hold(id, data)])
+        return self.last_id
+
+    def publish_many(self, records: list[bytes]) -> None:
+        """Holds and hands out ``records`` (the next ids, in order) in one go: a subscriber
+        is let go only if what it had not read yet was already at its bound."""
+        self._hand_out([self._hold(self.last_id + 1, data) for data in records])
+
+    def _hold(self, id: int, data: bytes) -> tuple[int, bytes]:
         self.last_id = id
         entry = (id, data)
         entries = self.entries
@@ -63,14 +74,20 @@ class Feed:
         self.bytes += len(data)
         while len(entries) > self.held or (self.bytes > self.held_bytes and len(entries) > 1):
             self.bytes -= len(entries.popleft()[1])
+        return entry
+
+    def _hand_out(self, batch: list[tuple[int, bytes]]) -> None:
         for subscriber in list(self.subscribers):
-            try:
-                subscriber.queue.put_nowait(entry)
-            except asyncio.QueueFull:
+            queue = subscriber.queue
+            if queue.qsize() >= subscriber.size:
                 subscriber.dropped = True
                 self.subscribers.discard(subscriber)
                 self.dropped_subscribers += 1
-        return self.last_id
+                # Wakes its reader, which sees that it was let go.
+                queue.put_nowait(_WAKE)
+                continue
+            for entry in batch:
+                queue.put_nowait(entry)
 
     def since(self, last_id: int) -> list[tuple[int, bytes]]:
         """Held entries after ``last_id`` (all held ones for 0, or for an id this process
@@ -83,8 +100,7 @@ class Feed:
         """Ends every subscription (the server is shutting down)."""
         for subscriber in list(self.subscribers):
             subscriber.dropped = True
-            with contextlib.suppress(asyncio.QueueFull):
-                subscriber.queue.put_nowait(_WAKE)
+            subscriber.queue.put_nowait(_WAKE)
         self.subscribers.clear()
 
     def subscribe(self) -> Subscriber:
@@ -106,11 +122,11 @@ class SharedFeed:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
 
-    def publish(self, data: bytes) -> None:
-        """Queues a record of this process for the stream. Records go in batches, one
+    def publish_many(self, records: list[bytes]) -> None:
+        """Queues records of this process for the stream. Records go in batches, one
         round trip each, at most every ``FLUSH_EVERY`` seconds: a busy worker does not
         make a round trip per request."""
-        self._pending.append(data)
+        self._pending.extend(records)
         if not self._flushing:
             self._flushing = True
             loop = asyncio.get_running_loop()
@@ -179,5 +195,5 @@ def shared_feed(observer: Observer, store: Store, length: int) -> SharedFeed | N
     if not isinstance(store, RedisStore):
         return None
     relay = SharedFeed(observer.feed, store, length)
-    observer.relay = relay.publish
+    observer.relay = relay.publish_many
     return relay

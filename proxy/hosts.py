@@ -63,6 +63,10 @@ def host_allowed(header: str, allowed: list[str], bind_host: str) -> bool:
     return _is_loopback(name) or name == host_name(bind_host)
 
 
+# Host values whose verdict is kept (clients send a few; a flood of others only cycles it).
+_KNOWN_HOSTS = 256
+
+
 class HostCheck:
     """ASGI middleware: a request naming a Host that is not allowed gets a 421 in the
     client's own error format; an API request refused this way still leaves a record."""
@@ -70,15 +74,35 @@ class HostCheck:
     def __init__(self, app: ASGIApp, gateway: _Gateway) -> None:
         self.app = app
         self.gateway = gateway
+        # Host header -> allowed, for the allowed list and bind address it was judged by.
+        self._verdicts: dict[bytes, bool] = {}
+        self._judged_by: tuple[list[str], str] | None = None
+
+    def allowed(self, host: bytes) -> bool:
+        gateway = self.gateway
+        rules = (gateway.allowed_hosts, gateway.bind_host)
+        if rules != self._judged_by:
+            self._verdicts.clear()  # a reload (or --host) changed the rules
+            self._judged_by = rules
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            if len(self._verdicts) >= _KNOWN_HOSTS:
+                self._verdicts.clear()
+            verdict = self._verdicts[host] = host_allowed(
+                host.decode("latin-1"), rules[0], rules[1])
+        return verdict
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = next((v for k, v in scope["headers"] if k == b"host"), None)
+        host = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+                break
         # Browsers always send Host; a request without one cannot come from a page.
-        if host is None or host_allowed(host.decode("latin-1"), self.gateway.allowed_hosts,
-                                        self.gateway.bind_host):
+        if host is None or self.allowed(host):
             await self.app(scope, receive, send)
             return
         started, started_wall = time.perf_counter(), time.time()

@@ -71,6 +71,8 @@ class Metrics:
             "hookproxy_log_entries_dropped", "Log entries dropped because the log queue "
             "was full", registry=self.registry)
         self._cache: dict[tuple[str, str, int], _Children] = {}
+        # (endpoint path, status) -> its series; paths are client-chosen, so bounded.
+        self._endpoint_cache: dict[tuple[str, int], Any] = {}
         self._models: frozenset[str] = frozenset()
         self._providers: frozenset[str] = frozenset()
 
@@ -94,6 +96,16 @@ class Metrics:
                 self.cost.labels(model, provider))
         return children
 
+    def _endpoint_child(self, path: str, status: int) -> Any:
+        key = (path, status)
+        child = self._endpoint_cache.get(key)
+        if child is None:
+            if len(self._endpoint_cache) >= 1024:
+                self._endpoint_cache.clear()
+            child = self._endpoint_cache[key] = self.endpoints.labels(endpoint_label(path),
+                                                                      str(status))
+        return child
+
     def observe(self, record: Record) -> None:
         model = record.model if record.model in self._models else (
             "-" if not record.model else "other")
@@ -105,7 +117,7 @@ class Metrics:
         status = record.status if 100 <= record.status <= 599 else 0
         children = self._children(model, provider, status)
         children.requests.inc()
-        self.endpoints.labels(endpoint_label(record.endpoint), str(status)).inc()
+        self._endpoint_child(record.endpoint, status).inc()
         children.latency.observe(record.duration_ms / 1000)
         self.overhead.observe(record.overhead_ms / 1000)
         if record.ttft_ms is not None:

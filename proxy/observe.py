@@ -4,9 +4,9 @@ live feed and the metrics."""
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -36,6 +36,9 @@ _encode = msgspec.json.Encoder().encode
 # Request bodies waiting for the observer's thread, at most; beyond, records go out at
 # once without their bodies (a burst of huge requests cannot pile up in memory).
 PENDING_BYTES = 64 * 1024 * 1024
+# The observer's thread gathers the records of this long into one batch: it takes the
+# interpreter from the event loop once per batch rather than once per request.
+BATCH_EVERY = 0.02
 
 
 class Observer:
@@ -45,7 +48,8 @@ class Observer:
     The cheap fields are read on the event loop as the request ends; the bodies (the part
     that grows with the request) are built, and the record encoded, on the observer's own
     thread, which then passes the line to the log writer and the event back to the loop
-    for the feed. Records leave in the order requests finished.
+    for the feed. The thread works in batches (what ``BATCH_EVERY`` gathers), and hands
+    each batch back to the loop in one call. Records leave in the order requests finished.
     """
 
     def __init__(self, config: Config) -> None:
@@ -59,11 +63,14 @@ class Observer:
         self.metrics = Metrics()
         # Where records go for the dashboard: the feed here, or through a shared store
         # to every worker's feed (proxy.feed.SharedFeed).
-        self.relay: Callable[[bytes], object] = self.feed.publish
+        self.relay: Callable[[list[bytes]], object] = self.feed.publish_many
         self.loop: asyncio.AbstractEventLoop | None = None
         # Records waiting for their bodies; past queue_size they go out without them.
-        self._pending: queue.SimpleQueue[tuple[Record, Any, Any, int] | None] = \
-            queue.SimpleQueue()
+        # deque.append and popleft are atomic: the loop appends, the thread takes.
+        self._pending: deque[tuple[Record, Any, Any, int]] = deque()
+        # Set when the thread has work (or must stop); cleared by the thread.
+        self._wake = threading.Event()
+        self._stop = False
         self._pending_count = 0
         self._pending_bytes = 0
         self._thread: threading.Thread | None = None
@@ -80,7 +87,8 @@ class Observer:
     def close(self) -> None:
         """Finishes the records still waiting, then flushes the log."""
         if self._thread is not None:
-            self._pending.put(None)
+            self._stop = True
+            self._wake.set()
             self._thread.join(30)
             self._thread = None
         if self.writer is not None:
@@ -105,7 +113,7 @@ class Observer:
         if request is None:
             fields = ctx.request_fields
             request = _Undecoded(FORMATS[ctx.client_format], wire_of(fields), fields.headers)
-        self._pending.put((record, request, ctx.response, size))
+        self._queue((record, request, ctx.response, size))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
                  started_wall: float, started: float, duration: float | None = None) -> None:
@@ -120,14 +128,14 @@ class Observer:
         if self._thread is not None and self._pending_count:
             # Behind records still being made on the thread: they finished first.
             self._pending_count += 1
-            self._pending.put((record, None, None, 0))
+            self._queue((record, None, None, 0))
             return
         self._publish(record)
 
     def _publish(self, record: Record) -> None:
         data = self._encode(record)
         self._write(data)
-        self.relay(data)
+        self.relay([data])
 
     def _write(self, data: bytes) -> None:
         if self.writer is not None and not self.writer.submit(data + b"\n"):
@@ -142,40 +150,65 @@ class Observer:
             data = _encode(record)
         return data
 
+    def _queue(self, item: tuple[Record, Any, Any, int]) -> None:
+        self._pending.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
+
     def _run(self) -> None:
-        log = self.config.log
         while True:
-            item = self._pending.get()
-            if item is None:
+            self._wake.wait()
+            if not self._stop:
+                # What else finishes meanwhile joins the batch (and need not wake us).
+                time.sleep(BATCH_EVERY)
+            self._wake.clear()
+            self._run_batch()
+            if self._stop and not self._pending:
                 return
-            record, request, response, size = item
-            try:
-                omitted = 0
-                if isinstance(request, _Undecoded):
-                    request, omitted = request.preview()
-                record.request = body_view(request, log.bodies, log.truncate_chars,
-                                           log.max_record_bytes, omitted)
-                record.response = body_view(response, log.bodies, log.truncate_chars,
-                                            log.max_record_bytes)
-                data = self._encode(record)
-            except Exception:
-                structlog.get_logger("hookproxy.observe").exception(
-                    "record_bodies_failed", request_id=record.id)
-                record.request = record.response = None
-                data = _encode(record)
+
+    def _run_batch(self) -> None:
+        """Builds and encodes the records waiting, writes them to the log and hands them to
+        the loop, in order, in one call."""
+        done: list[tuple[bytes, int]] = []
+        pending = self._pending
+        while pending:
+            record, request, response, size = pending.popleft()
+            data = self._with_bodies(record, request, response)
             self._write(data)
-            loop = self.loop
-            if loop is not None and not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(self._feed, data, size)
-                    continue
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
+            done.append((data, size))
+        if not done:
+            return
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._feed, done)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        for _, size in done:
             self._done(size)
 
-    def _feed(self, data: bytes, size: int) -> None:
-        self._done(size)
-        self.relay(data)
+    def _with_bodies(self, record: Record, request: Any, response: Any) -> bytes:
+        log = self.config.log
+        try:
+            omitted = 0
+            if isinstance(request, _Undecoded):
+                request, omitted = request.preview()
+            record.request = body_view(request, log.bodies, log.truncate_chars,
+                                       log.max_record_bytes, omitted)
+            record.response = body_view(response, log.bodies, log.truncate_chars,
+                                        log.max_record_bytes)
+            return self._encode(record)
+        except Exception:
+            structlog.get_logger("hookproxy.observe").exception(
+                "record_bodies_failed", request_id=record.id)
+            record.request = record.response = None
+            return _encode(record)
+
+    def _feed(self, done: list[tuple[bytes, int]]) -> None:
+        for _, size in done:
+            self._done(size)
+        self.relay([data for data, _ in done])
 
     def _done(self, size: int) -> None:
         self._pending_count -= 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -62,8 +64,11 @@ class Pipeline:
                  on_finish: Callable[[RequestContext], None] | None = None) -> None:
         self.pm = host.pm
         self.host = host
-        # Set when the last finished request's record has gone out (see _end).
-        self._last_record: asyncio.Future[None] | None = None
+        # Finished requests whose records wait for their answer to go out, or for the
+        # records before them (see _end).
+        self._order: deque[_Finishing] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper_loop: asyncio.AbstractEventLoop | None = None
         self.router = router
         self.providers = providers
         self.routing = routing or RoutingConfig()
@@ -515,16 +520,41 @@ class Pipeline:
 
     def _end(self, ctx: RequestContext) -> None:
         """The request is over for the client. What observes it — on_error for each error,
-        then request_end, then the record — runs in a task of its own once the answer has
-        gone out, so that no observer ever delays an answer; ``drain`` awaits these at
-        shutdown. Records still leave in the order requests finished."""
+        then request_end, then the record — runs once the answer has gone out, so that no
+        observer ever delays an answer: in a task of its own when there are hooks to run
+        (``drain`` awaits these at shutdown), else as the answer goes out. Records leave
+        in the order requests finished."""
         ctx.timings["total"] = time.perf_counter() - ctx.started
         loop = asyncio.get_running_loop()
-        previous, self._last_record = self._last_record, loop.create_future()
-        _track(loop.create_task(self._after(ctx, previous, self._last_record)))
+        entry = _Finishing(ctx, None, loop.time())
+        self._order.append(entry)
+        _waiting.add(self)
+        self._arm_sweeper(loop)
+        if ctx.errors or ctx.chunk_failures or implementations(
+                self.pm, "request_end", ctx.plugin_settings):
+            entry.task = True
+            _track(loop.create_task(self._after(ctx, entry)))
+        elif ctx.answered is None:  # nobody will say when the answer went out
+            loop.call_soon(self._answered, entry)
+        else:
+            ctx.answered.add_callback(functools.partial(self._answered, entry))
 
-    async def _after(self, ctx: RequestContext, previous: asyncio.Future[None] | None,
-                     recorded: asyncio.Future[None]) -> None:
+    def _answered(self, entry: _Finishing) -> None:
+        if entry.ready:
+            return  # waited for too long already
+        self._account(entry)
+        self._flush()
+
+    def _account(self, entry: _Finishing) -> None:
+        """Charges the request's usage to its limits; its record may go then."""
+        assert entry.ctx is not None
+        try:
+            account_usage(entry.ctx)
+        except Exception:
+            log.exception("record_failed", request_id=entry.ctx.request_id)
+        entry.ready = True
+
+    async def _after(self, ctx: RequestContext, entry: _Finishing) -> None:
         try:
             if ctx.answered is not None and not ctx.answered.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -533,34 +563,72 @@ class Pipeline:
             account_usage(ctx)
             await self._observe(ctx)
         finally:
-            try:
-                if previous is not None and not previous.done():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(previous), ANSWER_WAIT)
-                if self.on_finish is not None:
-                    self.on_finish(ctx)
-            finally:
-                recorded.set_result(None)
+            entry.ready = True
+            if entry.detached:  # the ones after it stopped waiting for it
+                self._publish(entry)
+            else:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Publishes the records at the head of the order that are ready."""
+        order = self._order
+        while order and order[0].ready:
+            self._publish(order.popleft())
+        if not order:
+            _waiting.discard(self)
+
+    def _publish(self, entry: _Finishing) -> None:
+        try:
+            if entry.publish is not None:
+                entry.publish()
+            elif self.on_finish is not None and entry.ctx is not None:
+                self.on_finish(entry.ctx)
+        except Exception:
+            log.exception("record_failed",
+                          request_id=entry.ctx.request_id if entry.ctx else None)
+
+    def _arm_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweeper is None or self._sweeper_loop is not loop:
+            self._sweeper_loop = loop
+            self._sweeper = loop.call_later(ANSWER_WAIT, self._sweep)
+
+    def _sweep(self) -> None:
+        """Records that waited ``ANSWER_WAIT`` (for an answer that did not go out, or for
+        the ones before them) wait no longer."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        self.release(loop.time() - ANSWER_WAIT)
+        if self._order:
+            self._sweeper_loop = loop
+            self._sweeper = loop.call_later(
+                max(self._order[0].since + ANSWER_WAIT - loop.time(), 1.0), self._sweep)
+
+    def release(self, before: float | None = None) -> None:
+        """Stops the records of requests that finished before ``before`` (all, for None)
+        from waiting: for their answer, or, if their hooks still run, in the order."""
+        detached = False
+        for entry in self._order:
+            if before is not None and entry.since > before:
+                break
+            if entry.ready:
+                continue
+            if entry.task:
+                entry.detached = detached = True
+            else:
+                self._account(entry)
+        if detached:
+            self._order = deque(e for e in self._order if not e.detached)
+        self._flush()
 
     def in_order(self, publish: Callable[[], None]) -> None:
         """Calls ``publish`` (a record of a request that never reached the pipeline) once
         the records of the requests that finished before it have gone out."""
-        previous = self._last_record
-        if previous is None or previous.done():
+        if not self._order:
             publish()
             return
-        loop = asyncio.get_running_loop()
-        self._last_record = recorded = loop.create_future()
-
-        async def after_previous() -> None:
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(previous), ANSWER_WAIT)
-                publish()
-            finally:
-                recorded.set_result(None)
-
-        _track(loop.create_task(after_previous()))
+        entry = _Finishing(None, publish, asyncio.get_running_loop().time())
+        entry.ready = True
+        self._order.append(entry)
 
     async def _observe(self, ctx: RequestContext) -> None:
         for name, count in ctx.chunk_failures.items():
@@ -623,6 +691,22 @@ class Pipeline:
                             error=str(exc))
 
 
+class _Finishing:
+    """A finished request's place in the order records leave in: its context (or, for a
+    request refused before the pipeline, what publishes its record)."""
+
+    __slots__ = ("ctx", "detached", "publish", "ready", "since", "task")
+
+    def __init__(self, ctx: RequestContext | None, publish: Callable[[], None] | None,
+                 since: float) -> None:
+        self.ctx = ctx
+        self.publish = publish
+        self.since = since
+        self.ready = False
+        self.task = False
+        self.detached = False
+
+
 class _Threads:
     """A small thread pool for other packages' sync classifiers, with a count of the
     threads in use (a classifier past its time bound still holds one until it returns)."""
@@ -645,6 +729,8 @@ class _Threads:
 CLASSIFIER_THREADS = 4
 _classifier_threads = _Threads(CLASSIFIER_THREADS)
 _after_tasks: set[asyncio.Task[None]] = set()
+# Pipelines with records still waiting (see Pipeline._end).
+_waiting: set[Pipeline] = set()
 # Observers wait this long at most for the server to say the answer went out.
 ANSWER_WAIT = 60.0
 
@@ -656,9 +742,17 @@ def _track(task: asyncio.Task[None]) -> None:
 
 
 async def drain(timeout: float = 10.0) -> None:
-    """Waits (at most ``timeout`` seconds) for what observes finished requests."""
+    """Waits (at most ``timeout`` seconds) for what observes finished requests; records
+    still waiting then (for an answer that will not go out now) are published."""
     if _after_tasks:
         await asyncio.wait(list(_after_tasks), timeout=timeout)
+    for pipeline in list(_waiting):
+        pipeline.release()
+
+
+def observing() -> bool:
+    """Whether what observes finished requests (hooks, records) has work left."""
+    return bool(_after_tasks) or any(pipeline._order for pipeline in _waiting)
 
 
 def _log_failure(ctx: RequestContext, hook: str, plugin: str, exc: HookFailed) -> None:

@@ -168,7 +168,7 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
     omitted += max(cut, 0)
     encoded = _encode(value)
     if omitted <= 0 and len(encoded) <= budget:
-        if _SECRET_KEY.search(encoded) is None:
+        if not may_name_secret(encoded):
             return msgspec.Raw(encoded)
         # Small (at most ``budget`` bytes): walked whole, only to replace the secrets.
         return _Walker(len(encoded), max_nodes=len(encoded)).view(msgspec.to_builtins(value))
@@ -185,7 +185,17 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
 # Anything ``is_secret_key`` could call a secret holds one of these stems, anywhere: a
 # body with none of them can be embedded as it was encoded. (A looser test than the keys
 # themselves: a false alarm only costs a walk of a small body.)
-_SECRET_KEY = re.compile(rb"(?i)key|tok|secret|pass|auth|cred|cookie")
+_SECRET_STEMS = (b"key", b"tok", b"secret", b"pass", b"auth", b"cred", b"cookie")
+# The token counts nearly every body has (max_tokens, input_tokens...). No secret word
+# ends in "tokens", so a name ending so is a secret only by a stem before it, which stays.
+_COUNT_SUFFIX = b'_tokens"'
+
+
+def may_name_secret(encoded: bytes) -> bool:
+    """Whether JSON ``encoded`` may hold a key ``is_secret_key`` calls a secret: it has
+    one of the stems, in any case, outside the ``_tokens"`` ending of a count's name."""
+    lowered = encoded.lower().replace(_COUNT_SUFFIX, b'"')
+    return any(stem in lowered for stem in _SECRET_STEMS)
 
 
 @functools.lru_cache(maxsize=4096)  # bodies repeat their keys; bounded, whatever comes

@@ -32,8 +32,15 @@ from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent
 from proxy.config import Config, ConfigError, available_providers, load_config
-from proxy.connections import BROKEN_BODY, BodyDeadline, BodyTimeout, body_late
-from proxy.context import PipelineError, RequestContext
+from proxy.connections import (
+    BROKEN_BODY,
+    CLIENT_GONE,
+    BodyDeadline,
+    BodyTimeout,
+    ClientGone,
+    body_late,
+)
+from proxy.context import Answered, PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
     JSON,
@@ -375,7 +382,7 @@ class Gateway:
                 ctx.defer_decoding(rest, body)
         ctx.client_classifiers = client_set
         ctx.app = self.app
-        ctx.answered = asyncio.Event()
+        ctx.answered = Answered()
         ctx.body_bytes = len(body)
         if own_field is None:
             ctx.raw_body = body
@@ -386,6 +393,38 @@ class Gateway:
         """Runs ``work`` (the pipeline up to the answer, or up to a stream's first event);
         if the client disconnects first, it is cancelled, and with it the provider call,
         and the record says the client left."""
+        gone: ClientGone | None = http.scope.get(CLIENT_GONE)
+        task = asyncio.current_task()
+        if gone is None or gone.gone or task is None:
+            # Not under hookproxy's own protocol (or gone already): a task waits for the
+            # disconnect on receive().
+            return await self._unless_client_leaves_watching(http, ctx, work)
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            left = True
+            # Said before cancelling: the record is written while the pipeline unwinds.
+            _said_left(ctx)
+            task.cancel()
+
+        gone.watch(leave)
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            raise _left_error() from None
+        finally:
+            gone.unwatch()
+            if left:  # the cancellation was ours, and is over
+                task.uncancel()
+        if left:  # the work went on through its cancellation
+            raise _left_error()
+        return result
+
+    async def _unless_client_leaves_watching(self, http: HttpRequest, ctx: RequestContext,
+                                             work: Awaitable[T]) -> T:
         run = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(_disconnect(http.receive))
         try:
@@ -394,15 +433,11 @@ class Gateway:
             watch.cancel()
         if not run.done():
             # Said before cancelling: the record is written while the pipeline unwinds.
-            ctx.status = 499
-            ctx.error = PipelineError(stage="stream" if ctx.stream else "request",
-                                      status=499, type="client_disconnected",
-                                      message="The client left before the answer was ready")
+            _said_left(ctx)
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await run
-            raise ProxyError(499, "The client left before the answer was ready",
-                             code="client_disconnected")
+            raise _left_error()
         return run.result()
 
     async def _read_body(self, http: HttpRequest) -> bytes:
@@ -459,6 +494,18 @@ async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
     """Returns when the client disconnects (the body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _said_left(ctx: RequestContext) -> None:
+    ctx.status = 499
+    ctx.error = PipelineError(stage="stream" if ctx.stream else "request", status=499,
+                              type="client_disconnected",
+                              message="The client left before the answer was ready")
+
+
+def _left_error() -> ProxyError:
+    return ProxyError(499, "The client left before the answer was ready",
+                      code="client_disconnected")
 
 
 async def _no_icon(http: HttpRequest) -> HttpResponse:

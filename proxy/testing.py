@@ -390,8 +390,7 @@ class Proxy:
         from proxy import pipeline
 
         deadline = time.monotonic() + timeout
-        # Private to the pipeline: the tasks that observe finished requests.
-        while pipeline._after_tasks and time.monotonic() < deadline:
+        while pipeline.observing() and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.records
 

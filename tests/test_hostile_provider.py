@@ -246,6 +246,31 @@ def test_the_provider_call_stops_when_the_client_leaves_before_the_first_event(t
     assert record["status"] == 499 and record["error"]["type"] == "client_disconnected"
 
 
+def test_the_provider_call_stops_when_the_client_of_a_plain_answer_leaves(tmp_path):
+    state = {"called": False, "gone": False}
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        state["called"] = True
+        for _ in range(100):  # an answer the client will not wait for, 10 s away
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                state["gone"] = True  # the proxy hung up on this call
+                break
+            await __import__("asyncio").sleep(0.1)
+        return web.json_response(OK_ANSWER)
+
+    with _proxy_for(slow, tmp_path) as proxy:
+        started = time.monotonic()
+        error = _alongside(proxy, lambda: proxy.openai(timeout=0.5).chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.APITimeoutError)
+        while not state["gone"] and time.monotonic() - started < 8:
+            time.sleep(0.05)
+        assert state["called"] and state["gone"]
+    record = _hostile_record(tmp_path)
+    assert record["status"] == 499 and record["error"]["type"] == "client_disconnected"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_invalid_utf8_is_a_502_and_the_record_agrees(tmp_path, stream):
     text = json.dumps(OK_ANSWER).encode().replace(b'"fine"', b'"fi\xff\xfene"')

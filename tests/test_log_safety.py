@@ -11,9 +11,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.logwriter import LogWriter
+from proxy.record import is_secret_key, may_name_secret
 from proxy.tail import Filters, tail
 from tests.harness import ProxyServer, post_raw, upstream_config
 
@@ -105,3 +109,40 @@ def test_tail_escapes_control_characters(upstream, tmp_path):
     for raw in ("\x1b", "\x07", "\x9b", "\u202e"):
         assert raw not in shown
     assert "\\x1b]0;pwned\\x07" in shown and "\\u202eevil" in shown and "nope\\x1b[31m" in shown
+
+
+# Names as clients write them: words, any case, joined by _ - . or camelCase, often
+# ending in a count's "_tokens".
+_WORDS = ["key", "api", "token", "tokens", "max", "auth", "secret", "password", "input",
+          "cookie", "credentials", "x", "client", "pass", "id", "keys", "AUTH", "Token"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda words, sep, tail: sep.join(words) + tail,
+              st.lists(st.sampled_from(_WORDS), min_size=1, max_size=4),
+              st.sampled_from(["_", "-", ".", ""]), st.sampled_from(["", "_tokens", "Tokens"]))))
+def test_the_quick_secret_check_misses_no_secret_key(name):
+    # The record embeds a body as encoded when this check finds nothing: it must see
+    # every key is_secret_key calls a secret, at any depth, beside token counts.
+    body = msgspec.json.encode({"max_tokens": 5, "usage": {"input_tokens": 1},
+                                "a": [{name: "value"}]})
+    if is_secret_key(name):
+        assert may_name_secret(body), name
+
+
+def test_a_secret_named_like_a_count_is_still_scrubbed(upstream, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    config = upstream_config(upstream, log={"path": str(log)})
+    body = {"model": "gpt-test", "max_tokens": 7,
+            "messages": [{"role": "user", "content": "hello"}],
+            "metadata": {"auth_tokens": SECRET, "output_tokens": 3}}
+    with ProxyServer(config) as proxy:
+        status, _, _ = post_raw(proxy.url + "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 200
+        _served(proxy)
+    text = log.read_text()
+    assert SECRET not in text
+    request = json.loads(text.splitlines()[0])["request"]
+    assert request["extra"]["metadata"] == {"auth_tokens": "[redacted]", "output_tokens": 3}
