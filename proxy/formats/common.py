@@ -54,6 +54,9 @@ def decode_raw(raw: msgspec.Raw) -> Any:
     return _decode(raw)
 
 
+_ONE_PASS_FROM = 8 * 1024
+
+
 @functools.lru_cache(maxsize=8)
 def _splitter(known: frozenset[str]) -> Callable[[bytes], Any]:
     """A decoder of a body whose top-level fields are all among ``known``, into a struct of
@@ -72,14 +75,15 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
     then says what is wrong). Unless ``checked``, the UTF-8 is not checked: for a caller
     that decodes every part (or one seen whole).
 
-    A body with no top-level field outside ``known`` (the fields its API documents) is
-    read in one pass; any other in two (its fields, then its messages)."""
+    A large body with no top-level field outside ``known`` (the fields its API documents)
+    is read in one pass; any other in two (its fields, then its messages), which costs less
+    for a small body than filling the one pass's struct."""
     if checked and not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    if known:
+    if known and len(body) > _ONE_PASS_FROM:
         try:
             split = _splitter(known)(body)
         except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
