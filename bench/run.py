@@ -245,14 +245,26 @@ def wrk(url: str, payload: Payload, *, connections: int, threads: int, seconds: 
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                        output)
     result["errors"] = float(bad.group(1)) if bad else 0.0
+    result["timeouts"] = 0.0
     if errors:
-        result["errors"] += sum(float(x) for x in errors.groups())
+        # wrk gives up on a request after 2 s: a timeout is a slow answer, not a failed one.
+        connect, read, write, timeout = (float(x) for x in errors.groups())
+        result["errors"] += connect + read + write
+        result["timeouts"] = timeout
     if latency:
         for percentile in ("50", "99"):
             found = re.search(rf"^\s+{percentile}(?:\.000)?%\s+(\S+)", output, re.MULTILINE)
             assert found, output
             result[f"p{percentile}"] = _duration(found.group(1))
     return result
+
+
+def _failures(errors: float | None, timeouts: float | None) -> str:
+    """What the report says beside a throughput: errors (non-2xx answers, socket errors)
+    and wrk's 2 s timeouts, each if any."""
+    said = [f"{n:.0f} {what}" for n, what in ((errors, "errors"), (timeouts, "timeouts"))
+            if n]
+    return f" ({', '.join(said)})" if said else ""
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -428,6 +440,7 @@ def main() -> int:
                                  seconds=seconds)
                     contender.add(_key(payload, "rps"), result["rps"])
                     contender.add(_key(payload, "errors"), result["errors"])
+                    contender.add(_key(payload, "timeouts"), result["timeouts"])
 
         print("sequential latency", file=sys.stderr)
         for _ in range(rounds if "latency" in phases else 0):
@@ -456,7 +469,7 @@ def main() -> int:
 
         for contender in [direct, *contenders]:
             for key, values in contender.runs.items():
-                contender.results[key] = (sum(values) if key.endswith("errors")
+                contender.results[key] = (sum(values) if key.endswith(("errors", "timeouts"))
                                           else statistics.median(values))
             contender.results["peak_rss"] = rss_mb(contender.pid)[1]
     finally:
@@ -515,7 +528,7 @@ def _report(direct: Contender, contenders: list[Contender], marks: tuple[int, in
         chunks = f"{r['chunks_per_s']:,.0f}" + ("" if is_direct else f" ({chunk_ratio:.2f})")
         memory = "-" if is_direct else (f"{r[f'rss_after_{marks[0]}']:.1f} / "
                                         f"{r[f'rss_after_{marks[1]}']:.1f}")
-        errors = "" if is_direct or not r.get("errors") else f" ({r['errors']:.0f} errors)"
+        errors = "" if is_direct else _failures(r.get("errors"), r.get("timeouts"))
         rows.append(f"| {contender.name} | {rps}{errors} | {ratio} | {p50} | {r['p99']:.3f} | "
                     f"{ttft} | {chunks} | {r['peak_rss']:.1f} | {memory} |")
     rows.extend(["", _agent_table(direct, contenders), "", _turn_table(direct, contenders)])
@@ -552,9 +565,7 @@ def _agent_table(direct: Contender, contenders: list[Contender]) -> str:
                 continue
             is_direct = contender is direct
             rps = "-" if is_direct else f"{r[f'{kind}:rps']:,.0f}"
-            errors = r.get(f"{kind}:errors")
-            if errors:
-                rps += f" ({errors:.0f} errors)"
+            rps += _failures(r.get(f"{kind}:errors"), r.get(f"{kind}:timeouts"))
             ratio = "-" if is_direct else f"{r[f'{kind}:rps'] / floor[f'{kind}:rps']:.2f}"
             added = r[f"{kind}:p50"] - direct.results[f"{kind}:p50"]
             p50 = f"{r[f'{kind}:p50']:.3f}" + ("" if is_direct else f" ({added:+.3f})")
