@@ -39,11 +39,9 @@ class Memo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T],
-                       size: int | None = None) -> T:
+    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T]) -> T:
         """``compute(text)``, or what it gave the last time for this ``what`` and text.
-        ``text`` may be bytes too (a message's ``content_key``, say). ``size`` is what the
-        entry keeps, in bytes, when its result is large (else the text's size counts).
+        ``text`` may be bytes too (a message's ``content_key``, say).
 
         ``what`` names the computation and everything else its result depends on (a
         classifier's name and a digest of its settings, say): small, and not the text. A
@@ -53,15 +51,15 @@ class Memo:
         key = (what, text)
         entries = self._entries
         with self._lock:  # plugins may call this from worker threads too
-            found = entries.get(key, _MISSING)
-            if found is not _MISSING:
+            found = entries.get(key)  # (result, size): never None
+            if found is not None:
                 entries.move_to_end(key)
                 self.hits += 1
                 result: T = found[0]
                 return result
             self.misses += 1
         result = compute(text)  # outside the lock: the slow part, run by each caller
-        self.put(what, text, result, size)
+        self.put(what, text, result)
         return result
 
     def lookup_all(self, what: Hashable, texts: Sequence[Text]) -> list[Any]:
@@ -83,8 +81,8 @@ class Memo:
         return results
 
     def put(self, what: Hashable, text: Text, result: Any, size: int | None = None) -> None:
-        """Keeps ``result`` (not None) for ``what`` and ``text``; ``size`` as in
-        ``get_or_compute``."""
+        """Keeps ``result`` (not None) for ``what`` and ``text``. ``size`` is what the entry
+        keeps, in bytes, when its result is large (else the text's size counts)."""
         if size is None:
             size = _size(text)
         if size > self.max_bytes:
@@ -103,9 +101,6 @@ class Memo:
         with self._lock:
             self._entries.clear()
             self.bytes = 0
-
-
-_MISSING: Any = object()
 
 
 def _size(text: str | bytes) -> int:

@@ -89,7 +89,7 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
         except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
             pass
         else:
-            values = {name: getattr(split, name) for name in split.__struct_fields__}
+            values = msgspec.structs.asdict(split)
             messages = values.pop("messages")
             return {k: v for k, v in values.items() if v is not msgspec.UNSET}, messages
     fields = _top_fields(body)
