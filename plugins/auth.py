@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from proxy import Reject, RequestContext, hookimpl
+from proxy import Reject, RequestContext, hookimpl, reports_changes
 from proxy.config import AuthConfig, KeyConfig
 from proxy.limits import MICRO, Ledger, charged, reservation
 from proxy.routing import Target
@@ -113,6 +113,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(tryfirst=True)
+@reports_changes  # changes nothing in the request
 async def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, AuthConfig)
     name = ctx.caller = caller_name(config, ctx.headers)

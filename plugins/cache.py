@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import Reject, RequestContext, Response, StreamEvent, hookimpl
+from proxy import Reject, RequestContext, Response, StreamEvent, hookimpl, reports_changes
 from proxy.canonical import StreamAccumulator
 from proxy.routing import refused_by
 from proxy.settings import settings_as, settings_error
@@ -93,6 +93,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes  # changes nothing in the request
 async def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
     key = ctx.scratch["cache_key"] = cache_key(ctx, config)
@@ -123,6 +124,7 @@ def stream_chunk(ctx: RequestContext, event: StreamEvent) -> Any:
 
 
 @hookimpl
+@reports_changes  # changes nothing in the response
 async def post_response(ctx: RequestContext, response: Response,
                         settings: dict[str, Any]) -> None:
     key = ctx.scratch.get("cache_key")

@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 import msgspec
 
-from proxy import Reject, Request, RequestContext, Response, TextPart, hookimpl
+from proxy import (
+    Reject,
+    Request,
+    RequestContext,
+    Response,
+    TextPart,
+    hookimpl,
+    reports_changes,
+)
 from proxy.errors import is_error_status
 from proxy.memo import memo
 from proxy.settings import regex_error, settings_as, settings_error
@@ -55,6 +63,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes  # changes nothing in the request
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
     if config.unreadable == "reject":

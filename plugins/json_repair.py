@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import RequestContext, Response, TextPart, hookimpl
+from proxy import RequestContext, Response, TextPart, hookimpl, reports_changes
 from proxy.settings import settings_as, settings_error
 
 
@@ -82,6 +82,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes
 def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     format_ = ctx.request.response_format or {}
@@ -93,4 +94,5 @@ def post_response(ctx: RequestContext, response: Response, settings: dict[str, A
     if repaired is not None and repaired != text:
         calls = [p for p in response.content if not isinstance(p, TextPart)]
         response.content = [TextPart(text=repaired), *calls]
+        ctx.changed()
         ctx.scratch["json_repaired"] = True

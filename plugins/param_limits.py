@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import RequestContext, hookimpl
+from proxy import RequestContext, hookimpl, reports_changes
 from proxy.settings import settings_as, settings_error
 
 
@@ -44,7 +44,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 def _defaults(ctx: RequestContext, limits: Limits) -> None:
-    for name in ("max_tokens", "temperature", "top_p"):
+    for name in _LIMITED:
         default = getattr(limits.defaults, name)
         if default is not None and getattr(ctx.request, name) is None:
             setattr(ctx.request, name, default)
@@ -61,7 +61,11 @@ def _caps(ctx: RequestContext, limits: Limits) -> None:
             request.temperature = min(request.temperature, limits.temperature_max)
 
 
+_LIMITED = ("max_tokens", "temperature", "top_p")
+
+
 @hookimpl(trylast=True)
+@reports_changes
 def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     # Model-specific limits come first so that their defaults win over the general ones;
@@ -69,7 +73,11 @@ def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     chosen = [limits for pattern, limits in config.models.items()
               if fnmatch.fnmatchcase(ctx.request.model, pattern)]
     chosen.append(config)
+    request = ctx.request
+    before = [getattr(request, name) for name in _LIMITED]
     for limits in chosen:
         _defaults(ctx, limits)
     for limits in chosen:
         _caps(ctx, limits)
+    if [getattr(request, name) for name in _LIMITED] != before:
+        ctx.changed()

@@ -37,6 +37,7 @@ from proxy import (
     ToolCallDelta,
     ToolCallPart,
     hookimpl,
+    reports_changes,
 )
 from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, Message, content_key, joined_text
 from proxy.memo import memo
@@ -131,24 +132,30 @@ class _Masker:
             self._findings(item.arguments) for item in message.content
             if isinstance(item, ToolCallPart))
 
-    def mask_message(self, message: Message) -> None:
-        self.mask_parts(message.text_parts())
+    def mask_message(self, message: Message) -> bool:
+        """Masks what ``message`` holds; whether it changed."""
+        changed = self.mask_parts(message.text_parts())
         for item in message.content:
             if isinstance(item, ToolCallPart):
-                item.arguments = self.mask(item.arguments)
+                masked = self.mask(item.arguments)
+                if masked is not item.arguments:
+                    item.arguments = masked
+                    changed = True
+        return changed
 
     def mask_parts(self, parts: Sequence[TextPart | DocumentPart],
-                   separator: str = MESSAGE_JOIN) -> None:
+                   separator: str = MESSAGE_JOIN) -> bool:
         """Masks the values in the one text ``parts`` make for the provider (joined by
         ``separator``), so that a value split over two parts is found. Each piece of a
         value, in every part it covers, becomes the value's placeholder: the provider
-        gets it neither whole nor in pieces, and no part is left empty."""
+        gets it neither whole nor in pieces, and no part is left empty. Returns whether
+        anything was masked."""
         if not parts:
-            return
+            return False
         text = joined_text(parts, separator)
         findings = self._findings(text)
         if not findings:
-            return
+            return False
         values = [(start, end, self._placeholder(kind, text[start:end]))
                   for start, end, kind in findings]
         first = 0  # the first value that may reach into this part
@@ -172,6 +179,7 @@ class _Masker:
                 pieces.append(text[position:part_end])
                 part.text = "".join(pieces)
             offset = part_end + len(separator)
+        return True
 
     def _placeholder(self, kind: str, value: str) -> str:
         placeholder = self.placeholders.get(value)
@@ -207,20 +215,23 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     masker = _Masker(config.kinds)
     request = ctx.request
     # The text each message (and the system prompt) makes for the provider, its parts
     # joined as the provider reads them: the text content_guard checks too.
-    masker.mask_parts(request.system, SYSTEM_JOIN)
+    if masker.mask_parts(request.system, SYSTEM_JOIN):
+        ctx.changed()
     for message in request.messages:
         # A message known to hold nothing to mask (by its content_key: no text is even
         # joined or hashed for it) is passed over.
         key = content_key(message)
-        if key is None or not memo.get_or_compute(("redact-clean", masker.kinds), key,
-                                                  partial(_holds_nothing, masker, message)):
-            masker.mask_message(message)
+        clean = key is not None and memo.get_or_compute(
+            ("redact-clean", masker.kinds), key, partial(_holds_nothing, masker, message))
+        if not clean and masker.mask_message(message):
+            ctx.changed(message)
         # Thinking is signed by the provider: changed, it would be refused.
     if config.unreadable == "reject":
         unreadable = request.unreadable()
@@ -244,15 +255,22 @@ def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes
 def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
     masker = _masker(ctx, settings)
     if masker is None or ctx.stream:
         return  # a stream was restored chunk by chunk
     for part in response.content:
         if isinstance(part, TextPart):
-            part.text = masker.restore(part.text)
+            restored = masker.restore(part.text)
+            if restored != part.text:
+                part.text = restored
+                ctx.changed()
         elif isinstance(part, ToolCallPart):
-            part.arguments = masker.restore(part.arguments)
+            restored = masker.restore(part.arguments)
+            if restored != part.arguments:
+                part.arguments = restored
+                ctx.changed()
 
 
 class _StreamRestore:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from proxy import RequestContext, TextPart, hookimpl
+from proxy import RequestContext, TextPart, hookimpl, reports_changes
 from proxy.settings import settings_as, settings_error
 
 
@@ -26,6 +26,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@reports_changes
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     part = TextPart(text=config.text)
@@ -36,3 +37,4 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
         system.append(part)
     else:
         system.insert(0, part)
+    ctx.changed()

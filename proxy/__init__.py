@@ -29,6 +29,7 @@ from proxy.canonical import (
     WireEvent,
 )
 from proxy.context import PipelineError, Reject, RequestContext
+from proxy.dispatch import reports_changes
 from proxy.hookspecs import hookimpl
 from proxy.lifecycle import PluginApp
 from proxy.pipeline import DROP
@@ -66,5 +67,6 @@ __all__ = [
     "Usage",
     "WireEvent",
     "hookimpl",
+    "reports_changes",
 ]
 __version__ = "0.1.0"

@@ -254,9 +254,57 @@ def content_key(message: Message) -> bytes | None:
     classifier's verdict): its canonical form as decoded, while it is unchanged; None for a
     message a plugin changed or that was not decoded from a request. A message an agent
     resends is the very bytes object ``proxy.memo`` keeps, whose hash is made once: a memo
-    lookup with it costs the same for a 50 KB message as for a short one."""
-    printed = message.__dict__.get("printed")
-    return printed if printed is not None and printed == fingerprint(message) else None
+    lookup with it costs the same for a 50 KB message as for a short one.
+
+    Whether the message is unchanged is known without looking while every hook that ran
+    since it was last looked at reports its changes (``vouch``); otherwise one encode of
+    the message tells."""
+    facts = message.__dict__
+    printed = facts.get("printed")
+    if printed is None:
+        return None
+    if vouched_for(message):
+        return printed
+    vouched = facts.get("vouched")
+    if printed != fingerprint(message):
+        return None
+    if vouched is not None:  # looked at: unchanged until a hook that does not report runs
+        facts["vouched"] = (vouched[0], vouched[0][0])
+    return printed
+
+
+def vouch(request: Request) -> None:
+    """Starts keeping count, for ``content_key``, of the hooks that may have changed
+    ``request``'s messages without saying so (``distrust``): until one runs, a message no
+    hook reported changed (``forget_printed``) is known to be as it was decoded."""
+    epoch = [0]
+    request.__dict__["epoch"] = epoch
+    fresh = (epoch, 0)
+    for message in request.messages:
+        if "printed" in message.__dict__:
+            message.__dict__["vouched"] = fresh
+
+
+def vouched_for(message: Message) -> bool:
+    """Whether ``message`` is known to be as decoded without looking: no hook that keeps
+    its changes to itself has run since it was last looked at, and none said it changed."""
+    vouched = message.__dict__.get("vouched")
+    return vouched is not None and vouched[0][0] == vouched[1]
+
+
+def distrust(request: Request) -> None:
+    """A hook ran that does not report its changes: each message is looked at again
+    (encoded once) the next time ``content_key`` asks for it."""
+    epoch = request.__dict__.get("epoch")
+    if epoch is not None:
+        epoch[0] += 1
+
+
+def forget_printed(message: Message) -> None:
+    """``message`` was changed in place (a hook said so): it is no longer what it was
+    decoded as, and goes out encoded."""
+    message.__dict__.pop("printed", None)
+    message.__dict__.pop("vouched", None)
 
 
 _msgpack = msgspec.msgpack.Encoder().encode

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from proxy.canonical import Request, Response
+from proxy.canonical import Message, Request, Response, distrust, forget_printed
 from proxy.dispatch import current_plugin
 from proxy.errors import ProxyError, is_error_status
 from proxy.headers import HeaderMap
@@ -212,6 +212,8 @@ class RequestContext:
         # held and charged (a proxy.limits.Ledger, for the record).
         self.admissions: list[Admission] = []
         self.limits: Any = None
+        # How many times a plugin said it changed the request or response (``changed``).
+        self.changes = 0
         # The usage is hookproxy's estimate: the provider did not finish reporting it.
         self.usage_estimated: bool = False
         # Model globs the answering target must match, each with whom it is for: every
@@ -249,6 +251,23 @@ class RequestContext:
         """The request if it has been decoded whole, else None (``undecoded_body`` is then
         the body it comes from)."""
         return None if self._decode_rest is not None else self._request
+
+    def changed(self, *messages: Message) -> None:
+        """Says that the running plugin changed the request (in post_response, the
+        response), naming each message it changed in place. A hook implementation marked
+        ``@reports_changes`` must call this for every change it makes; for others it is
+        harmless. A message the plugin replaced with a new one, or added, need not be named:
+        only a message decoded from the client's body can go out as it came."""
+        self.changes += 1
+        for message in messages:
+            forget_printed(message)
+
+    def may_have_changed(self) -> None:
+        """A hook that does not report its changes was given this request (see
+        ``proxy.dispatch.reports_changes``)."""
+        request = self.decoded_request
+        if request is not None:
+            distrust(request)
 
     def allow_models(self, patterns: Sequence[str], owner: str) -> None:
         """Narrows the targets that may answer this request to those whose model matches

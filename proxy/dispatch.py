@@ -14,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import pluggy
 
+from proxy.canonical import fingerprint, vouched_for
 from proxy.errors import ProxyError
 
 # The plugin whose hook is running: what it annotates, logs and starts in the background
 # is its own. Tasks it starts inherit it.
+F = TypeVar("F", bound=Callable[..., Any])
+
 current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hookproxy_plugin", default=None)
 
@@ -71,10 +74,65 @@ _found: dict[tuple[int, str, int], tuple[Mapping[str, Any], pluggy.PluginManager
                                          list[tuple[str, Any]]]] = {}
 
 
+_REPORTS = "hookproxy_reports_changes"
+
+# Checks that an implementation marked ``reports_changes`` did report every change it
+# made, by encoding the request before and after it: for tests (``proxy.testing`` and the
+# suite turn it on), never in production, where it would cost what the mark saves.
+CHECK_REPORTS = False
+
+
+def reports_changes(function: F) -> F:
+    """Marks a hook implementation that says what it changes: it calls ``ctx.changed()``
+    after changing the request (or, in post_response, the response), naming each message
+    it changed in place (``ctx.changed(message)``). hookproxy then need not encode the
+    request before and after it to see whether it changed something, nor encode every
+    message again to see which ones go out as they came.
+
+    An implementation without the mark may change anything in place; hookproxy finds
+    out by encoding."""
+    setattr(function, _REPORTS, True)
+    return function
+
+
+def reports(impl: Any) -> bool:
+    """Whether ``impl`` (a pluggy HookImpl) is marked ``reports_changes``."""
+    return getattr(impl.function, _REPORTS, False)
+
+
+def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -> None:
+    """With ``CHECK_REPORTS``: raises a ``ProxyError`` (a 500 that names the plugin) if an
+    implementation marked ``reports_changes`` changed something without saying so, or
+    changed a message in place without naming it. ``changed``: whether the encodings
+    before and after it differ; ``said``: ``ctx.changes`` before it ran."""
+    problem = None
+    if changed and ctx.changes == said:
+        problem = "changed the request without calling ctx.changed()"
+    elif hook != "post_response":
+        for index, message in enumerate(ctx.request.messages):
+            if vouched_for(message) and message.__dict__.get("printed") != fingerprint(
+                    message):
+                problem = f"changed messages[{index}] without naming it in ctx.changed()"
+                break
+    if problem is not None:
+        raise ProxyError(500, f"Plugin {plugin!r} {problem}, though it is marked "
+                              "reports_changes", code="plugin_error", stage=hook,
+                         plugin=plugin)
+
+
+def _unreported(hook: str, impl: Any, arguments: Mapping[str, Any]) -> None:
+    """An implementation that does not report its changes is given the request: what
+    was known unchanged must be looked at again. (Classifiers must not change it.)"""
+    ctx = arguments.get("ctx")
+    if ctx is not None and hook != "classify" and not reports(impl):
+        ctx.may_have_changed()
+
+
 def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:
     """Calls one implementation with the arguments it asks for. Returns its result, or the
     awaitable an async implementation gave (for ``finish_impl``)."""
     acting = current_plugin.set(plugin)
+    _unreported(hook, impl, arguments)
     try:
         return impl.function(*[arguments[name] for name in impl.argnames])
     except ProxyError as exc:
@@ -113,7 +171,11 @@ async def call_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, A
     """
     result = start_impl(plugin, hook, impl, arguments)
     if inspect.isawaitable(result):
-        return await finish_impl(plugin, hook, result, timeout)
+        try:
+            return await finish_impl(plugin, hook, result, timeout)
+        finally:
+            # What looked at the request while it ran may have seen it before a change.
+            _unreported(hook, impl, arguments)
     return result
 
 

@@ -23,6 +23,7 @@ import anyio
 import msgspec
 import structlog
 
+from proxy import dispatch
 from proxy.alongside import Alongside
 from proxy.canonical import (
     CLASSIFYING,
@@ -37,7 +38,15 @@ from proxy.canonical import (
 )
 from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
-from proxy.dispatch import HookFailed, call_impl, finish_impl, implementations, start_impl
+from proxy.dispatch import (
+    HookFailed,
+    call_impl,
+    check_reported,
+    finish_impl,
+    implementations,
+    reports,
+    start_impl,
+)
 from proxy.errors import ProxyError, Untranslatable, UpstreamError
 from proxy.limits import account_usage
 from proxy.plugins import SELF, PluginHost
@@ -151,11 +160,16 @@ class Pipeline:
     async def _stage(self, ctx: RequestContext, hook: str) -> Response | None:
         """Start or PreRouting: a plugin may change the request, answer it or reject it."""
         impls = implementations(self.pm, hook, ctx.plugin_settings)
-        # Each plugin's change is seen by comparing the request's encoding after it with
-        # the one before it: one encode per plugin, plus one.
-        before = fingerprint(ctx.request) if impls else b""
+        # A plugin that reports its changes (``reports_changes``) says whether it changed
+        # something; another's change is seen by comparing the request's encoding after it
+        # with the one before it.
+        before: bytes | None = None
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            reporting = reports(impl)
+            if before is None and (dispatch.CHECK_REPORTS or not reporting):
+                before = fingerprint(ctx.request)
+            said = ctx.changes
             try:
                 result = await call_impl(name, hook, impl, arguments, self._timeout(name))
             except ProxyError as exc:
@@ -171,7 +185,14 @@ class Pipeline:
                 ctx.plugin_actions[name] = "short_circuit"
                 ctx.short_circuited_by = name
                 return result
+            if reporting and not dispatch.CHECK_REPORTS:
+                if ctx.changes != said:
+                    ctx.plugin_actions.setdefault(name, "modified")
+                    before = None
+                continue
             after = fingerprint(ctx.request)
+            if reporting:
+                check_reported(ctx, hook, name, after != before, said)
             if after != before:
                 ctx.plugin_actions.setdefault(name, "modified")
                 before = after
@@ -496,7 +517,9 @@ class Pipeline:
     async def _post_response(self, ctx: RequestContext, response: Response) -> Response:
         ctx.response = response
         for name, impl in implementations(self.pm, "post_response", ctx.plugin_settings):
-            before = fingerprint(response)
+            reporting = reports(impl)
+            before = fingerprint(response) if dispatch.CHECK_REPORTS or not reporting else None
+            said = ctx.changes
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
                 result = await call_impl(name, "post_response", impl, arguments,
@@ -513,7 +536,14 @@ class Pipeline:
                 response = ctx.response = result
                 ctx.plugin_actions.setdefault(name, "modified")
                 ctx.raw_response = None
-            elif fingerprint(response) != before:
+                continue
+            if before is None:
+                changed = ctx.changes != said
+            else:
+                changed = fingerprint(response) != before
+                if reporting:
+                    check_reported(ctx, "post_response", name, changed, said)
+            if changed:
                 ctx.plugin_actions.setdefault(name, "modified")
                 ctx.raw_response = None
         return response

@@ -30,7 +30,7 @@ from proxy import embeddings as embeddings_api
 from proxy import pipeline as pipeline_module
 from proxy import responses_api
 from proxy.admin import AdminGuard
-from proxy.canonical import Request, StreamEvent
+from proxy.canonical import Request, StreamEvent, vouch
 from proxy.config import Config, ConfigError, available_providers, load_config
 from proxy.connections import (
     BROKEN_BODY,
@@ -351,6 +351,7 @@ class Gateway:
                 raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
             _check_count(len(request.messages), limit)
             request.headers = headers
+            vouch(request)
             return request
 
         # A request cannot switch off what the config enables: with plugins or

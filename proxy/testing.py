@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import dispatch
 from proxy.config import parse_config
 from proxy.connections import uvicorn_config
 from proxy.context import RequestContext
@@ -266,6 +267,10 @@ class Proxy:
     installed ones) to their ``[plugins.NAME]`` tables. ``config`` adds or replaces
     top-level config sections (``server``, ``routing``, ``classifiers``...).
     ``provider`` is the fake provider to use; one is started (and stopped) if not given.
+
+    Under it, a hook marked ``reports_changes`` is checked to report every change it
+    makes: one that does not fails its request with a 500 that names it. (The check
+    encodes the request around each hook, which a served proxy does not.)
     """
 
     def __init__(self, *, plugins: Mapping[str, object] | None = None,
@@ -317,6 +322,7 @@ class Proxy:
         return self
 
     def _start(self) -> None:
+        dispatch.CHECK_REPORTS = True
         host = PluginHost()
         host.discover()
         for name, plugin in self.plugins.items():

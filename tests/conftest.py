@@ -4,9 +4,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy import dispatch
 from tests.harness import ProxyServer, upstream_config
 from tests.redis_server import RedisServer
 from tests.upstreams import FakeUpstream
+
+# Every plugin marked reports_changes is checked, on every request of the suite, to report
+# each change it makes (an unreported one fails the request with a 500 naming it).
+dispatch.CHECK_REPORTS = True
 
 
 @pytest.fixture(scope="session")

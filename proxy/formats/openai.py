@@ -185,6 +185,7 @@ def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
     system: list[TextPart] = []
     messages: list[Message] = []
     leading = True
+    after_result = False  # whether the last message is tool results
     merged: dict[int, Message] = {}
     for i, (message, raw, printed) in enumerate(units):
         if message.role == "system" and leading:
@@ -198,23 +199,26 @@ def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
                     **part.extra, **({"role": "developer"} if developer else {})}))
             continue
         leading = False
-        last = messages[-1] if messages else None
-        if _is_tool_result(message) and last is not None and _is_tool_result(last):
+        result = _is_tool_result(message)
+        if result and after_result:
             # Consecutive tool results answer one assistant turn: keep them in one message.
+            last = messages[-1]
             last.content.extend(message.content)
             wire_of(last).append(raw)
             merged[id(last)] = last
             continue
         remember_wire(message, [raw], printed)
         messages.append(message)
+        after_result = result
     for message in merged.values():
         remember_wire(message, wire_of(message))  # its fingerprint as merged
     return system, messages
 
 
 def _is_tool_result(message: Message) -> bool:
-    return message.role == "user" and bool(message.content) and all(
-        isinstance(p, ToolResultPart) for p in message.content)
+    content = message.content
+    return message.role == "user" and bool(content) and isinstance(content[0], ToolResultPart) \
+        and all(isinstance(part, ToolResultPart) for part in content)
 
 
 def _checked_unit(raw: dict[str, Any], index: int) -> Message:
