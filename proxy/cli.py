@@ -180,16 +180,19 @@ def _tune_memory() -> None:
 
     Fewer cycle collections: a 200 KB request decodes into thousands of containers, and
     with CPython's default threshold (700 more allocated than freed) each one set off
-    several young-generation collections, about 1.7 ms of every such request. Nearly all
-    of them are freed by reference counting anyway; the collector still runs every 50,000,
-    which bounds what cycles can hold. What is loaded by now (modules, config, plugins)
-    lives as long as the process: ``freeze`` keeps full collections from walking it.
+    several young-generation collections, about 1.7 ms of every such request. Requests
+    leave no cycles (tests/test_bounds.py checks that failed ones do not), so reference
+    counting frees them; the collector runs every 200,000, which bounds what cycles can
+    hold. At 50,000, fifty agent requests in flight kept it running every hundred or so
+    requests, 30 ms each time, scanning the live requests. What is loaded by now (modules,
+    config, plugins) lives as long as the process: ``freeze`` keeps full collections from
+    walking it.
 
     glibc's malloc gives a block of a few hundred KB (a body, its encoding) back to the
     kernel when it is freed, and the next one faults its pages in again: 30 page faults,
     about 100 us, for each. It keeps up to 32 MB of freed memory for reuse here instead,
     and maps blocks from 8 MB on. (Other C libraries: nothing to set.)"""
-    gc.set_threshold(50_000, 10, 10)
+    gc.set_threshold(200_000, 10, 10)
     gc.freeze()
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -616,6 +616,9 @@ class Pipeline:
         except Exception:
             log.exception("record_failed",
                           request_id=entry.ctx.request_id if entry.ctx else None)
+        finally:
+            if entry.ctx is not None:
+                _drop_tracebacks(entry.ctx)
 
     def _arm_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._sweeper is None or self._sweeper_loop is not loop:
@@ -719,6 +722,19 @@ class Pipeline:
             except (HookFailed, ProxyError) as exc:
                 log.warning("on_error_failed", request_id=ctx.request_id, plugin=name,
                             error=str(exc))
+
+
+def _drop_tracebacks(ctx: RequestContext) -> None:
+    """Everything that observes a failed request has seen its errors: their tracebacks,
+    whose frames hold the context (a cycle, which only the cycle collector would free,
+    with the whole request in it), go. The exceptions stay, for what keeps the context."""
+    for error in (*ctx.errors, ctx.error):
+        exception = error.exception if error is not None else None
+        seen = 0
+        while exception is not None and seen < 16:  # its causes and contexts too
+            exception.__traceback__ = None
+            exception = exception.__cause__ or exception.__context__
+            seen += 1
 
 
 class _Finishing:

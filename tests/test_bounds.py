@@ -10,6 +10,7 @@ large or distinct requests.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from proxy import hookimpl
+from proxy import Message, Request, RequestContext, hookimpl
 from proxy import memo as memo_module
 from proxy.memo import Memo, memo
 from proxy.plugins import PluginHost
@@ -316,3 +317,29 @@ def test_redaction_over_many_parts_stays_linear():
     assert {p.text for p in parts[len(key) + 1:]} == {"[EMAIL_1] "}
     assert masker.originals == {"[SECRET_1]": key, "[EMAIL_1]": "x@y.io"}
     assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("model", ["oai/m-status-500", "no-such-model", "gpt-test"])
+def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model):
+    # The process collects cycles rarely (proxy.cli sets a high threshold), so what a
+    # request leaves in a reference cycle stays in memory long after it: a failed
+    # request's exception held its traceback, whose frames held the whole request.
+    config = upstream_config(upstream, plugins={"redact": {}}, routing={"retries": 1})
+    body = json.dumps({"model": model, "messages": CONVERSATION}).encode()
+    with ProxyServer(config) as proxy:
+        post_raw(f"{proxy.url}/v1/chat/completions", body)
+        proxy.settled(None)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", body)
+                assert (status == 200) == (model == "gpt-test")
+            proxy.settled(None)
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage
+                    if isinstance(o, Message | RequestContext | Request)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert left == []
