@@ -82,8 +82,8 @@ def union_over_texts(request: Request, scope: Scope, max_chars: int, what: Hasha
                      find: Callable[[str], frozenset[str]]) -> set[str]:
     """Everything ``find`` returns for the texts in scope, each text's answer memoized."""
     found: set[str] = set()
-    for text in scoped_texts(request, scope, max_chars):
-        found |= memo.get_or_compute(what, text, find)
+    for each in memo.get_or_compute_all(what, scoped_texts(request, scope, max_chars), find):
+        found |= each
     return found
 
 

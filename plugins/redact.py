@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any, Literal
 
 import msgspec
@@ -224,12 +224,16 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     # joined as the provider reads them: the text content_guard checks too.
     if masker.mask_parts(request.system, SYSTEM_JOIN):
         ctx.changed()
-    for message in request.messages:
-        # A message known to hold nothing to mask (by its content_key: no text is even
-        # joined or hashed for it) is passed over.
-        key = content_key(message)
-        clean = key is not None and memo.get_or_compute(
-            ("redact-clean", masker.kinds), key, partial(_holds_nothing, masker, message))
+    # A message known to hold nothing to mask (by its content_key: no text is even joined
+    # or hashed for it) is passed over.
+    what = ("redact-clean", masker.kinds)
+    messages = request.messages
+    keys = [content_key(message) for message in messages]
+    known = memo.lookup_all(what, [key or b"" for key in keys])
+    for message, key, clean in zip(messages, keys, known, strict=True):
+        if clean is None and key is not None:
+            clean = masker.holds_nothing(message)
+            memo.put(what, key, clean)
         if not clean and masker.mask_message(message):
             ctx.changed(message)
         # Thinking is signed by the provider: changed, it would be refused.
@@ -241,10 +245,6 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     if masker.originals:
         ctx.scratch["redact"] = masker
         ctx.scratch["redacted"] = len(masker.originals)
-
-
-def _holds_nothing(masker: _Masker, message: Message, _key: bytes) -> bool:
-    return masker.holds_nothing(message)
 
 
 def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:

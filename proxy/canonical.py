@@ -108,7 +108,11 @@ class Message(msgspec.Struct, omit_defaults=True, dict=True):
 
     @property
     def text(self) -> str:
-        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+        content = self.content
+        if len(content) == 1:  # most messages
+            part = content[0]
+            return part.text if isinstance(part, TextPart) else ""
+        return "".join(p.text for p in content if isinstance(p, TextPart))
 
     def text_parts(self) -> list[TextPart | DocumentPart]:
         """The parts holding the text this message holds, in the order a provider reads

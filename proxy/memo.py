@@ -80,6 +80,18 @@ class Memo:
                     results.append(found[0])
         return results
 
+    def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
+                           compute: Callable[[Text], T]) -> list[T]:
+        """``get_or_compute`` for each of ``texts``, looked up under one lock."""
+        results = self.lookup_all(what, texts)
+        for index, result in enumerate(results):
+            if result is None:
+                text = texts[index]
+                result = results[index] = compute(text)
+                if len(text) >= MIN_CHARS:
+                    self.put(what, text, result)
+        return results
+
     def put(self, what: Hashable, text: Text, result: Any, size: int | None = None) -> None:
         """Keeps ``result`` (not None) for ``what`` and ``text``. ``size`` is what the entry
         keeps, in bytes, when its result is large (else the text's size counts)."""
