@@ -47,11 +47,14 @@ import functools
 import re
 import time
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 import msgspec
 
+from proxy.canonical import Request, Tool, fingerprint
 from proxy.context import MAX_ANNOTATION_BYTES, Attempt, RequestContext
+from proxy.memo import memo
 
 Bodies = Literal["none", "truncated", "full"]
 _encode = msgspec.json.Encoder().encode
@@ -153,9 +156,10 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
     ``full`` keeps strings whole; ``truncated`` cuts each at ``limit`` characters. A body
     whose JSON fits in its budget and names nothing secret-looking is embedded as it was
     encoded (one msgspec encode); a larger one becomes a bounded view: the first message and
-    the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values,
-    and ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole
-    large body key by key in Python. (``omitted``: messages already left out of ``value``.)
+    the newest ones (``messages_omitted`` counts the rest), at most ``_MAX_NODES`` values
+    (and as many again in its tool definitions, whose view is kept in the memo), and
+    ``truncated_from_bytes`` the size of what it was cut from. No step walks a whole large
+    body key by key in Python. (``omitted``: messages already left out of ``value``.)
     """
     if bodies == "none" or value is None:
         return None
@@ -172,14 +176,30 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
             return msgspec.Raw(encoded)
         # Small (at most ``budget`` bytes): walked whole, only to replace the secrets.
         return _Walker(len(encoded), max_nodes=len(encoded)).view(msgspec.to_builtins(value))
-    walker = _Walker(limit if bodies == "truncated" else max(cap // 4, limit))
-    view = walker.view(msgspec.to_builtins(value))
+    limit = limit if bodies == "truncated" else max(cap // 4, limit)
+    walker = _Walker(limit)
+    tools = getattr(value, "tools", None)
+    if tools and isinstance(value, Request):
+        # An agent sends the same tool definitions every turn: their view is made once
+        # (with a node budget of its own) and kept in the memo by their content.
+        view = walker.view(msgspec.to_builtins(msgspec.structs.replace(value, tools=[])))
+        tools_view, cut = memo.get_or_compute(("record-tools", limit), fingerprint(tools),
+                                              partial(_tools_view, tools, limit))
+        view["tools"] = tools_view
+        walker.cut = walker.cut or cut
+    else:
+        view = walker.view(msgspec.to_builtins(value))
     if isinstance(view, dict):
         if omitted > 0:
             view["messages_omitted"] = omitted
         if walker.cut:
             view["truncated_from_bytes"] = len(encoded)
     return view
+
+
+def _tools_view(tools: list[Tool], limit: int, _key: bytes) -> tuple[Any, bool]:
+    walker = _Walker(limit)
+    return walker.view(msgspec.to_builtins(tools)), walker.cut
 
 
 # Anything ``is_secret_key`` could call a secret holds one of these stems, anywhere: a
