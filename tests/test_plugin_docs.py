@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import textwrap
 import types
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_the_guide_example_runs(upstream):
 
 def _guide_block(heading: str) -> types.ModuleType:
     section = GUIDE.split(heading, 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = textwrap.dedent(section.split("```python\n", 1)[1].split("```", 1)[0])
     module = types.ModuleType("worked_example")
     exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
     return module
@@ -109,3 +110,15 @@ def test_the_worked_example_runs(hookproxy):
             proxy.anthropic().messages.create(model="claude-fake", max_tokens=20, messages=hi)
     assert asked == ["anonymous"]  # then from the store
     assert [r.annotations["tenant_quota"]["quota"]["used"] for r in proxy.settled()] == [1, 2, 3]
+
+
+def test_the_reporting_example_runs(upstream):
+    # The suite checks marked hooks (tests/conftest.py): an unreported change would fail.
+    example = _guide_block("- **Say what you change.**")
+    messages = [{"role": "user", "content": "see ACME-INTERNAL notes"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "and now?"}]
+    with serving(upstream, {"internal": {}}, ("internal", example)) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=messages)
+        assert upstream.last["messages"] == [
+            {"role": "user", "content": "see [internal] notes"}, *messages[1:]]
