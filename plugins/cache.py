@@ -115,6 +115,7 @@ async def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> Response
 
 
 @hookimpl
+@reports_changes  # changes no event
 def stream_chunk(ctx: RequestContext, event: StreamEvent) -> Any:
     # A stream is cached as this hook sees it: before redact (trylast) restores it.
     accumulator: StreamAccumulator | None = ctx.scratch.get("cache_stream")

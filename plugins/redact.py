@@ -319,6 +319,7 @@ def _with_piece(event: TextDelta | ToolCallDelta, piece: str) -> StreamEvent:
 
 
 @hookimpl(trylast=True)
+@reports_changes  # returns new events, never changes one in place
 def stream_chunk(ctx: RequestContext, event: StreamEvent, settings: dict[str, Any]) -> Any:
     masker = _masker(ctx, settings)
     if masker is None:

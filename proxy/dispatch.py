@@ -120,12 +120,18 @@ def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -
                          plugin=plugin)
 
 
+# The hooks that run before the request is (last) sent, which may change it in place.
+# (Classifiers must not change it; what runs once an answer has come is too late to.)
+_BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call", "on_error"})
+
+
 def _unreported(hook: str, impl: Any, arguments: Mapping[str, Any]) -> None:
     """An implementation that does not report its changes is given the request: what
-    was known unchanged must be looked at again. (Classifiers must not change it.)"""
-    ctx = arguments.get("ctx")
-    if ctx is not None and hook != "classify" and not reports(impl):
-        ctx.may_have_changed()
+    was known unchanged must be looked at again."""
+    if hook in _BEFORE_SENT and not reports(impl):
+        ctx = arguments.get("ctx")
+        if ctx is not None:
+            ctx.may_have_changed()
 
 
 def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:

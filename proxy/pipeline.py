@@ -461,14 +461,24 @@ class Pipeline:
         out: list[StreamEvent] = []
         group = 0  # where in ``out`` the current group began
         group_changed = False
+        # Hooks that report their changes say whether they changed an event in place;
+        # for others, a copy of each event tells.
+        reporting = all(reports(impl) for _, impl in impls)
+        copy = dispatch.CHECK_REPORTS or not reporting
         for event in batch:
             if event.raw != b"":
                 group, group_changed = len(out), False
-            # A copy to tell whether a hook changed the event in place.
-            before = msgspec.structs.replace(event) if event.raw is not None else None
+            before = msgspec.structs.replace(event) if copy and event.raw is not None else None
+            said = ctx.changes
             produced = await self._chunk(ctx, impls, event)
-            if before is not None and not group_changed and not (
-                    len(produced) == 1 and produced[0] is event and event == before):
+            kept = len(produced) == 1 and produced[0] is event
+            if reporting and before is not None and kept and event != before and \
+                    ctx.changes == said:
+                raise ProxyError(500, "A stream_chunk hook marked reports_changes changed an "
+                                      "event without calling ctx.changed()",
+                                 code="plugin_error", stage="stream_chunk")
+            if event.raw is not None and not group_changed and not (
+                    kept and (ctx.changes == said if reporting else event == before)):
                 group_changed = True
                 for item in out[group:]:
                     item.raw = None
@@ -488,8 +498,10 @@ class Pipeline:
             for item in events:
                 arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
                 try:
-                    result = await call_impl(name, "stream_chunk", impl, arguments,
-                                             self._timeout(name))
+                    result = start_impl(name, "stream_chunk", impl, arguments)
+                    if inspect.isawaitable(result):
+                        result = await finish_impl(name, "stream_chunk", result,
+                                                   self._timeout(name))
                 except ProxyError as exc:
                     # A Reject mid-stream ends it with an error event in the client's format.
                     ctx.plugin_actions[name] = "rejected"

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy import RequestContext, TextPart, dispatch, hookimpl, reports_changes
+from proxy import RequestContext, TextDelta, TextPart, dispatch, hookimpl, reports_changes
 from proxy.context import RequestContext as Context
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config
@@ -172,3 +172,37 @@ def test_the_built_in_plugins_report_what_they_change(upstream, served_as_in_pro
         assert upstream.last["max_tokens"] == 5
         # Under the cap and nothing to mask: only the system prompt changed the request.
         assert proxy.settled(finished)[-1].plugin_actions == {"system_prompt": "modified"}
+
+
+class LoudStream:
+    """Upper-cases each text delta in place; reports it when ``says``."""
+
+    def __init__(self, says: bool) -> None:
+        self.says = says
+
+    @hookimpl
+    @reports_changes
+    def stream_chunk(self, ctx: RequestContext, event: Any) -> None:
+        if isinstance(event, TextDelta):
+            event.text = event.text.upper()
+            if self.says:
+                ctx.changed()
+
+
+def _streamed(proxy: ProxyServer) -> str:
+    stream = proxy.openai().chat.completions.create(
+        model="gpt-test", messages=HISTORY[-1:], stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_a_reported_change_to_a_stream_event_reaches_the_client(upstream,
+                                                                served_as_in_production):
+    with serving(upstream, {}, ("loud", LoudStream(says=True))) as (proxy, _):
+        # Without the report, the event's own bytes (lowercase) would have gone out.
+        assert _streamed(proxy) == "ECHO: LAST QUESTION"
+
+
+def test_a_stream_hook_that_hides_a_change_fails_under_the_check(upstream):
+    with serving(upstream, {}, ("loud", LoudStream(says=False))) as (proxy, _), \
+            pytest.raises(openai.APIError, match=r"without calling ctx\.changed"):
+        _streamed(proxy)
