@@ -302,6 +302,10 @@ def distrust(request: Request) -> None:
     epoch = request.__dict__.get("epoch")
     if epoch is not None:
         epoch[0] += 1
+        return
+    # A request a plugin made (``ctx.request = ...``) may hold messages of the decoded one.
+    for message in request.messages:
+        message.__dict__.pop("vouched", None)
 
 
 def forget_printed(message: Message) -> None:

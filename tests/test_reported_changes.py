@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 
@@ -206,3 +207,18 @@ def test_a_stream_hook_that_hides_a_change_fails_under_the_check(upstream):
     with serving(upstream, {}, ("loud", LoudStream(says=False))) as (proxy, _), \
             pytest.raises(openai.APIError, match=r"without calling ctx\.changed"):
         _streamed(proxy)
+
+
+def test_messages_moved_to_a_new_request_are_still_looked_at(upstream, served_as_in_production):
+    class Rebuilds:
+        """Marked: puts the same messages in a request of its own making, and says so."""
+
+        @hookimpl(tryfirst=True)
+        @reports_changes
+        def request_start(self, ctx: RequestContext) -> None:
+            ctx.request = msgspec.structs.replace(ctx.request)
+            ctx.changed()
+
+    with serving(upstream, {}, ("rebuilds", Rebuilds()), ("silent", Last(0))) as (proxy, _):
+        _ask(proxy)
+        assert upstream.last["messages"][1]["content"] == "FIRST QUESTION"
