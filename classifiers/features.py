@@ -27,14 +27,16 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(trylast=True)
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     request = ctx.request
-    parts = [p for m in request.messages for p in m.content]
+    kinds = {type(p) for m in request.messages for p in m.content}  # one pass, in C
+    tool_results = any(issubclass(kind, ToolResultPart) for kind in kinds)
     found = {
         "tools": bool(request.tools),
-        "images": any(isinstance(p, ImagePart) or (isinstance(p, ToolResultPart) and any(
-            isinstance(q, ImagePart) for q in p.content)) for p in parts),
+        "images": any(issubclass(kind, ImagePart) for kind in kinds) or (tool_results and any(
+            isinstance(q, ImagePart) for m in request.messages for p in m.content
+            if isinstance(p, ToolResultPart) for q in p.content)),
         "json": (request.response_format or {}).get("type") in ("json_object", "json_schema"),
         "streaming": request.stream,
-        "tool_results": any(isinstance(p, ToolResultPart) for p in parts),
+        "tool_results": tool_results,
     }
     prefix = settings_as(settings, Settings).prefix
     return [prefix + name for name, present in found.items() if present]
