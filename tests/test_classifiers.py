@@ -46,6 +46,22 @@ def test_each_classifier_tags_what_it_should(upstream):
             >= {"lang:fr"}
 
 
+def test_features_sees_images_inside_tool_results(upstream):
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "AA"}}
+    turns = [{"role": "user", "content": "look"},
+             {"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
+                                                "name": "shot", "input": {}}]}]
+    with serving(upstream, classifiers={"features": {}}) as proxy:
+        for content, expected in (([{"type": "text", "text": "ok"}], {"tool_results"}),
+                                  ([image], {"tool_results", "images"})):
+            raw = proxy.anthropic().messages.with_raw_response.create(
+                model="mock-1", max_tokens=5, messages=[*turns, {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": content}]}])
+            raw.parse()
+            assert set(raw.headers["x-hookproxy-tags"].split(",")) == expected
+
+
 def test_streaming_requests_are_tagged_too(upstream):
     with serving(upstream, classifiers={"features": {}}) as proxy:
         raw = proxy.openai().chat.completions.with_raw_response.create(
