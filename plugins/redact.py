@@ -229,8 +229,9 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     what = ("redact-clean", masker.kinds)
     messages = request.messages
     keys = [content_key(message) for message in messages]
-    known = memo.lookup_all(what, [key or b"" for key in keys])
-    for message, key, clean in zip(messages, keys, known, strict=True):
+    known = iter(memo.lookup_all(what, [key for key in keys if key is not None]))
+    for message, key in zip(messages, keys, strict=True):
+        clean = next(known) if key is not None else False
         if clean is None and key is not None:
             clean = masker.holds_nothing(message)
             memo.put(what, key, clean)

@@ -214,6 +214,9 @@ class RequestContext:
         self.limits: Any = None
         # How many times a plugin said it changed the request or response (``changed``).
         self.changes = 0
+        # The error the request failed with, as raised (its traceback is dropped once the
+        # request is over: its frames hold this context).
+        self.raised: BaseException | None = None
         # The usage is hookproxy's estimate: the provider did not finish reporting it.
         self.usage_estimated: bool = False
         # Model globs the answering target must match, each with whom it is for: every

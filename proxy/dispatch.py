@@ -22,10 +22,10 @@ import pluggy
 from proxy.canonical import fingerprint, vouched_for
 from proxy.errors import ProxyError
 
-# The plugin whose hook is running: what it annotates, logs and starts in the background
-# is its own. Tasks it starts inherit it.
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The plugin whose hook is running: what it annotates, logs and starts in the background
+# is its own. Tasks it starts inherit it.
 current_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hookproxy_plugin", default=None)
 
@@ -122,7 +122,16 @@ def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -
 
 # The hooks that run before the request is (last) sent, which may change it in place.
 # (Classifiers must not change it; what runs once an answer has come is too late to.)
-_BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call", "on_error"})
+_BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call"})
+
+
+def check_decoded(request: Any) -> None:
+    """With ``CHECK_REPORTS``: raises if a decoder left a message whose fingerprint is not
+    what it holds (``content_key`` would vouch for what it is not)."""
+    for index, message in enumerate(request.messages):
+        printed = message.__dict__.get("printed")
+        if printed is not None and printed != fingerprint(message):
+            raise AssertionError(f"messages[{index}] was decoded with a stale fingerprint")
 
 
 def _unreported(hook: str, impl: Any, arguments: Mapping[str, Any]) -> None:
@@ -148,6 +157,8 @@ def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) 
         raise HookFailed(plugin, hook, exc) from exc
     finally:
         current_plugin.reset(acting)
+        # What it asked about the request before changing it (content_key) is stale now.
+        _unreported(hook, impl, arguments)
 
 
 async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> Any:

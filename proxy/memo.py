@@ -83,13 +83,16 @@ class Memo:
     def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
                            compute: Callable[[Text], T]) -> list[T]:
         """``get_or_compute`` for each of ``texts``, looked up under one lock."""
-        results = self.lookup_all(what, texts)
-        for index, result in enumerate(results):
+        long = [text for text in texts if len(text) >= MIN_CHARS]
+        kept = iter(self.lookup_all(what, long))
+        results = []
+        for text in texts:
+            result = next(kept) if len(text) >= MIN_CHARS else None
             if result is None:
-                text = texts[index]
-                result = results[index] = compute(text)
+                result = compute(text)
                 if len(text) >= MIN_CHARS:
                     self.put(what, text, result)
+            results.append(result)
         return results
 
     def put(self, what: Hashable, text: Text, result: Any, size: int | None = None) -> None:

@@ -177,6 +177,10 @@ class Pipeline:
                 exc.stage = hook
                 raise
             except HookFailed as exc:
+                # Stopped part way (a timeout the operator skips), even a hook that reports
+                # its changes may not have said what it had changed.
+                ctx.may_have_changed()
+                before = None
                 failure = self.stage_failure(ctx, hook, name, exc)
                 if failure is None:
                     continue
@@ -699,6 +703,7 @@ class Pipeline:
     async def _fail(self, ctx: RequestContext, exc: ProxyError) -> None:
         """The request failed with ``exc``: record it and tell the observers."""
         ctx.status = exc.status
+        ctx.raised = exc
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         ctx.error = PipelineError(stage=exc.stage, plugin=exc.plugin, status=exc.status,
                                   message=exc.message, type=exc.code or type(exc).__name__,
@@ -740,13 +745,15 @@ def _drop_tracebacks(ctx: RequestContext) -> None:
     """Everything that observes a failed request has seen its errors: their tracebacks,
     whose frames hold the context (a cycle, which only the cycle collector would free,
     with the whole request in it), go. The exceptions stay, for what keeps the context."""
-    for error in (*ctx.errors, ctx.error):
-        exception = error.exception if error is not None else None
-        seen = 0
-        while exception is not None and seen < 16:  # its causes and contexts too
+    pending = [ctx.raised, *(error.exception for error in (*ctx.errors, ctx.error)
+                             if error is not None)]
+    seen: set[int] = set()
+    while pending and len(seen) < 64:  # with their causes and contexts
+        exception = pending.pop()
+        if exception is not None and id(exception) not in seen:
+            seen.add(id(exception))
             exception.__traceback__ = None
-            exception = exception.__cause__ or exception.__context__
-            seen += 1
+            pending += (exception.__cause__, exception.__context__)
 
 
 class _Finishing:

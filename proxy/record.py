@@ -47,7 +47,6 @@ import functools
 import re
 import time
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Literal
 
 import msgspec
@@ -183,8 +182,13 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
         # An agent sends the same tool definitions every turn: their view is made once
         # (with a node budget of its own) and kept in the memo by their content.
         view = walker.view(msgspec.to_builtins(msgspec.structs.replace(value, tools=[])))
-        tools_view, cut = memo.get_or_compute(("record-tools", limit), fingerprint(tools),
-                                              partial(_tools_view, tools, limit))
+        key = fingerprint(tools)
+        kept = memo.lookup_all(("record-tools", limit), [key])[0]
+        if kept is not None:
+            tools_view, cut = kept
+        else:
+            tools_view, cut = _tools_view(tools, limit)
+            memo.put(("record-tools", limit), key, (tools_view, cut), 2 * len(key))
         view["tools"] = tools_view
         walker.cut = walker.cut or cut
     else:
@@ -197,7 +201,7 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
     return view
 
 
-def _tools_view(tools: list[Tool], limit: int, _key: bytes) -> tuple[Any, bool]:
+def _tools_view(tools: list[Tool], limit: int) -> tuple[Any, bool]:
     walker = _Walker(limit)
     return walker.view(msgspec.to_builtins(tools)), walker.cut
 

@@ -26,9 +26,9 @@ from starlette.responses import Response as HttpResponse
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from proxy import dispatch, responses_api
 from proxy import embeddings as embeddings_api
 from proxy import pipeline as pipeline_module
-from proxy import responses_api
 from proxy.admin import AdminGuard
 from proxy.canonical import Request, StreamEvent, vouch
 from proxy.config import Config, ConfigError, available_providers, load_config
@@ -351,6 +351,8 @@ class Gateway:
                 raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
             _check_count(len(request.messages), limit)
             request.headers = headers
+            if dispatch.CHECK_REPORTS:
+                dispatch.check_decoded(request)
             vouch(request)
             return request
 

@@ -14,6 +14,7 @@ import gc
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -319,22 +320,49 @@ def test_redaction_over_many_parts_stays_linear():
     assert time.perf_counter() - started < 5
 
 
-@pytest.mark.parametrize("model", ["oai/m-status-500", "no-such-model", "gpt-test"])
-def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model):
+class Fails:
+    """Raises in the hook it is given."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @hookimpl
+    def request_start(self) -> None:
+        if self.hook == "request_start":
+            raise ValueError("no")
+
+    @hookimpl
+    def post_response(self) -> None:
+        if self.hook == "post_response":
+            raise ValueError("no")
+
+
+@pytest.mark.parametrize("model,failing,stream", [
+    ("oai/m-status-500", None, False), ("no-such-model", None, False),
+    ("gpt-test", None, False), ("gpt-test", None, True),
+    ("gpt-test", "request_start", False), ("gpt-test", "request_start", True),
+    ("gpt-test", "post_response", False)])
+def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model, failing, stream):
     # The process collects cycles rarely (proxy.cli sets a high threshold), so what a
     # request leaves in a reference cycle stays in memory long after it: a failed
     # request's exception held its traceback, whose frames held the whole request.
-    config = upstream_config(upstream, plugins={"redact": {}}, routing={"retries": 1})
-    body = json.dumps({"model": model, "messages": CONVERSATION}).encode()
-    with ProxyServer(config) as proxy:
-        post_raw(f"{proxy.url}/v1/chat/completions", body)
+    host = PluginHost()
+    host.discover()
+    plugins: dict[str, Any] = {"redact": {}}
+    if failing:
+        host.add(Fails(failing), "fails")
+        plugins["fails"] = {}
+    config = upstream_config(upstream, plugins=plugins, routing={"retries": 1})
+    body = json.dumps({"model": model, "messages": CONVERSATION, "stream": stream}).encode()
+    with ProxyServer(config, host=host) as proxy:
+        _post_status(f"{proxy.url}/v1/chat/completions", body)
         proxy.settled(None)
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             for _ in range(3):
-                status, _, _ = post_raw(f"{proxy.url}/v1/chat/completions", body)
-                assert (status == 200) == (model == "gpt-test")
+                status = _post_status(f"{proxy.url}/v1/chat/completions", body)
+                assert (status == 200) == (model == "gpt-test" and failing != "request_start")
             proxy.settled(None)
             gc.collect()
             left = [type(o).__name__ for o in gc.garbage
@@ -343,3 +371,15 @@ def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model):
             gc.set_debug(0)
             gc.garbage.clear()
         assert left == []
+
+
+def _post_status(url: str, body: bytes) -> int:
+    """POSTs ``body`` and reads the answer whole, JSON or a stream; its status."""
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        error.read()
+        return error.code

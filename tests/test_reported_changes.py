@@ -8,6 +8,7 @@ off, to run the way a served proxy does."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from proxy import RequestContext, TextDelta, TextPart, dispatch, hookimpl, reports_changes
+from proxy.canonical import content_key
 from proxy.context import RequestContext as Context
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config
@@ -222,3 +224,46 @@ def test_messages_moved_to_a_new_request_are_still_looked_at(upstream, served_as
     with serving(upstream, {}, ("rebuilds", Rebuilds()), ("silent", Last(0))) as (proxy, _):
         _ask(proxy)
         assert upstream.last["messages"][1]["content"] == "FIRST QUESTION"
+
+
+class SkipsKnownThenShouts:
+    """Not marked: asks content_key of each message (as a memo lookup would), then
+    changes the user messages in place."""
+
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        for message in ctx.request.messages:
+            content_key(message)
+            if message.role == "user":
+                for part in message.content:
+                    if isinstance(part, TextPart):
+                        part.text = part.text.upper()
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "as-served"])
+def test_an_unmarked_hook_that_asks_content_key_first_still_has_its_change_sent(
+        upstream, monkeypatch, check):
+    monkeypatch.setattr(dispatch, "CHECK_REPORTS", check)
+    with serving(upstream, {}, ("shouts", SkipsKnownThenShouts())) as (proxy, _):
+        _ask(proxy)
+        assert upstream.last["messages"][1]["content"] == "FIRST QUESTION"
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "as-served"])
+def test_responses_items_merged_into_one_message_are_keyed_as_merged(upstream, monkeypatch,
+                                                                     check):
+    # Two tool outputs in a row make one message: redact must not take it for the clean
+    # message the first output alone made on an earlier request.
+    monkeypatch.setattr(dispatch, "CHECK_REPORTS", check)
+    call = {"type": "function_call", "name": "f", "arguments": "{}"}
+    clean = {"type": "function_call_output", "call_id": "c1",
+             "output": "the first tool output is clean and long enough"}
+    one = [{"role": "user", "content": "run it"}, {**call, "call_id": "c1"}, clean]
+    two = [{"role": "user", "content": "run it"}, {**call, "call_id": "c1"},
+           {**call, "call_id": "c2"}, clean,
+           {"type": "function_call_output", "call_id": "c2",
+            "output": "mail jane.doe@example.com"}]
+    with serving(upstream, {"redact": {}}) as (proxy, _):
+        for items in (one, two):
+            proxy.openai().responses.create(model="gpt-test", input=items, store=False)
+        assert "jane.doe@example.com" not in json.dumps(upstream.last["messages"])

@@ -134,6 +134,7 @@ def decode_items(items: list[Any], system: list[TextPart] | None = None) -> list
     assistant message, the client's tool outputs in a row one user message. Each message
     remembers the items it came from."""
     messages: list[Message] = []
+    merged: dict[int, Message] = {}
     leading = system is not None
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -147,11 +148,11 @@ def decode_items(items: list[Any], system: list[TextPart] | None = None) -> list
             raise BadRequest(f"Invalid request: `$.{where}.role` must be one of user, "
                              "assistant, system, developer")
         if role == "assistant" or (kind != "message" and not user_side(kind)):
-            _append(messages, "assistant", decode_model_item(item, where), item)
+            _append(messages, "assistant", decode_model_item(item, where), item, merged)
             leading = False
             continue
         if kind != "message":
-            _append(messages, "user", [decode_output_item(item, where)], item)
+            _append(messages, "user", [decode_output_item(item, where)], item, merged)
             leading = False
             continue
         parts = decode_parts(item.get("content"), f"{where}.content")
@@ -169,17 +170,20 @@ def decode_items(items: list[Any], system: list[TextPart] | None = None) -> list
         leading = False
         remember_wire(message, [item])
         messages.append(message)
+    for message in merged.values():
+        remember_wire(message, wire_of(message))  # its fingerprint as merged
     return messages
 
 
-def _append(messages: list[Message], role: str, parts: list[Part], item: dict[str, Any]
-            ) -> None:
+def _append(messages: list[Message], role: str, parts: list[Part], item: dict[str, Any],
+            merged: dict[int, Message]) -> None:
     last = messages[-1] if messages else None
     if last is not None and last.role == role and not last.extra and (
             role == "assistant" or all(isinstance(p, ToolResultPart | OpaquePart)
                                        for p in last.content)):
         last.content.extend(parts)
         wire_of(last).append(item)
+        merged[id(last)] = last
         return
     message = Message(role=role, content=parts)  # type: ignore[arg-type]
     remember_wire(message, [item])
