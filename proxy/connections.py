@@ -5,7 +5,6 @@ cannot hold memory or a connection open by sending a request slowly or without e
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -16,12 +15,13 @@ import structlog
 import uvicorn
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerConfig
 from proxy.endpoints import client_wire, shown_path
 from proxy.errors import ProxyError
+from proxy.ids import new_request_id
 
 log = structlog.get_logger("hookproxy.server")
 # Where an API request is recorded when it is refused before starlette sees it.
@@ -78,37 +78,31 @@ class BodyTimeout(ProxyError):
                          code="request_timeout", headers={"connection": "close"})
 
 
-class BodyDeadline:
-    """ASGI middleware: a request's body must have arrived ``timeout`` seconds after its
-    headers; reading it later raises ``BodyTimeout``, which an API endpoint answers in the
+def body_deadline(scope: Scope, receive: Receive, timeout: float) -> Receive:
+    """``receive`` for a request whose body must have arrived ``timeout`` seconds after its
+    headers: reading it later raises ``BodyTimeout``, which an API endpoint answers in the
     client's own format (with a record) and any other route as plain text. What the app
-    receives after the body (the wait for a disconnect) has no deadline."""
+    receives after the body (the wait for a disconnect) has no deadline, and a request
+    whose body is in already (most are, by the time the app starts) needs none."""
+    if BODY_RECEIVED in scope:
+        return receive
+    deadline = asyncio.get_running_loop().time() + timeout
+    complete = False
 
-    def __init__(self, app: ASGIApp, timeout: float) -> None:
-        self.app = app
-        self.timeout = timeout
+    async def receive_in_time() -> Message:
+        nonlocal complete
+        if complete or BODY_RECEIVED in scope:
+            # Nothing left to wait for (the protocol has the whole body): no deadline.
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(timeout) from None
+        complete = message["type"] != "http.request" or not message.get("more_body")
+        return message
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        complete = False
-
-        async def receive_in_time() -> Message:
-            nonlocal complete
-            if complete or BODY_RECEIVED in scope:
-                # Nothing left to wait for (the protocol has the whole body): no deadline.
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(self.timeout) from None
-            complete = message["type"] != "http.request" or not message.get("more_body")
-            return message
-
-        await self.app(scope, receive_in_time, send)
+    return receive_in_time
 
 
 async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
@@ -124,7 +118,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     complete within ``header_timeout`` seconds of the connection opening or of the
     request's first byte (else the connection closes). A body still arriving
     ``body_timeout`` seconds after its headers closes the connection once it has been
-    answered (``BodyDeadline`` makes the app answer a 408 then; a route that answered
+    answered (``body_deadline`` makes the app answer a 408 then; a route that answered
     without reading the body cannot keep the connection by a trickle). Idle connections
     between requests are closed by uvicorn's keep-alive timeout."""
 
@@ -283,7 +277,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_body:
             self._refuse_body(error)
             return
-        request_id = os.urandom(16).hex()
+        request_id = new_request_id()
         path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
         method = self.parser.get_method().decode("latin-1") if path else ""
         wire = client_wire(path, any(name == b"anthropic-version" for name, _ in self.headers))

@@ -4,7 +4,6 @@ client's vendor headers, and the endpoints beside the two message APIs:
 
 from __future__ import annotations
 
-import os
 import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json
 from proxy.headers import TOKEN, header_value
+from proxy.ids import new_request_id
 from proxy.pipeline import record_attempt
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.providers.http import HttpProvider
@@ -42,14 +42,19 @@ _encode = msgspec.json.Encoder().encode
 def when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpResponse:
     """Tells whoever observes the request once ``response`` has gone out."""
     if ctx is not None and ctx.answered is not None:
-        response.background = BackgroundTask(_set, ctx.answered)
+        response.background = _SetAnswered(ctx.answered)
     return response
 
 
-async def _set(answered: Answered) -> None:
-    # A coroutine, so that starlette runs it on the event loop: a plain function would
-    # go to a worker thread, and Answered must be set from the loop.
-    answered.set()
+class _SetAnswered(BackgroundTask):
+    """What starlette runs once a response has gone out (its ``background``): sets the
+    request's ``Answered``, on the event loop."""
+
+    def __init__(self, answered: Answered) -> None:  # no callable to inspect
+        self.answered = answered
+
+    async def __call__(self) -> None:
+        self.answered.set()
 
 
 def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
@@ -280,7 +285,7 @@ def _refused(gateway: Gateway, http: HttpRequest, error: ProxyError, anthropic: 
              **logged: Any) -> HttpResponse:
     """``error`` in the caller's format, logged and recorded."""
     started, started_wall = time.perf_counter(), time.time()
-    request_id = os.urandom(16).hex()
+    request_id = new_request_id()
     wire = anthropic_format if anthropic else openai_format
     log.info(error.code or "models_refused", request_id=request_id, status=error.status,
              **logged)
@@ -318,7 +323,7 @@ def not_routed(gateway: Gateway, http: HttpRequest, exc: Exception) -> HttpRespo
     ``anthropic-version`` header, OpenAI's otherwise. Logged, and recorded with the path
     as its endpoint."""
     started, started_wall = time.perf_counter(), time.time()
-    request_id = os.urandom(16).hex()
+    request_id = new_request_id()
     path, method = http.scope["path"], http.scope["method"]
     wire = client_wire(path, "anthropic-version" in http.headers)
     shown = shown_path(path)

@@ -5,20 +5,19 @@ rebinding); the Host header still carries the attacker's name, and is refused he
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import MutableMapping
 from typing import Any, Protocol
 
 from proxy.errors import ProxyError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
+from proxy.ids import new_request_id
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 
-Scope = dict[str, Any]
-ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+Scope = MutableMapping[str, Any]
 
 
 class _Gateway(Protocol):
@@ -68,11 +67,11 @@ _KNOWN_HOSTS = 256
 
 
 class HostCheck:
-    """ASGI middleware: a request naming a Host that is not allowed gets a 421 in the
-    client's own error format; an API request refused this way still leaves a record."""
+    """Whether a request's Host may be served (verdicts are cached per Host value), and the
+    refusal of one that may not: a 421 in the client's own error format; an API request
+    refused this way still leaves a record. ``proxy.front.Front`` asks it per request."""
 
-    def __init__(self, app: ASGIApp, gateway: _Gateway) -> None:
-        self.app = app
+    def __init__(self, gateway: _Gateway) -> None:
         self.gateway = gateway
         # Host header -> allowed, for the allowed list and bind address it was judged by.
         self._verdicts: dict[bytes, bool] = {}
@@ -92,21 +91,9 @@ class HostCheck:
                 host.decode("latin-1"), rules[0], rules[1])
         return verdict
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        host = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-                break
-        # Browsers always send Host; a request without one cannot come from a page.
-        if host is None or self.allowed(host):
-            await self.app(scope, receive, send)
-            return
+    async def refuse(self, scope: Scope, send: Any, host: bytes) -> None:
         started, started_wall = time.perf_counter(), time.time()
-        request_id = os.urandom(16).hex()
+        request_id = new_request_id()
         shown = host.decode("latin-1")[:100].encode("unicode_escape").decode()
         error = ProxyError(421, f"Host {shown!r} is not served here: add it to "
                                 "[server].allowed_hosts if clients use that name",

@@ -30,6 +30,7 @@ from proxy.context import PipelineError, RequestContext
 from proxy.endpoints import JSON, caller_key, error_response, response_headers, when_sent
 from proxy.errors import ProxyError
 from proxy.formats import responses as responses_format
+from proxy.ids import new_request_id
 from proxy.params import check_parameters
 from proxy.store import Store, StoreUnavailable
 
@@ -239,7 +240,7 @@ async def delete(gateway: Gateway, http: HttpRequest) -> HttpResponse:
 
 async def _stored(gateway: Gateway, http: HttpRequest, *, delete: bool) -> HttpResponse:
     started = time.perf_counter()
-    request_id = os.urandom(16).hex()
+    request_id = new_request_id()
     response_id = str(http.path_params.get("response_id", ""))[:200]
     ctx = RequestContext(Request(model="", messages=[]), request_id=request_id,
                          endpoint=http.scope["path"][:256],

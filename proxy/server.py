@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +34,6 @@ from proxy.config import Config, ConfigError, available_providers, load_config
 from proxy.connections import (
     BROKEN_BODY,
     CLIENT_GONE,
-    BodyDeadline,
     BodyTimeout,
     ClientGone,
     body_late,
@@ -57,7 +55,8 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.feed import shared_feed
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
-from proxy.hosts import HostCheck
+from proxy.front import Front
+from proxy.ids import new_request_id
 from proxy.lifecycle import PluginApp
 from proxy.observe import Observer
 from proxy.params import check_parameters
@@ -294,7 +293,7 @@ class Gateway:
         here, within the caps) into the request's context, ``answer`` runs it. Whatever
         fails is answered in ``wire``'s error format and leaves one record: one the
         pipeline writes once there is a context, one written here before."""
-        request_id = os.urandom(16).hex()
+        request_id = new_request_id()
         started, started_wall = time.perf_counter(), time.time()
         ctx: RequestContext | None = None
         try:
@@ -560,6 +559,10 @@ def create_app(gateway: Gateway) -> Starlette:
         finally:
             await gateway.close()
 
+    # Endpoints that answer every error themselves, in the client's format
+    # (Gateway.serve): proxy.front.Front calls them without starlette's routing.
+    api_endpoints = [gateway.chat_completions, gateway.messages, gateway.count_tokens,
+                     gateway.responses, gateway.embeddings]
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
@@ -583,6 +586,6 @@ def create_app(gateway: Gateway) -> Starlette:
     handlers: dict[Any, Any] = {404: gateway.not_routed, 405: gateway.not_routed,
                                 BodyTimeout: body_late}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(HostCheck, gateway=gateway),
-                                 Middleware(BodyDeadline,
-                                            timeout=gateway.config.server.body_timeout)])
+                     middleware=[Middleware(Front, gateway=gateway, routes=routes,
+                                            own_errors=api_endpoints,
+                                            body_timeout=gateway.config.server.body_timeout)])
