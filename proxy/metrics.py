@@ -1,19 +1,32 @@
 """Prometheus metrics for ``GET /metrics``, counted from the request records.
 
+The series every request touches are counted in plain Python numbers on the event loop
+(``_PlainCounter``, ``_PlainHistogram``) and handed to prometheus-client as its metric
+families when /metrics is scraped: its own counters and histograms take a lock and check
+their arguments on every call, a few microseconds per request for nothing here.
+
 Under ``serve --workers`` the supervisor names a folder in ``PROMETHEUS_MULTIPROC_DIR``
 before the workers start: prometheus-client then keeps every worker's counts in files
 there, and whichever worker is scraped answers with the sum of all of them — one set of
-series for the whole instance.
+series for the whole instance. There, every series is prometheus-client's own, written as
+it is counted.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from proxy.record import Record
 
@@ -39,27 +52,30 @@ class Metrics:
         self.registry = CollectorRegistry()
         # What /metrics reads: this process's registry, or every worker's files.
         self.scraped = self.registry
+        counter: Any = _PlainCounter
+        histogram: Any = _PlainHistogram
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.scraped = CollectorRegistry()
             MultiProcessCollector(self.scraped)
+            counter, histogram = Counter, Histogram
         labels = ("model", "provider")
-        self.requests = Counter("hookproxy_requests", "Requests handled",
+        self.requests = counter("hookproxy_requests", "Requests handled",
                                 (*labels, "status"), registry=self.registry)
-        self.latency = Histogram("hookproxy_request_duration_seconds", "Total request time",
+        self.latency = histogram("hookproxy_request_duration_seconds", "Total request time",
                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("hookproxy_time_to_first_chunk_seconds",
+        self.ttft = histogram("hookproxy_time_to_first_chunk_seconds",
                               "Streams: time to the first chunk", labels,
                               buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.overhead = Histogram("hookproxy_overhead_seconds", "Time the proxy added",
+        self.overhead = histogram("hookproxy_overhead_seconds", "Time the proxy added",
                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                                            0.5), registry=self.registry)
-        self.tokens = Counter("hookproxy_tokens", "Tokens", (*labels, "direction"),
+        self.tokens = counter("hookproxy_tokens", "Tokens", (*labels, "direction"),
                               registry=self.registry)
-        self.cost = Counter("hookproxy_cost", "Cost from the configured prices", labels,
+        self.cost = counter("hookproxy_cost", "Cost from the configured prices", labels,
                             registry=self.registry)
-        self.upstream_errors = Counter("hookproxy_upstream_errors", "Failed provider calls",
+        self.upstream_errors = counter("hookproxy_upstream_errors", "Failed provider calls",
                                        ("provider", "status"), registry=self.registry)
-        self.endpoints = Counter("hookproxy_endpoint_requests", "Requests by API endpoint",
+        self.endpoints = counter("hookproxy_endpoint_requests", "Requests by API endpoint",
                                  ("endpoint", "status"), registry=self.registry)
         self.budget_warnings = Counter("hookproxy_budget_warnings",
                                        "Budgets a key's spending carried past their warn "
@@ -155,3 +171,118 @@ class _Children(NamedTuple):
     input_tokens: Any
     output_tokens: Any
     cost: Any
+
+
+# --- series counted in plain numbers ----------------------------------------------------
+
+
+class _Count:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Buckets:
+    """One histogram series: how many observations fell in each bucket (not cumulative),
+    and their sum."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is at least ``amount``, as prometheus-client's.
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _Plain:
+    """A family of series kept on the event loop, handed to prometheus-client (as a custom
+    collector of ``registry``) when scraped. Series are made, and listed, as prometheus-
+    client's are: on first use of their labels, in that order."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: Any) -> Any:
+        key = tuple(map(str, values))
+        found = self.series.get(key)
+        if found is None:
+            found = self.series[key] = self._new()
+        return found
+
+    def _new(self) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        created = getattr(prometheus_metrics, "_use_created", True)
+        for labels, series in list(self.series.items()):
+            self._add(family, labels, series, created)
+        return [family]
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def _add(self, family: Any, labels: tuple[str, ...], series: Any, created: bool) -> None:
+        raise NotImplementedError
+
+
+class _PlainCounter(_Plain):
+    def _new(self) -> _Count:
+        return _Count()
+
+    def _family(self) -> Metric:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: Any, labels: tuple[str, ...], series: _Count,
+             created: bool) -> None:
+        family.add_metric(labels, series.value, created=series.created if created else None)
+
+
+class _PlainHistogram(_Plain):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.bounds = [float(bound) for bound in buckets]
+        if self.bounds[-1] != math.inf:
+            self.bounds.append(math.inf)
+        self.shown = [floatToGoString(bound) for bound in self.bounds]
+        super().__init__(name, documentation, labelnames, registry)
+        if not self.labelnames:  # one series, there from the start
+            self.observe = self.labels().observe
+
+    def _new(self) -> _Buckets:
+        return _Buckets(self.bounds)
+
+    def _family(self) -> Metric:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: Any, labels: tuple[str, ...], series: _Buckets,
+             created: bool) -> None:
+        total = 0.0
+        cumulative = []
+        for shown, count in zip(self.shown, series.counts, strict=True):
+            total += count
+            cumulative.append((shown, total))
+        family.add_metric(labels, cumulative, series.sum)
+        if created:
+            family.samples.append(Sample(self.name + "_created",
+                                         dict(zip(self.labelnames, labels, strict=True)),
+                                         series.created))
