@@ -52,6 +52,8 @@ def check_parameters(request: Request, client_format: str) -> None:
     if request.top_p is not None:
         _check("top_p", request.top_p, False, 0.0, 1.0)
     extra = request.extra
+    if not extra or extra.keys().isdisjoint(_EXTRA_RANGES):
+        return  # most requests: none of them
     for field, (integer, low, high) in _EXTRA_RANGES.items():
         value = extra.get(field)
         if value is not None:

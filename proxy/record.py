@@ -226,8 +226,10 @@ def _tools_view(tools: list[Tool], limit: int) -> tuple[Any, bool]:
 
 # Anything ``is_secret_key`` could call a secret holds one of these stems, anywhere: a
 # body with none of them can be embedded as it was encoded. (A looser test than the keys
-# themselves: a false alarm only costs a walk of a small body.)
-_SECRET_STEMS = (b"key", b"tok", b"secret", b"pass", b"auth", b"cred", b"cookie")
+# themselves: a false alarm only costs a walk of a small body.) Looked for in text, not
+# bytes: ``stem in some_bytes`` first tries the stem as an integer and formats the
+# TypeError that says it is not one, several times the cost of the search.
+_SECRET_STEMS = ("key", "tok", "secret", "pass", "auth", "cred", "cookie")
 # The token counts nearly every body has (max_tokens, input_tokens...). No secret word
 # ends in "tokens", so a name ending so is a secret only by a stem before it, which stays.
 _COUNT_SUFFIX = b'_tokens"'
@@ -236,7 +238,7 @@ _COUNT_SUFFIX = b'_tokens"'
 def may_name_secret(encoded: bytes) -> bool:
     """Whether JSON ``encoded`` may hold a key ``is_secret_key`` calls a secret: it has
     one of the stems, in any case, outside the ``_tokens"`` ending of a count's name."""
-    lowered = encoded.lower().replace(_COUNT_SUFFIX, b'"')
+    lowered = encoded.lower().replace(_COUNT_SUFFIX, b'"').decode("latin-1")
     return any(stem in lowered for stem in _SECRET_STEMS)
 
 

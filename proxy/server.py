@@ -370,7 +370,7 @@ class Gateway:
         plugins, classifiers, client_set = self.host.for_request(own_field)
         ctx = RequestContext(
             request, request_id=request_id, endpoint=http.scope["path"],
-            client_format=wire.NAME, headers=dict(http.headers),
+            client_format=wire.NAME, headers=_header_dict(http.scope["headers"]),
             plugin_settings=plugins, classifier_settings=classifiers)
         if peeked is not None:
             def rest() -> Request:
@@ -512,6 +512,17 @@ def _left_error() -> ProxyError:
 
 async def _no_icon(http: HttpRequest) -> HttpResponse:
     return HttpResponse(status_code=204, headers={"cache-control": "max-age=86400"})
+
+
+def _header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """``dict(http.headers)`` (the first value of a name sent twice) without starlette's
+    lookup of each name again through the whole list."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1")
+        if key not in headers:
+            headers[key] = value.decode("latin-1")
+    return headers
 
 
 def _check_count(count: int, limit: int) -> None:
