@@ -44,6 +44,7 @@ from proxy.dispatch import (
     check_reported,
     finish_impl,
     implementations,
+    is_awaitable,
     reports,
     start_impl,
 )
@@ -255,7 +256,7 @@ class Pipeline:
             except (HookFailed, ProxyError) as exc:
                 await self._classifier_failed(ctx, name, exc)
                 continue
-            if inspect.isawaitable(result):
+            if is_awaitable(result):
                 pending.append((name, result))
             else:
                 results.append((name, result or ()))
