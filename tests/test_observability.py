@@ -192,6 +192,19 @@ def test_metrics(upstream, tmp_path):
     assert "hookproxy_request_duration_seconds_bucket" in text
     assert "hookproxy_log_entries_dropped_total 0.0" in text
     assert 'hookproxy_cost_total{model="priced",provider="oai"}' in text
+    # Histograms: cumulative buckets ending in +Inf, the count, the sum and when the series
+    # began; a series is there (at zero) for the streams this model has not had.
+    series = 'model="priced",provider="oai"'
+    assert f'hookproxy_request_duration_seconds_bucket{{le="+Inf",{series}}} 3.0' in text
+    assert f"hookproxy_request_duration_seconds_count{{{series}}} 3.0" in text
+    assert f"hookproxy_request_duration_seconds_sum{{{series}}} " in text
+    assert f"hookproxy_request_duration_seconds_created{{{series}}} " in text
+    buckets = [float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("hookproxy_request_duration_seconds_bucket{")
+               and series in line]
+    assert len(buckets) == 15 and buckets == sorted(buckets)
+    assert f"hookproxy_time_to_first_chunk_seconds_count{{{series}}} 0.0" in text
+    assert "hookproxy_overhead_seconds_count 4.0" in text
 
 
 # --- the live feed ------------------------------------------------------------------------

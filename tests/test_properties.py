@@ -295,3 +295,17 @@ def test_hostile_header_values_get_a_well_formed_answer(logged_proxy: ProxyServe
         def hostile() -> tuple[int, dict[str, str], bytes]:
             return _by_socket(logged_proxy, endpoint, name, raw)
     _check_answer(logged_proxy, endpoint, _alongside(logged_proxy, hostile))
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_record_time_is_datetimes_text(started_wall: float):
+    # The record's time is made once per second and the milliseconds added: the same text
+    # datetime gives, rounding at microseconds included.
+    from datetime import UTC, datetime
+
+    from proxy.record import _iso
+
+    expected = datetime.fromtimestamp(started_wall, UTC).isoformat(timespec="milliseconds")
+    assert _iso(started_wall) == expected
+    assert _iso(started_wall + 1) == datetime.fromtimestamp(
+        started_wall + 1, UTC).isoformat(timespec="milliseconds")
