@@ -128,23 +128,22 @@ class RequestContext:
     top-level fields (``request_fields``); reading ``request`` decodes the rest.
     """
 
-    # Slots: a context is made per request, and with 55 attributes in a plain __dict__
+    # Slots: a context is made per request, and with 57 attributes in a plain __dict__
     # (past what CPython shares between instances) each was a dict insertion and a few
     # resizes. ``__dict__`` stays for what a plugin sets on the context itself.
     __slots__ = ("__dict__", "_annotation_bytes", "_annotation_sizes", "_decode_rest",
-                 "_headers_sent",
-                 "_request", "_response_headers", "_upstream_headers", "admissions",
-                 "annotations", "annotations_dropped", "answered", "app", "attempts",
-                 "body_bytes", "caller", "chunk_failures", "classifier_errors",
-                 "classifier_settings", "client_classifiers", "client_format",
-                 "client_tags", "endpoint", "error", "errors", "failed_at_chunk",
-                 "force_model", "force_provider", "headers", "limits", "logged_failures",
-                 "model", "model_allow_lists", "model_group", "plugin_actions",
-                 "plugin_settings", "price", "provider", "provider_format", "raw_body",
-                 "raw_response", "request_id", "requested_model", "response", "route",
-                 "scratch", "short_circuited_by", "started", "started_wall", "status",
-                 "stream_chunks", "tags", "tenant", "timings", "undecoded_body",
-                 "usage_estimated")
+                 "_headers_sent", "_request", "_response_headers", "_upstream_headers",
+                 "admissions", "annotations", "annotations_dropped", "answered", "app",
+                 "attempts", "body_bytes", "caller", "changes", "chunk_failures",
+                 "classifier_errors", "classifier_settings", "client_classifiers",
+                 "client_format", "client_tags", "endpoint", "error", "errors",
+                 "failed_at_chunk", "force_model", "force_provider", "headers", "limits",
+                 "logged_failures", "model", "model_allow_lists", "model_group",
+                 "plugin_actions", "plugin_settings", "price", "provider",
+                 "provider_format", "raised", "raw_body", "raw_response", "request_id",
+                 "requested_model", "response", "route", "scratch", "short_circuited_by",
+                 "started", "started_wall", "status", "stream_chunks", "tags", "tenant",
+                 "timings", "undecoded_body", "usage_estimated")
 
     def __init__(self, request: Request, *, request_id: str, endpoint: str,
                  client_format: str, caller: str | None = None,
