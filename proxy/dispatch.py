@@ -120,11 +120,6 @@ def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -
                          plugin=plugin)
 
 
-# The hooks that run before the request is (last) sent, which may change it in place.
-# (Classifiers must not change it; what runs once an answer has come is too late to.)
-_BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call"})
-
-
 def check_decoded(request: Any) -> None:
     """With ``CHECK_REPORTS``: raises if a decoder left a message whose fingerprint is not
     what it holds (``content_key`` would vouch for what it is not)."""
@@ -132,6 +127,11 @@ def check_decoded(request: Any) -> None:
         printed = message.__dict__.get("printed")
         if printed is not None and printed != fingerprint(message):
             raise AssertionError(f"messages[{index}] was decoded with a stale fingerprint")
+
+
+# The hooks that run before the request is (last) sent, which may change it in place.
+# (Classifiers must not change it; what runs once an answer has come is too late to.)
+_BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call"})
 
 
 def _unreported(hook: str, impl: Any, arguments: Mapping[str, Any]) -> None:
