@@ -817,8 +817,9 @@ async def drain(timeout: float = 10.0) -> None:
 
 
 def observing() -> bool:
-    """Whether what observes finished requests (hooks, records) has work left."""
-    return bool(_after_tasks) or any(pipeline._order for pipeline in _waiting)
+    """Whether what observes finished requests (hooks, records) has work left. (Safe to
+    ask from another thread: the set is copied in one step.)"""
+    return bool(_after_tasks) or any(pipeline._order for pipeline in list(_waiting))
 
 
 def _log_failure(ctx: RequestContext, hook: str, plugin: str, exc: HookFailed) -> None:

@@ -395,8 +395,11 @@ class Proxy:
         request_end) has run: that happens just after each answer has gone out."""
         from proxy import pipeline
 
+        # A client can read a stream's last bytes before the server's side of the request
+        # is over (its record not even queued yet): that is waited for too.
+        in_flight = self._server.server_state.tasks if self._server is not None else set()
         deadline = time.monotonic() + timeout
-        while pipeline.observing() and time.monotonic() < deadline:
+        while (in_flight or pipeline.observing()) and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.records
 

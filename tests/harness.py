@@ -56,7 +56,10 @@ class ProxyServer:
         has gone out."""
         from proxy import pipeline
 
-        wait_for(lambda: not pipeline._after_tasks)
+        # A client can read a stream's last bytes before the server's side of the request
+        # is over (its record not even queued yet): wait for that too.
+        in_flight = self.server.server_state.tasks
+        wait_for(lambda: not in_flight and not pipeline.observing())
         return value
 
     def openai(self, **kwargs: Any) -> Any:
