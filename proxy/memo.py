@@ -39,9 +39,11 @@ class Memo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T]) -> T:
+    def get_or_compute(self, what: Hashable, text: Text, compute: Callable[[Text], T],
+                       size: int | None = None) -> T:
         """``compute(text)``, or what it gave the last time for this ``what`` and text.
-        ``text`` may be bytes too (a message's ``content_key``, say).
+        ``text`` may be bytes too (a message's ``content_key``, say). ``size`` as in
+        ``put``.
 
         ``what`` names the computation and everything else its result depends on (a
         classifier's name and a digest of its settings, say): small, and not the text. A
@@ -59,7 +61,7 @@ class Memo:
                 return result
             self.misses += 1
         result = compute(text)  # outside the lock: the slow part, run by each caller
-        self.put(what, text, result)
+        self.put(what, text, result, size)
         return result
 
     def lookup_all(self, what: Hashable, texts: Sequence[Text]) -> list[Any]:

@@ -504,7 +504,7 @@ class Pipeline:
                 arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
                 try:
                     result = start_impl(name, "stream_chunk", impl, arguments)
-                    if inspect.isawaitable(result):
+                    if is_awaitable(result):
                         result = await finish_impl(name, "stream_chunk", result,
                                                    self._timeout(name))
                 except ProxyError as exc:

@@ -200,13 +200,10 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
         # An agent sends the same tool definitions every turn: their view is made once
         # (with a node budget of its own) and kept in the memo by their content.
         view = walker.view(msgspec.to_builtins(msgspec.structs.replace(value, tools=[])))
-        key = fingerprint(tools)
-        kept = memo.lookup_all(("record-tools", limit), [key])[0]
-        if kept is not None:
-            tools_view, cut = kept
-        else:
-            tools_view, cut = _tools_view(tools, limit)
-            memo.put(("record-tools", limit), key, (tools_view, cut), 2 * len(key))
+        key = fingerprint(tools)  # the view kept is about as large as the key
+        tools_view, cut = memo.get_or_compute(("record-tools", limit), key,
+                                              functools.partial(_tools_view, tools, limit),
+                                              2 * len(key))
         view["tools"] = tools_view
         walker.cut = walker.cut or cut
     else:
@@ -219,7 +216,7 @@ def body_view(value: Any, bodies: Bodies, limit: int, cap: int, omitted: int = 0
     return view
 
 
-def _tools_view(tools: list[Tool], limit: int) -> tuple[Any, bool]:
+def _tools_view(tools: list[Tool], limit: int, _key: bytes) -> tuple[Any, bool]:
     walker = _Walker(limit)
     return walker.view(msgspec.to_builtins(tools)), walker.cut
 

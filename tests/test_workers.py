@@ -61,6 +61,12 @@ model = "priced-model"
 input_price = {PRICE}
 output_price = {PRICE}
 [[models]]
+name = "slow-priced"
+provider = "oai"
+model = "priced-delay-1500"
+input_price = {PRICE}
+output_price = {PRICE}
+[[models]]
 name = "flaky"
 strategy = "fallback"
 targets = [{{ provider = "oai", model = "workers-status-503" }},
@@ -308,14 +314,7 @@ def test_sigterm_drains_every_worker_and_settles_every_request(upstream, tmp_pat
     for name, value in KEYS.items():
         monkeypatch.setenv(name, value)
     prefix = redis_server.prefix()
-    config = _config(upstream, redis_server.url, prefix, team_a="daily_budget = 100.0") + f"""
-[[models]]
-name = "slow-priced"
-provider = "oai"
-model = "priced-delay-1500"
-input_price = {PRICE}
-output_price = {PRICE}
-"""
+    config = _config(upstream, redis_server.url, prefix, team_a="daily_budget = 100.0")
     served = Workers(tmp_path, config, 2)
     try:
         served.wait_ready()

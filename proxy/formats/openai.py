@@ -216,9 +216,8 @@ def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
 
 
 def _is_tool_result(message: Message) -> bool:
-    content = message.content
-    return message.role == "user" and bool(content) and isinstance(content[0], ToolResultPart) \
-        and all(isinstance(part, ToolResultPart) for part in content)
+    return message.role == "user" and bool(message.content) and all(
+        isinstance(part, ToolResultPart) for part in message.content)
 
 
 def _checked_unit(raw: dict[str, Any], index: int) -> Message:
