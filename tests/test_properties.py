@@ -175,8 +175,10 @@ def logged_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServ
 
 
 def _record(proxy: Any, request_id: str) -> dict[str, Any] | None:
-    # Split at "\n" only: a record may hold U+2028, which str.splitlines splits at too.
-    for line in proxy.log.read_text(encoding="utf-8").split("\n"):
+    # Complete lines only (the writer may be part way through the last one), split at
+    # "\n" only: a record may hold U+2028, which str.splitlines splits at too.
+    written = proxy.log.read_bytes()
+    for line in written[:written.rfind(b"\n") + 1].decode("utf-8").split("\n"):
         if f'"id":"{request_id}"' in line:
             return dict(json.loads(line))
     return None
