@@ -18,6 +18,7 @@ from proxy.canonical import StreamEnd, StreamEvent
 from proxy.context import Attempt, RequestContext
 from proxy.dispatch import HookFailed, call_impl
 from proxy.errors import ProxyError
+from proxy.record import ms
 
 if TYPE_CHECKING:
     from proxy.pipeline import Pipeline
@@ -91,7 +92,7 @@ class Alongside:
         ctx.attempts.append(Attempt(
             provider=ctx.provider, model=ctx.model or "", status=0,
             error=f"cancelled: {reason.plugin} refused the request in {HOOK}",
-            latency_ms=round((time.perf_counter() - self.started) * 1000, 3)))
+            latency_ms=ms(time.perf_counter() - self.started)))
 
     async def settle(self) -> None:
         """Waits for every check; raises the rejection or failure of the first that had

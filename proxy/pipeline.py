@@ -52,6 +52,7 @@ from proxy.errors import ProxyError, Untranslatable, UpstreamError
 from proxy.limits import account_usage
 from proxy.plugins import SELF, PluginHost
 from proxy.providers import Provider
+from proxy.record import ms
 from proxy.routing import Router, Target, is_context_length, is_transient
 
 log = structlog.get_logger("hookproxy.pipeline")
@@ -871,7 +872,7 @@ def record_attempt(ctx: RequestContext, started: float,
         # 0: the provider gave no HTTP answer (connection failed, timed out).
         status=error.upstream_status if error else 200,
         error=error.message if error else None,
-        latency_ms=round(elapsed * 1000, 3)))
+        latency_ms=ms(elapsed)))
 
 
 def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> bytes | None:

@@ -647,8 +647,10 @@ def decode_response(body: bytes) -> Response:
         raise UpstreamError(502, f"Provider sent an invalid response: {exc}") from None
     if not wire.choices:
         raise UpstreamError(502, "Provider sent a response without choices")
-    choices = sorted(wire.choices, key=lambda c: c.get("index", 0)
-                     if isinstance(c.get("index", 0), int) else 0)
+    choices = wire.choices
+    if len(choices) > 1:
+        choices = sorted(choices, key=lambda c: c.get("index", 0)
+                         if isinstance(c.get("index", 0), int) else 0)
     response, *alternatives = [_decode_choice(c, wire.id, wire.model) for c in choices]
     response.usage = decode_usage(wire.usage)
     response.extra = known_extra(raw, _RESPONSE_FIELDS)
