@@ -183,7 +183,10 @@ class Gateway:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                              keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector)
+            # No cookie jar: every client's requests share this session, and a cookie a
+            # provider set for one would go back with the others' (tying them together).
+            self._session = aiohttp.ClientSession(connector=connector,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def start(self) -> None:

@@ -343,3 +343,26 @@ def test_every_kind_of_stream_stops_the_provider_call_when_the_client_leaves(
         proxy.settled(None)
     (record,) = [r for r in _records(tmp_path) if r["model"] == model]
     assert record["status"] == 499 and record["error"]["type"] == "client_disconnected"
+
+
+def test_cookies_a_provider_sets_are_not_sent_back(tmp_path):
+    """A provider's Set-Cookie is not kept: one pooled session serves every client, so a
+    cookie sent back would tie one client's requests to another's at the provider."""
+    seen: list[str | None] = []
+
+    async def sets_cookies(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("cookie"))
+        response = web.json_response(OK_ANSWER)
+        response.set_cookie("session", f"client-{len(seen)}", path="/")
+        return response
+
+    with ServedApp({"/v1/chat/completions": sets_cookies}) as provider:
+        # By name, not by address: aiohttp's default jar keeps no cookie for an IP address.
+        base = f"http://localhost:{provider.port}/v1"
+        config = {"providers": {"p": {"type": "openai", "base_url": base, "timeout": 5}},
+                  "models": [{"name": "m", "provider": "p"}], "log": {"path": ""}}
+        with ProxyServer(config) as proxy:
+            for _ in range(3):
+                answer = proxy.openai().chat.completions.create(model="m", messages=HI)
+                assert answer.choices[0].message.content == "fine"
+    assert seen == [None, None, None]
