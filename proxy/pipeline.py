@@ -297,7 +297,7 @@ class Pipeline:
         """The provider call, with the alongside_call checks running beside it."""
         impls = implementations(self.pm, "alongside_call", ctx.plugin_settings)
         if not impls:
-            return await self._call_provider(ctx)
+            return await self._with_fallback(ctx, functools.partial(_complete, ctx))
         checks = Alongside(self, ctx, impls)
         try:
             ctx.response = await checks.race(self._call_provider(ctx))
@@ -314,14 +314,7 @@ class Pipeline:
         return Alongside(self, ctx, impls).guard_stream(self._open_provider_stream(ctx))
 
     async def _call_provider(self, ctx: RequestContext) -> Response:
-        async def complete(provider: Provider, target: Target) -> Response:
-            body = _unchanged_body(ctx, provider, target)
-            response, ctx.raw_response = await provider.complete(
-                _request_for(ctx, body), target.model, ctx.client_format, body,
-                ctx.upstream_header_items())
-            return response
-
-        return await self._with_fallback(ctx, complete)
+        return await self._with_fallback(ctx, functools.partial(_complete, ctx))
 
     async def _open_provider_stream(self, ctx: RequestContext
                                     ) -> AsyncIterator[list[StreamEvent]]:
@@ -354,7 +347,8 @@ class Pipeline:
         untranslatable: Untranslatable | None = None
         context_floor: int | None = None
         targets = self.router.route_targets(ctx)
-        await _admit(ctx, targets)
+        if ctx.admissions:
+            await _admit(ctx, targets)
         for target in targets:
             if context_floor is not None and target.context <= context_floor:
                 continue
@@ -853,6 +847,15 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     return f"{type(error).__name__}: {error}"
+
+
+async def _complete(ctx: RequestContext, provider: Provider, target: Target) -> Response:
+    """One call to ``target`` for a non-streaming request (see ``_with_fallback``)."""
+    body = _unchanged_body(ctx, provider, target)
+    response, ctx.raw_response = await provider.complete(
+        _request_for(ctx, body), target.model, ctx.client_format, body,
+        ctx.upstream_header_items())
+    return response
 
 
 async def _admit(ctx: RequestContext, targets: Sequence[Target]) -> None:
