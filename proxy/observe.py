@@ -14,13 +14,12 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 
-from proxy.canonical import Request, wire_of
+from proxy.canonical import Request
 from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.errors import ProxyError, error_type
 from proxy.feed import Feed
 from proxy.formats import FORMATS
-from proxy.formats.common import preview_request
 from proxy.logwriter import LogWriter
 from proxy.metrics import Metrics
 from proxy.record import (
@@ -111,8 +110,7 @@ class Observer:
         self._pending_bytes += size
         request: Request | _Undecoded | None = ctx.decoded_request
         if request is None:
-            fields = ctx.request_fields
-            request = _Undecoded(FORMATS[ctx.client_format], wire_of(fields), fields.headers)
+            request = _Undecoded(FORMATS[ctx.client_format], ctx.request_fields)
         self._queue((record, request, ctx.response, size))
 
     def rejected(self, request_id: str, endpoint: str, client_format: str, error: ProxyError,
@@ -216,19 +214,18 @@ class Observer:
 
 
 class _Undecoded(NamedTuple):
-    """A request nothing decoded whole: its body, to show in the record."""
+    """A request nothing decoded whole: its top-level fields, to show in the record."""
 
     wire: ModuleType
-    fields: dict[str, Any]  # its wire JSON, as ``peek_request`` left it
-    headers: dict[str, str]
+    peeked: Request  # as ``peek_request`` left it: the rest is its wire JSON
 
     def preview(self) -> tuple[Request | None, int]:
         """The request with the messages a record shows (see ``body_view``) decoded, and
         how many others it has."""
-        preview = preview_request(self.fields, KEEP_NEWEST, self.wire.decode_request)
+        preview = self.wire.preview_request(self.peeked, KEEP_NEWEST)
         if preview is None:
             return None, 0
         request, omitted = preview
-        request.headers = self.headers
+        request.headers = self.peeked.headers
         request.extra.pop("hookproxy", None)
         return request, omitted

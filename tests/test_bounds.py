@@ -170,6 +170,48 @@ def test_large_history_record_shows_first_and_newest_messages(upstream, tmp_path
     assert record["request"]["headers"] == {"openai-organization": "org-1"}
 
 
+_TOOL = {"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}
+_CLAUDE_TOOL = {"name": "read", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+@pytest.mark.parametrize("shape", ["short", "long", "system", "tools"])
+def test_the_record_shows_an_undecoded_request_as_a_decoded_one(upstream, tmp_path, fmt,
+                                                                 shape):
+    """The record of a request that went to its provider undecoded (only its top-level
+    fields read) shows what the record of the same request decoded whole shows (the mock's
+    requests are decoded whole): with and without a system prompt or tools, whose body is
+    read again, and with a history long enough to be cut."""
+    config = upstream_config(upstream, log={"path": str(tmp_path / "r.jsonl")})
+    turns = 3 if shape != "long" else 20
+    messages: list[dict[str, Any]] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+        for i in range(turns)]
+    body: dict[str, Any] = {"messages": messages, "max_tokens": 50, "temperature": 0.5,
+                            "metadata": {"user_id": "u-1"}}
+    if shape == "system":
+        if fmt == "openai":
+            messages.insert(0, {"role": "system", "content": "Be brief."})
+        else:
+            body["system"] = [{"type": "text", "text": "Be brief."}]
+    if shape == "tools":
+        body["tools"] = [_TOOL if fmt == "openai" else _CLAUDE_TOOL]
+    path = "/v1/chat/completions" if fmt == "openai" else "/v1/messages"
+    headers = {"anthropic-version": "2023-06-01"} if fmt == "anthropic" else {}
+    with ProxyServer(config) as proxy:
+        for model in ("mock-1", "gpt-test" if fmt == "openai" else "claude-test"):
+            status, _, _ = post_raw(f"{proxy.url}{path}", json.dumps(
+                {**body, "model": model}).encode(), headers=headers)
+            assert status == 200
+    decoded, undecoded = [json.loads(line)["request"]
+                          for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert decoded.pop("model") == "mock-1"
+    undecoded.pop("model")
+    assert undecoded == decoded
+    assert undecoded.get("messages_omitted", 0) == (13 if shape == "long" else 0)
+    assert ("tools" in undecoded) == (shape == "tools")
+
+
 def test_undecoded_messages_still_count_against_the_limit_and_are_read_when_needed(upstream):
     """A bare same-format request is not decoded past its top-level fields, but the message
     limit holds, and a target that needs the request re-encoded reads all of it."""

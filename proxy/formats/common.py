@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -9,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from proxy.canonical import Message, Request, Usage, fingerprint, remember_wire
+from proxy.canonical import Message, Request, Usage, fingerprint, remember_wire, wire_of
 from proxy.errors import BadRequest
 from proxy.memo import MIN_CHARS, memo
 
@@ -99,6 +100,11 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
     return fields, messages
 
 
+# What decoding a part of a request raises for a body the full decode must look at.
+_NOT_DECODED = (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
+                KeyError)
+
+
 def decode_request(body: bytes, known: frozenset[str],
                    whole: Callable[[dict[str, Any]], Request],
                    add_messages: Callable[[Request, list[msgspec.Raw]], None]) -> Request:
@@ -117,8 +123,7 @@ def decode_request(body: bytes, known: frozenset[str],
             add_messages(request, raws)
             remember_wire(request, {**decoded, "messages": raws})
             return request
-        except (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
-                KeyError):
+        except _NOT_DECODED:
             pass  # the full decode below names what is wrong
     return whole(decode_json(body))
 
@@ -189,18 +194,33 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
     return request, len(messages)
 
 
-def preview_request(fields: dict[str, Any], keep_newest: int,
-                    decode: Callable[[bytes], Request]) -> tuple[Request, int] | None:
-    """The request ``peek_request`` left undecoded (``fields``: its wire JSON, the
-    messages each still JSON text) with only its first and ``keep_newest`` newest messages
-    decoded (what a record shows of a long history), and how many were left out; None if
-    it is not a request ``decode`` can read that far."""
-    messages = fields.get("messages")
-    if not isinstance(messages, list):
+def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str],
+                    decode: Callable[[bytes], Request],
+                    add_messages: Callable[[Request, list[msgspec.Raw]], None]
+                    ) -> tuple[Request, int] | None:
+    """The request ``peek_request`` left undecoded (``peeked``: its top-level fields) with
+    only its first and ``keep_newest`` newest messages decoded (what a record shows of a
+    long history), and how many were left out; None if it is not a request ``decode`` can
+    read that far.
+
+    With no other ``deferred`` field in the body (tools, say), the messages kept are added
+    to a copy of ``peeked`` by ``add_messages``: its top-level fields are not read again.
+    Otherwise the body is rebuilt with the messages kept and decoded by ``decode``."""
+    fields = wire_of(peeked)
+    messages = fields.get("messages") if fields is not None else None
+    if fields is None or not isinstance(messages, list):
         return None
     kept = messages if len(messages) <= keep_newest + 1 else \
         [messages[0], *messages[-keep_newest:]]
-    return decode(_encode({**fields, "messages": kept})), len(messages) - len(kept)
+    omitted = len(messages) - len(kept)
+    if not any(key in fields for key in deferred if key != "messages"):
+        request = copy.copy(peeked)
+        try:
+            add_messages(request, kept)
+            return request, omitted
+        except _NOT_DECODED:
+            pass  # as decode_request: its full decode says what is wrong
+    return decode(_encode({**fields, "messages": kept})), omitted
 
 
 def known_extra(raw: dict[str, Any], known: AbstractSet[str]) -> dict[str, Any]:

@@ -139,6 +139,13 @@ def peek_request(body: bytes) -> tuple[Request, int] | None:
     return common.peek_request(body, _DEFERRED, _request, _DOCUMENTED)
 
 
+def preview_request(peeked: Request, keep_newest: int) -> tuple[Request, int] | None:
+    """What a record shows of a request ``peek_request`` read; see
+    ``common.preview_request``."""
+    return common.preview_request(peeked, keep_newest, _DEFERRED, decode_request,
+                                  _add_messages)
+
+
 def _request(raw: dict[str, Any]) -> Request:
     try:
         wire = msgspec.convert(raw, _ChatRequest)
