@@ -741,6 +741,8 @@ def _drop_tracebacks(ctx: RequestContext) -> None:
     """Everything that observes a failed request has seen its errors: their tracebacks,
     whose frames hold the context (a cycle, which only the cycle collector would free,
     with the whole request in it), go. The exceptions stay, for what keeps the context."""
+    if ctx.raised is None and ctx.error is None and not ctx.errors:
+        return  # most requests
     pending = [ctx.raised, *(error.exception for error in (*ctx.errors, ctx.error)
                              if error is not None)]
     seen: set[int] = set()
