@@ -8,6 +8,7 @@ requests, is what one request costs (start-up and shutdown cancel out).
     python bench/instructions.py                       # realistic pipeline, 200 KB OpenAI
     python bench/instructions.py --config bare --kind agent-anthropic
     python bench/instructions.py --config bare --kind word
+    python bench/instructions.py --config floor --kind word   # the bare passthrough
 
 Needs valgrind (Debian's package). Slow: each request runs ~50x slower than natively.
 """
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,18 +39,21 @@ KINDS = {
 }
 
 
-def instructions(config: Path, port: int, path: str, body: bytes, requests: int,
+def instructions(serve: list[str], port: int, path: str, body: bytes, requests: int,
                  out: Path) -> int:
-    """Instructions callgrind counted in a server that answered ``requests`` requests."""
+    """Instructions callgrind counted in a server (``serve``: its command) that answered
+    ``requests`` requests."""
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         f"--log-file={out}.log", PYTHON, "-m", "proxy.cli", "serve", "--config", str(config)],
+         f"--log-file={out}.log", *serve],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
             break
+        except urllib.error.HTTPError:
+            break  # it answers (the floor has no /health)
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start under valgrind") from None
@@ -71,7 +76,8 @@ def instructions(config: Path, port: int, path: str, body: bytes, requests: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=("bare", "realistic"), default="realistic")
+    parser.add_argument("--config", choices=("bare", "realistic", "floor"),
+                        default="realistic")
     parser.add_argument("--kind", choices=sorted(KINDS), default="agent-openai")
     parser.add_argument("--few", type=int, default=4)
     parser.add_argument("--many", type=int, default=16)
@@ -85,12 +91,17 @@ def main() -> int:
                                   str(upstream_port)], upstream_port)
     try:
         port = free_port()
-        config = workdir / "config.toml"
-        template = BARE if args.config == "bare" else REALISTIC
-        config.write_text(template.format(port=port, upstream=upstream.url,
-                                          log=workdir / "log.jsonl"))
+        if args.config == "floor":
+            serve = [PYTHON, str(BENCH / "floor.py"), "--port", str(port), "--upstream",
+                     upstream.url]
+        else:
+            config = workdir / "config.toml"
+            template = BARE if args.config == "bare" else REALISTIC
+            config.write_text(template.format(port=port, upstream=upstream.url,
+                                              log=workdir / "log.jsonl"))
+            serve = [PYTHON, "-m", "proxy.cli", "serve", "--config", str(config)]
         path, body = KINDS[args.kind]
-        few, many = (instructions(config, port, path, body, n, workdir / f"callgrind.{n}")
+        few, many = (instructions(serve, port, path, body, n, workdir / f"callgrind.{n}")
                      for n in (args.few, args.many))
     finally:
         stop(upstream)
