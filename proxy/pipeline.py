@@ -384,8 +384,7 @@ class Pipeline:
                         break
                     await asyncio.sleep(self.router.backoff(retry, exc))
                     continue
-                record_attempt(ctx, started)
-                self.router.record_success(target, time.perf_counter() - started)
+                self.router.record_success(target, record_attempt(ctx, started))
                 return result
         if last_error is None and untranslatable is not None:
             raise untranslatable
@@ -868,8 +867,9 @@ async def _admit(ctx: RequestContext, targets: Sequence[Target]) -> None:
 
 
 def record_attempt(ctx: RequestContext, started: float,
-                   error: UpstreamError | None = None) -> None:
-    """Notes one call to the provider in ``ctx`` (its attempts and upstream time)."""
+                   error: UpstreamError | None = None) -> float:
+    """Notes one call to the provider in ``ctx`` (its attempts and upstream time); returns
+    how long it took."""
     elapsed = time.perf_counter() - started
     ctx.timings["upstream"] = ctx.timings.get("upstream", 0.0) + elapsed
     ctx.attempts.append(Attempt(
@@ -878,6 +878,7 @@ def record_attempt(ctx: RequestContext, started: float,
         status=error.upstream_status if error else 200,
         error=error.message if error else None,
         latency_ms=ms(elapsed)))
+    return elapsed
 
 
 def _unchanged_body(ctx: RequestContext, provider: Provider, target: Target) -> bytes | None:

@@ -280,7 +280,9 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
     """The request's record; with ``bodies`` other than "none", its bodies too (which is
     the part that costs: the observer builds them on its own thread)."""
     timings = ctx.timings
-    total = timings.get("total", time.perf_counter() - ctx.started)
+    total = timings.get("total")
+    if total is None:  # not over yet (a record made early)
+        total = time.perf_counter() - ctx.started
     upstream = timings.get("upstream", 0.0)
     response = ctx.response
     usage = response.usage if response is not None else None
