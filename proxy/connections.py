@@ -129,13 +129,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_bytes = 0
-        self._header_timer: asyncio.TimerHandle | None = None
         self._too_large = False
         # Between a request's first byte and the end of its headers.
         self._in_headers = False
+        # When the headers being waited for must be complete (None: none are awaited).
+        # A timer is not armed and cancelled per request: most requests' headers come
+        # whole in the read that begins them. One is armed when a read ends with headers
+        # unfinished (and when the connection opens), and when it fires it closes the
+        # connection only if the deadline it was armed for still stands.
+        self._header_deadline: float | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_timer_at = 0.0
         # Bytes read while in headers: httptools holds a header value until it ends.
         self._unfinished = 0
+        # Armed, likewise, only when a read ends with the body unfinished.
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_late = False
         # Between a request's headers and the end of its body.
@@ -148,10 +155,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._header_deadline = self.loop.time() + self.header_timeout
+        self._arm_header_timer(self._header_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
+        self._header_deadline = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         self._cancel_body_timer()
         cycle = self.cycle
         super().connection_lost(exc)
@@ -160,25 +171,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if gone is not None:
                 gone.left()
 
-    def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _arm_header_timer(self, deadline: float) -> None:
+        self._header_timer_at = deadline
+        self._header_timer = self.loop.call_at(deadline, self._headers_late)
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if not self.transport.is_closing():
+        deadline = self._header_deadline
+        if deadline is None:
+            return  # the headers it was armed for came in time, and none are awaited
+        if deadline > self._header_timer_at:
+            # Armed for an earlier request's headers: these have until their own deadline.
+            self._arm_header_timer(deadline)
+        elif not self.transport.is_closing():
             self.transport.close()
-
-    def _count(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > self.max_header_bytes:
-            self._too_large = True
-            raise _HeadersTooLarge
 
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:
@@ -200,30 +206,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_bytes = self._unfinished = 0
+        self._unfinished = 0
         self._in_headers = True
         self._body_late = False
-        if self._header_timer is None:
-            self._arm_header_timer()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
+        # The request line and headers, counted as they came (each header's name, value,
+        # ": " and CRLF); what a read delivers past the cap is parsed before this check,
+        # so a request holds at most the cap plus one read (data_received bounds headers
+        # that span reads).
+        headers = self.headers
+        size = len(self.url) + 4 * len(headers)
+        for name, value in headers:
+            size += len(name) + len(value)
+        if size > self.max_header_bytes:
+            self._too_large = True
+            raise _HeadersTooLarge
+        self._header_deadline = None
         self._in_headers = False
         self.scope[CLIENT_GONE] = ClientGone(self.flow.resume_reading)  # type: ignore[literal-required]
         super().on_headers_complete()
         self._in_body = True
-        self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
 
     def on_message_complete(self) -> None:
-        self._cancel_body_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         self._in_body = False
         self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         super().on_message_complete()
@@ -260,6 +268,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._unfinished += len(data)
             if self._unfinished > self.max_header_bytes:
                 self._send_431()
+            elif self._header_deadline is None:
+                # This read began the request: its headers are due header_timeout from now.
+                self._header_deadline = self.loop.time() + self.header_timeout
+                if self._header_timer is None:
+                    self._arm_header_timer(self._header_deadline)
+                # else it fires earlier, and arms again for this deadline
+        elif self._in_body and self._body_timer is None:
+            # The body is due body_timeout after the headers, which this read completed.
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
 
     def _send_431(self) -> None:
         self._refuse(431, f"Request headers are larger than {self.max_header_bytes} bytes",

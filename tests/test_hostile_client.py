@@ -266,6 +266,32 @@ def test_oversized_headers_get_a_431_and_the_connection_closes(upstream, tmp_pat
         assert _request(proxy, "GET", "/health", None, {"x-fine": "a" * 4000})[0] == 200
 
 
+@pytest.mark.parametrize("shape", ["one header", "many headers", "long url"])
+def test_headers_past_the_cap_in_one_read_get_a_431(upstream, tmp_path, shape):
+    """A whole header block past the cap, sent at once (so that it may be parsed to its end
+    in one read): a 431 all the same, and the connection closes. One just under the cap
+    on the same terms is served."""
+    cap = 8192
+
+    def head(size: int) -> bytes:
+        start = b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        if shape == "long url":
+            start = b"GET /health?q=" + b"a" * size + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            return start + b"\r\n"
+        if shape == "one header":
+            return start + b"x-big: " + b"a" * size + b"\r\n\r\n"
+        return start + b"".join(b"x-%d: a\r\n" % n for n in range(size // 10)) + b"\r\n"
+
+    with _serving(upstream, tmp_path, server={"max_header_bytes": cap}) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(head(cap + 200))
+            assert _read_answer(sock).startswith(b"HTTP/1.1 431 ")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(head(cap - 400))
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+        _still_served(proxy)
+
+
 def test_uvicorn_has_the_code_connections_was_written_against():
     """proxy/connections.py copies uvicorn's ``data_received`` and builds on the parser
     callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range
@@ -298,6 +324,26 @@ def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path
         for sock in (idle, slow):
             with sock, suppress(ConnectionResetError):
                 assert sock.recv(100) == b""  # closed by the proxy
+        assert time.monotonic() - started < 8
+
+
+def test_slow_headers_of_a_later_request_on_a_connection_are_closed_on_time(upstream,
+                                                                           tmp_path):
+    """The header deadline is per request: requests answered on a kept-alive connection,
+    the last one after the first request's deadline has passed, then one whose headers
+    stop: the connection closes."""
+    request = b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    with _serving(upstream, tmp_path, server={"header_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(request)
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.6)
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        _still_served(proxy)
+        with suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # closed by the proxy
         assert time.monotonic() - started < 8
 
 
