@@ -8,6 +8,7 @@ import concurrent.futures
 import gzip
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,6 +128,24 @@ def test_an_answer_over_the_size_cap_is_a_502(tmp_path):
     assert record["status"] == 502 and record["error"]["type"] == "upstream_too_large"
 
 
+def test_an_answer_over_the_size_cap_sent_at_once_is_a_502(tmp_path):
+    async def at_once(request: web.Request) -> web.StreamResponse:
+        # No Content-Length, and the whole answer in one write (it may all have come
+        # before hookproxy reads it).
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        await response.prepare(request)
+        await response.write(b" " * 30_000 + json.dumps(OK_ANSWER).encode())
+        await response.write_eof()
+        return response
+
+    with _proxy_for(at_once, tmp_path, max_response_bytes=20_000) as proxy:
+        error = _alongside(proxy, lambda: proxy.openai().chat.completions.create(
+            model="m", messages=HI))
+        assert isinstance(error, openai.InternalServerError) and error.status_code == 502
+        assert "larger than 20000 bytes" in error.message
+    assert _hostile_record(tmp_path)["error"]["type"] == "upstream_too_large"
+
+
 def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path):
     async def declared(request: web.Request) -> web.Response:
         return web.Response(body=b" " * 50_000 + json.dumps(OK_ANSWER).encode(),
@@ -157,11 +176,14 @@ def test_a_gzip_bomb_stops_at_the_decompressed_cap(tmp_path):
     assert _hostile_record(tmp_path)["status"] == 502
 
 
-def test_a_gzip_answer_within_the_caps_is_read(tmp_path):
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate"])
+def test_a_compressed_answer_within_the_caps_is_read(tmp_path, encoding):
+    compress = zlib.compress if encoding == "deflate" else gzip.compress
+
     async def compressed(request: web.Request) -> web.Response:
-        return web.Response(body=gzip.compress(json.dumps(OK_ANSWER).encode()),
+        return web.Response(body=compress(json.dumps(OK_ANSWER).encode()),
                             headers={"content-type": "application/json",
-                                     "content-encoding": "gzip"})
+                                     "content-encoding": encoding})
 
     with _proxy_for(compressed, tmp_path) as proxy:
         reply = proxy.openai().chat.completions.create(model="m", messages=HI)

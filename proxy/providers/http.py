@@ -58,7 +58,7 @@ class _Inflater:
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         # gzip: a gzip header; deflate: zlib-wrapped as the RFC says, or raw as some send.
-        self._inflate = zlib.decompressobj(31 if encoding == "gzip" else 15)
+        self._inflate = zlib.decompressobj(15 if encoding == "deflate" else 31)
         self._first = True
 
     def feed(self, data: bytes) -> Iterator[bytes]:
@@ -184,22 +184,32 @@ class HttpProvider:
                                   f"bytes (providers.{self.name}.{setting})",
                              upstream_status=status, code="upstream_too_large")
 
-    async def _chunks(self, response: aiohttp.ClientResponse, whole: bool = True
-                      ) -> AsyncIterator[bytes]:
-        """The body, decompressed, in bounded pieces. ``whole``: an answer read to its
-        end, capped in size on the wire and decompressed (a stream is capped per event)."""
-        config, status = self.config, response.status
+    def _decoding(self, response: aiohttp.ClientResponse, whole: bool) -> _Inflater | None:
+        """What decompresses the answer (None: it is not compressed); an encoding hookproxy
+        does not accept, or (``whole``) a declared size past the cap, is an error."""
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
             raise UpstreamError(502, f"Provider {self.name} sent an answer in content-encoding "
                                      f"{encoding!r}, which hookproxy does not accept",
-                                upstream_status=status, code="upstream_invalid")
-        inflater = (_Inflater("deflate" if encoding == "deflate" else "gzip")
-                    if encoding not in ("identity", "") else None)
+                                upstream_status=response.status, code="upstream_invalid")
         declared = response.content_length
-        if whole and declared is not None and declared > config.max_response_bytes:
-            raise self._too_large("an answer", config.max_response_bytes,
-                                  "max_response_bytes", status)
+        if whole and declared is not None and declared > self.config.max_response_bytes:
+            raise self._too_large("an answer", self.config.max_response_bytes,
+                                  "max_response_bytes", response.status)
+        if encoding in ("identity", ""):
+            return None
+        return _Inflater(encoding)
+
+    def _chunks(self, response: aiohttp.ClientResponse, whole: bool = True
+                ) -> AsyncIterator[bytes]:
+        """The body, decompressed, in bounded pieces. ``whole``: an answer read to its
+        end, capped in size on the wire and decompressed (a stream is capped per event).
+        What ``_decoding`` refuses is raised at once."""
+        return self._pieces(response, self._decoding(response, whole), whole)
+
+    async def _pieces(self, response: aiohttp.ClientResponse, inflater: _Inflater | None,
+                      whole: bool) -> AsyncIterator[bytes]:
+        config, status = self.config, response.status
         received = produced = 0
         async for chunk in response.content.iter_any():
             received += len(chunk)
@@ -219,12 +229,24 @@ class HttpProvider:
                     if piece:
                         yield piece
             except zlib.error as exc:
-                raise UpstreamError(502, f"Provider {self.name} sent a corrupt {encoding} "
-                                         f"body: {exc}", upstream_status=status,
-                                    code="upstream_invalid") from None
+                raise UpstreamError(502, f"Provider {self.name} sent a corrupt "
+                                         f"{inflater.encoding} body: {exc}",
+                                    upstream_status=status, code="upstream_invalid") from None
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        return b"".join([chunk async for chunk in self._chunks(response)])
+        """The whole answer, decompressed, under the caps."""
+        inflater = self._decoding(response, whole=True)
+        content = response.content
+        if inflater is None and content.is_eof():
+            # All of it has come (a small answer comes with its headers): no pieces to
+            # wait for. aiohttp stops reading past its buffer's high-water mark, so an
+            # answer that has all come unread is small.
+            body = content.read_nowait()
+            if len(body) > self.config.max_response_bytes:
+                raise self._too_large("an answer", self.config.max_response_bytes,
+                                      "max_response_bytes", response.status)
+            return body
+        return b"".join([chunk async for chunk in self._pieces(response, inflater, True)])
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
@@ -259,7 +281,8 @@ class HttpProvider:
             async with self._session().post(url, data=body, headers=headers,
                                             timeout=self.timeout, allow_redirects=False,
                                             auto_decompress=False) as response:
-                await self._raise_for_status(response)
+                if response.status >= 300:
+                    await self._raise_for_status(response)
                 return await self._read(response)
         except UpstreamError:
             raise
