@@ -5,13 +5,13 @@ client's vendor headers, and the endpoints beside the two message APIs:
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 from starlette.background import BackgroundTask
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
@@ -57,22 +57,53 @@ class _SetAnswered(BackgroundTask):
         self.answered.set()
 
 
-def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
+def response_header_items(ctx: RequestContext, request_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers every API answer carries, as they go on the wire: the plugins'
+    (``ctx.response_headers``), then hookproxy's own."""
     # Plugins' headers first: hookproxy's own names are refused when a plugin sets them.
-    headers = ctx.answer_headers()
-    headers["x-request-id"] = request_id
+    items = [(name.encode("latin-1"), value.encode("latin-1"))
+             for name, value in ctx.answer_headers().items()]
+    items.append((b"x-request-id", request_id.encode()))
     if ctx.provider:
-        headers["x-hookproxy-provider"] = header_value(ctx.provider)
+        items.append((b"x-hookproxy-provider", _own_value(ctx.provider)))
     if ctx.model:
-        headers["x-hookproxy-model"] = header_value(ctx.model)
+        items.append((b"x-hookproxy-model", _own_value(ctx.model)))
     if ctx.tags:
-        headers["x-hookproxy-tags"] = header_value(",".join(map(str, ctx.tags)))
+        items.append((b"x-hookproxy-tags", _own_value(",".join(map(str, ctx.tags)))))
     # What the proxy itself added so far: everything but the time spent waiting upstream.
     overhead = ctx.elapsed_ms() - ctx.timings.get("upstream", 0.0) * 1000
-    headers["x-hookproxy-overhead-ms"] = f"{max(overhead, 0.0):.3f}"
+    items.append((b"x-hookproxy-overhead-ms", b"%.3f" % max(overhead, 0.0)))
     if ctx.attempts:
-        headers["x-hookproxy-attempts"] = str(len(ctx.attempts))
-    return headers
+        items.append((b"x-hookproxy-attempts", b"%d" % len(ctx.attempts)))
+    return items
+
+
+def response_headers(ctx: RequestContext, request_id: str) -> dict[str, str]:
+    """``response_header_items`` by name."""
+    return {name.decode("latin-1"): value.decode("latin-1")
+            for name, value in response_header_items(ctx, request_id)}
+
+
+def with_headers(response: HttpResponse, ctx: RequestContext) -> HttpResponse:
+    """``response`` (made without headers) with ``response_header_items`` before its own
+    (content-length, content-type), as starlette would put them given them: without
+    encoding each name and value again."""
+    response.raw_headers[:0] = response_header_items(ctx, ctx.request_id)
+    return when_sent(response, ctx)
+
+
+# Header values of hookproxy's own for provider and model names, which repeat: encoded once.
+_OWN_VALUES: dict[str, bytes] = {}
+_KNOWN_VALUES = 256
+
+
+def _own_value(value: str) -> bytes:
+    encoded = _OWN_VALUES.get(value)
+    if encoded is None:
+        if len(_OWN_VALUES) >= _KNOWN_VALUES:
+            _OWN_VALUES.clear()
+        encoded = _OWN_VALUES[value] = header_value(value).encode("latin-1")
+    return encoded
 
 
 def error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | None,
@@ -86,21 +117,44 @@ def error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | No
                         headers=headers)
 
 
-# --- the client's vendor headers --------------------------------------------------------
+# --- the client's headers ----------------------------------------------------------------
+
+# Where the scope of a request keeps ``client_headers``.
+_CLIENT_HEADERS = "hookproxy.client_headers"
 
 
-def vendor_headers(headers: Headers, client_format: str) -> dict[str, str]:
+def client_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
+    """The request's headers by name, the first value of a name sent more than once (as
+    ``dict(starlette.requests.Request.headers)``), made once per request: an API endpoint
+    reads its Content-Type and Content-Length here, and the context gets it."""
+    headers: dict[str, str] | None = scope.get(_CLIENT_HEADERS)
+    if headers is None:
+        headers = scope[_CLIENT_HEADERS] = {}
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1")
+            if key not in headers:
+                headers[key] = value.decode("latin-1")
+    return headers
+
+
+
+# VENDOR_HEADERS as an ASGI scope names headers: lower-case bytes.
+_VENDOR_NAMES = {client_format: frozenset(name.encode() for name in names)
+                 for client_format, names in VENDOR_HEADERS.items()}
+
+
+def vendor_headers(raw: list[tuple[bytes, bytes]], client_format: str) -> dict[str, str]:
     """The vendor headers of ``client_format`` the client sent (``anthropic-beta``,
-    ``openai-organization``...: ``proxy.providers.VENDOR_HEADERS``), by lower-case name,
-    each value as it was sent; one sent more than once has its values joined by ", ".
-    Raises ``BadRequest`` naming one that could not be passed on (too long, or not
-    printable ASCII)."""
-    names = VENDOR_HEADERS.get(client_format, frozenset())
+    ``openai-organization``...: ``proxy.providers.VENDOR_HEADERS``) among ``raw`` (an
+    ASGI scope's headers, whose names are lower case), by name, each value as it was
+    sent; one sent more than once has its values joined by ", ". Raises ``BadRequest``
+    naming one that could not be passed on (too long, or not printable ASCII)."""
+    names = _VENDOR_NAMES.get(client_format, frozenset())
     found: dict[str, str] = {}
-    for raw_name, raw_value in headers.raw:
-        name = raw_name.decode("latin-1").lower()
-        if name not in names:
+    for raw_name, raw_value in raw:
+        if raw_name not in names:
             continue
+        name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
         if name in found:
             value = f"{found[name]}, {value}"
@@ -147,10 +201,10 @@ async def count_tokens(gateway: Gateway, http: HttpRequest) -> HttpResponse:
     async def answer(ctx: RequestContext) -> HttpResponse:
         payload, estimated = await gateway.unless_client_leaves(
             http, ctx, _count(gateway.pipeline, ctx, fields))
-        headers = response_headers(ctx, ctx.request_id)
+        response = HttpResponse(payload, media_type=JSON)
         if estimated:
-            headers[ESTIMATE_HEADER] = "true"
-        return when_sent(HttpResponse(payload, media_type=JSON, headers=headers), ctx)
+            response.raw_headers.insert(0, (ESTIMATE_HEADER.encode(), b"true"))
+        return with_headers(response, ctx)
 
     return await gateway.serve(http, anthropic_format, prepare, answer)
 

@@ -42,14 +42,15 @@ from proxy.context import Answered, PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
     JSON,
+    client_headers,
     count_tokens,
     error_response,
     model_info,
     models_list,
     not_routed,
-    response_headers,
     vendor_headers,
     when_sent,
+    with_headers,
 )
 from proxy.errors import BadRequest, ProxyError
 from proxy.feed import shared_feed
@@ -272,19 +273,16 @@ class Gateway:
                                         wire.peek_request)
 
         async def answer(ctx: RequestContext) -> HttpResponse:
-            request_id = ctx.request_id
             if ctx.stream:
                 events = await self.unless_client_leaves(
                     http, ctx, self.pipeline.open_stream(ctx))
-                return when_sent(StreamingResponse(
-                    self._stream_body(ctx, wire, events), media_type="text/event-stream",
-                    headers=response_headers(ctx, request_id)), ctx)
+                return with_headers(StreamingResponse(
+                    self._stream_body(ctx, wire, events), media_type="text/event-stream"), ctx)
             response = await self.unless_client_leaves(http, ctx, self.pipeline.run(ctx))
             content = ctx.raw_response
             if content is None:
                 content = wire.encode_response(response, same_format=ctx.same_format)
-            return when_sent(HttpResponse(content, media_type=JSON,
-                                           headers=response_headers(ctx, request_id)), ctx)
+            return with_headers(HttpResponse(content, media_type=JSON), ctx)
 
         return await self.serve(http, wire, prepare, answer)
 
@@ -342,7 +340,7 @@ class Gateway:
         With ``peek``, a request that no plugin or classifier will see has only its
         top-level fields decoded: its messages are read only if something asks for them
         (a target that needs the request re-encoded), and otherwise go as they came."""
-        headers = vendor_headers(http.headers, wire.NAME)
+        headers = vendor_headers(http.scope["headers"], wire.NAME)
         limit = self.config.server.max_messages
 
         def decoded() -> Request:
@@ -373,7 +371,7 @@ class Gateway:
         plugins, classifiers, client_set = self.host.for_request(own_field)
         ctx = RequestContext(
             request, request_id=request_id, endpoint=http.scope["path"],
-            client_format=wire.NAME, headers=_header_dict(http.scope["headers"]),
+            client_format=wire.NAME, headers=client_headers(http.scope),
             plugin_settings=plugins, classifier_settings=classifiers)
         if peeked is not None:
             def rest() -> Request:
@@ -448,7 +446,8 @@ class Gateway:
     async def _read_body(self, http: HttpRequest) -> bytes:
         # Required, and exactly JSON: a web page can send text/plain or a form to a
         # local proxy without the browser asking first, but not application/json.
-        content_type = http.headers.get("content-type")
+        headers = client_headers(http.scope)
+        content_type = headers.get("content-type")
         if content_type is None:
             raise ProxyError(415, "Missing Content-Type: send application/json",
                              code="unsupported_media_type")
@@ -456,7 +455,7 @@ class Gateway:
             raise ProxyError(415, f"Unsupported content type {_shown(content_type)}: send "
                                   "application/json", code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
-        length = http.headers.get("content-length")
+        length = headers.get("content-length")
         if length and length.isdigit():
             if int(length) > limit:
                 raise _too_large(limit)
@@ -515,17 +514,6 @@ def _left_error() -> ProxyError:
 
 async def _no_icon(http: HttpRequest) -> HttpResponse:
     return HttpResponse(status_code=204, headers={"cache-control": "max-age=86400"})
-
-
-def _header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """``dict(http.headers)`` (the first value of a name sent twice) without starlette's
-    lookup of each name again through the whole list."""
-    headers: dict[str, str] = {}
-    for name, value in raw:
-        key = name.decode("latin-1")
-        if key not in headers:
-            headers[key] = value.decode("latin-1")
-    return headers
 
 
 def _check_count(count: int, limit: int) -> None:
