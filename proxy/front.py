@@ -1,12 +1,13 @@
-"""The one ASGI layer hookproxy puts in front of starlette's routing: the Host check
+"""The one ASGI layer hookproxy puts in front of starlette's application: the Host check
 (``proxy.hosts``), the body's deadline (``proxy.connections.body_deadline``), and a
 direct call of the API endpoints whose path has no parameters.
 
-Starlette reaches an endpoint through its exception middleware, the router (which tries
-each route's pattern in turn) and the route's own wrapper; for the API endpoints, which
-answer every error themselves (``Gateway.serve``), that is work per request with no
-effect. What starlette's routing decides otherwise (the other routes, a method a path
-does not take, a path nothing serves) it still decides."""
+Starlette reaches an endpoint through its error and exception middleware, the router
+(which tries each route's pattern in turn) and the route's own wrapper; for the API
+endpoints, which answer every error themselves (``Gateway.serve``), that is work per
+request with no effect. (Were one to fail past that, uvicorn answers the 500 starlette's
+error middleware would have.) What starlette decides otherwise (the lifespan, the other
+routes, a method a path does not take, a path nothing serves) it still decides."""
 
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def direct_endpoints(routes: Sequence[BaseRoute], own_errors: Collection[Endpoin
 
 
 class Front:
-    """ASGI middleware: refuses a Host that is not allowed (see ``HostCheck``), puts a
-    deadline on the body, and calls the API endpoints (``own_errors``) itself."""
+    """The ASGI application in front of starlette's (``app``): refuses a Host that is not
+    allowed (see ``HostCheck``), puts a deadline on the body, and calls the API endpoints
+    (``own_errors``) itself."""
 
     def __init__(self, app: ASGIApp, gateway: Any, routes: Sequence[BaseRoute],
                  own_errors: Collection[Endpoint], body_timeout: float) -> None:

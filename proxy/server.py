@@ -18,7 +18,6 @@ import msgspec
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response as HttpResponse
@@ -552,7 +551,8 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def create_app(gateway: Gateway) -> Starlette:
+def create_app(gateway: Gateway) -> Front:
+    """The ASGI application: starlette's, behind ``proxy.front.Front``."""
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
@@ -587,7 +587,5 @@ def create_app(gateway: Gateway) -> Starlette:
     # own format, and a record. (A body too slow for an API endpoint is answered there.)
     handlers: dict[Any, Any] = {404: gateway.not_routed, 405: gateway.not_routed,
                                 BodyTimeout: body_late}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(Front, gateway=gateway, routes=routes,
-                                            own_errors=api_endpoints,
-                                            body_timeout=gateway.config.server.body_timeout)])
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Front(app, gateway, routes, api_endpoints, gateway.config.server.body_timeout)
