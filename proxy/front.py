@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.connections import body_deadline
+from proxy.connections import BODY_RECEIVED, body_deadline
 from proxy.hosts import HostCheck
 
 Endpoint = Callable[[Request], Any]
@@ -72,7 +72,8 @@ class Front:
         if host is not None and not self.hosts.allowed(host):
             await self.hosts.refuse(scope, send, host)
             return
-        receive = body_deadline(scope, receive, self.body_timeout)
+        if BODY_RECEIVED not in scope:  # most bodies are in by now: no deadline to keep
+            receive = body_deadline(scope, receive, self.body_timeout)
         # (Under a root path, starlette's routing tells what the path is.)
         endpoint = None if scope.get("root_path") else \
             self.direct.get((scope["method"], scope["path"]))

@@ -25,6 +25,9 @@ _EXTRA_RANGES: dict[str, tuple[bool, float, float]] = {
 }
 
 
+_NUMBERS = (int, float)
+
+
 def _check(field: str, value: Any, integer: bool, low: float, high: float) -> None:
     kind = "an integer" if integer else "a number"
     numeric = (int,) if integer else (int, float)
@@ -43,14 +46,19 @@ def _number(value: float) -> str:
 
 def check_parameters(request: Request, client_format: str) -> None:
     """Raises ``BadRequest`` naming the first numeric parameter out of its range."""
-    if request.max_tokens is not None:
+    # Each is checked in full (``_check``) unless it is plainly fine: an int (a float)
+    # within its range, which a bool, NaN or an infinity never is.
+    value: Any = request.max_tokens
+    if value is not None and not (type(value) is int and 1 <= value <= MAX_TOKENS_LIMIT):
         name = "max_tokens" if client_format == "anthropic" else \
             "max_tokens (or max_completion_tokens)"
-        _check(name, request.max_tokens, True, 1, MAX_TOKENS_LIMIT)
-    if request.temperature is not None:
-        _check("temperature", request.temperature, False, 0.0, 2.0)
-    if request.top_p is not None:
-        _check("top_p", request.top_p, False, 0.0, 1.0)
+        _check(name, value, True, 1, MAX_TOKENS_LIMIT)
+    value = request.temperature
+    if value is not None and not (type(value) in _NUMBERS and 0.0 <= value <= 2.0):
+        _check("temperature", value, False, 0.0, 2.0)
+    value = request.top_p
+    if value is not None and not (type(value) in _NUMBERS and 0.0 <= value <= 1.0):
+        _check("top_p", value, False, 0.0, 1.0)
     extra = request.extra
     if not extra or extra.keys().isdisjoint(_EXTRA_RANGES):
         return  # most requests: none of them

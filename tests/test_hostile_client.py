@@ -225,6 +225,9 @@ def test_a_client_leaving_mid_upload_is_a_499(upstream, tmp_path):
     (ANTHROPIC, {"max_tokens": 10**8}, "max_tokens"),
     (ANTHROPIC, {"max_tokens": 5, "top_k": -1}, "top_k"),
     (ANTHROPIC, {"max_tokens": 5, "temperature": 1e300}, "temperature"),
+    (OPENAI, {"max_tokens": True}, "max_tokens"),
+    (OPENAI, {"temperature": True}, "temperature"),
+    (ANTHROPIC, {"max_tokens": 5, "top_p": False}, "top_p"),
 ])
 def test_numeric_parameters_out_of_range_are_a_400_naming_the_field(proxy, endpoint, fields,
                                                                      named):
