@@ -132,12 +132,12 @@ class RequestContext:
     # (past what CPython shares between instances) each was a dict insertion and a few
     # resizes. ``__dict__`` stays for what a plugin sets on the context itself.
     __slots__ = ("__dict__", "_annotation_bytes", "_annotation_sizes", "_decode_rest",
-                 "_headers_sent", "_request", "_response_headers", "_upstream_headers",
-                 "admissions", "annotations", "annotations_dropped", "answered", "app",
-                 "attempts", "body_bytes", "caller", "changes", "chunk_failures",
-                 "classifier_errors", "classifier_settings", "client_classifiers",
-                 "client_format", "client_tags", "endpoint", "error", "errors",
-                 "failed_at_chunk", "force_model", "force_provider", "headers", "limits",
+                 "_headers", "_headers_sent", "_raw_headers", "_request", "_response_headers",
+                 "_upstream_headers", "admissions", "annotations", "annotations_dropped",
+                 "answered", "app", "attempts", "body_bytes", "caller", "changes",
+                 "chunk_failures", "classifier_errors", "classifier_settings",
+                 "client_classifiers", "client_format", "client_tags", "endpoint", "error",
+                 "errors", "failed_at_chunk", "force_model", "force_provider", "limits",
                  "logged_failures", "model", "model_allow_lists", "model_group",
                  "plugin_actions", "plugin_settings", "price", "provider",
                  "provider_format", "raised", "raw_body", "raw_response", "request_id",
@@ -149,7 +149,8 @@ class RequestContext:
                  client_format: str, caller: str | None = None,
                  headers: dict[str, str] | None = None,
                  plugin_settings: dict[str, dict[str, Any]] | None = None,
-                 classifier_settings: dict[str, dict[str, Any]] | None = None) -> None:
+                 classifier_settings: dict[str, dict[str, Any]] | None = None,
+                 raw_headers: Sequence[tuple[bytes, bytes]] | None = None) -> None:
         self._request = request
         # Decodes the rest of the request when something first reads ``request``.
         self._decode_rest: Callable[[], Request] | None = None
@@ -162,7 +163,9 @@ class RequestContext:
         # Whose data (cache entries) this request may see: None for the caller's own;
         # "" for the pool shared by callers who opt into sharing.
         self.tenant: str | None = None
-        self.headers = headers or {}
+        # ``headers``, or the ASGI scope's headers it is made from when first read.
+        self._headers = headers if headers is not None or raw_headers is not None else {}
+        self._raw_headers = raw_headers or ()
         self.response: Response | None = None
         self.tags: list[str] = []
         self.scratch: dict[str, Any] = {}
@@ -239,6 +242,23 @@ class RequestContext:
         # Model globs the answering target must match, each with whom it is for: every
         # list must allow the target (see ``allow_models``).
         self.model_allow_lists: list[tuple[str, tuple[str, ...]]] = []
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The client's request headers by lower-case name; a name sent more than once has
+        its first value."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            for name, value in self._raw_headers:
+                key = name.decode("latin-1")
+                if key not in headers:
+                    headers[key] = value.decode("latin-1")
+        return headers
+
+    @headers.setter
+    def headers(self, headers: dict[str, str]) -> None:
+        self._headers = headers
 
     @property
     def request(self) -> Request:

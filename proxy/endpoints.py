@@ -5,7 +5,6 @@ client's vendor headers, and the endpoints beside the two message APIs:
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -117,26 +116,7 @@ def error_response(wire: ModuleType, error: ProxyError, ctx: RequestContext | No
                         headers=headers)
 
 
-# --- the client's headers ----------------------------------------------------------------
-
-# Where the scope of a request keeps ``client_headers``.
-_CLIENT_HEADERS = "hookproxy.client_headers"
-
-
-def client_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
-    """The request's headers by name, the first value of a name sent more than once (as
-    ``dict(starlette.requests.Request.headers)``), made once per request: an API endpoint
-    reads its Content-Type and Content-Length here, and the context gets it."""
-    headers: dict[str, str] | None = scope.get(_CLIENT_HEADERS)
-    if headers is None:
-        headers = scope[_CLIENT_HEADERS] = {}
-        for name, value in scope["headers"]:
-            key = name.decode("latin-1")
-            if key not in headers:
-                headers[key] = value.decode("latin-1")
-    return headers
-
-
+# --- the client's vendor headers --------------------------------------------------------
 
 # VENDOR_HEADERS as an ASGI scope names headers: lower-case bytes.
 _VENDOR_NAMES = {client_format: frozenset(name.encode() for name in names)

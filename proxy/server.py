@@ -41,7 +41,6 @@ from proxy.context import Answered, PipelineError, RequestContext
 from proxy.dashboard import dashboard_routes
 from proxy.endpoints import (
     JSON,
-    client_headers,
     count_tokens,
     error_response,
     model_info,
@@ -370,7 +369,7 @@ class Gateway:
         plugins, classifiers, client_set = self.host.for_request(own_field)
         ctx = RequestContext(
             request, request_id=request_id, endpoint=http.scope["path"],
-            client_format=wire.NAME, headers=client_headers(http.scope),
+            client_format=wire.NAME, raw_headers=http.scope["headers"],
             plugin_settings=plugins, classifier_settings=classifiers)
         if peeked is not None:
             def rest() -> Request:
@@ -445,8 +444,13 @@ class Gateway:
     async def _read_body(self, http: HttpRequest) -> bytes:
         # Required, and exactly JSON: a web page can send text/plain or a form to a
         # local proxy without the browser asking first, but not application/json.
-        headers = client_headers(http.scope)
-        content_type = headers.get("content-type")
+        content_type = length = None
+        for name, value in http.scope["headers"]:  # the first of each, as starlette's
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = value.decode("latin-1")
+            elif name == b"content-length" and length is None:
+                length = value.decode("latin-1")
         if content_type is None:
             raise ProxyError(415, "Missing Content-Type: send application/json",
                              code="unsupported_media_type")
@@ -454,7 +458,6 @@ class Gateway:
             raise ProxyError(415, f"Unsupported content type {_shown(content_type)}: send "
                                   "application/json", code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
-        length = headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise _too_large(limit)
         # As starlette's Request.body(), read here without its async generator: counted

@@ -334,6 +334,37 @@ def test_hooks_run_in_pluggy_order(upstream):
     assert Recorder.order == [["first", "plain_2", "plain_1", "last"]]
 
 
+class HeaderReader:
+    seen: list[dict[str, str]] = []
+
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        self.seen.append(dict(ctx.headers))
+
+
+def test_a_plugin_reads_the_clients_headers(upstream):
+    """ctx.headers: every header the client sent, by lower-case name; a name sent twice
+    has its first value."""
+    import http.client
+
+    HeaderReader.seen.clear()
+    with serving(upstream, {"reader": {}}, ("reader", HeaderReader())) as proxy:
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        body = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}'
+        connection.putrequest("POST", "/v1/chat/completions")
+        for name, value in [("Content-Type", "application/json"), ("X-Team", "blue"),
+                            ("x-team", "red"), ("Content-Length", str(len(body)))]:
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        assert connection.getresponse().status == 200
+        connection.close()
+    [headers] = HeaderReader.seen
+    assert headers["x-team"] == "blue"
+    assert headers["content-type"] == "application/json"
+    assert headers["host"].startswith("127.0.0.1")
+    assert all(name == name.lower() for name in headers)
+
+
 def test_short_circuit_stops_the_later_hooks(upstream):
     Recorder.order.clear()
     plugins = [("plain_1", Recorder("plain_1")), ("answerer", Recorder("answerer", True))]
