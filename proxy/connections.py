@@ -16,6 +16,7 @@ import uvicorn
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse
 from starlette.types import Message, Receive, Scope
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import ServerConfig
@@ -45,10 +46,10 @@ class ClientGone:
     ``receive`` for its ``http.disconnect``: the protocol calls ``left`` when the
     connection is lost before the request's answer is complete."""
 
-    __slots__ = ("_resume", "callback", "gone")
+    __slots__ = ("_flow", "callback", "gone")
 
-    def __init__(self, resume_reading: Callable[[], None]) -> None:
-        self._resume = resume_reading
+    def __init__(self, flow: FlowControl) -> None:
+        self._flow = flow  # the connection's
         self.callback: Callable[[], None] | None = None
         self.gone = False
 
@@ -56,7 +57,8 @@ class ClientGone:
         """Calls ``callback`` (once) if the client leaves, until ``unwatch``."""
         # As a receive() waiting for the disconnect would: reading on, so that a client
         # that leaves is seen even if reading was paused.
-        self._resume()
+        if self._flow.read_paused:
+            self._flow.resume_reading()
         self.callback = callback
 
     def unwatch(self) -> None:
@@ -224,7 +226,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadersTooLarge
         self._header_deadline = None
         self._in_headers = False
-        self.scope[CLIENT_GONE] = ClientGone(self.flow.resume_reading)  # type: ignore[literal-required]
+        self.scope[CLIENT_GONE] = ClientGone(self.flow)  # type: ignore[literal-required]
         super().on_headers_complete()
         self._in_body = True
 
@@ -235,7 +237,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False
         self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         super().on_message_complete()
-        self._forget_request()
+        self.url = b""  # as _forget_request
+        self.headers = []
 
     def _forget_request(self) -> None:
         # What a refusal reads of the request being parsed (uvicorn sets them when one

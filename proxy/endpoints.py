@@ -60,13 +60,15 @@ def response_header_items(ctx: RequestContext, request_id: str) -> list[tuple[by
     """The headers every API answer carries, as they go on the wire: the plugins'
     (``ctx.response_headers``), then hookproxy's own."""
     # Plugins' headers first: hookproxy's own names are refused when a plugin sets them.
+    plugins = ctx.answer_headers()
     items = [(name.encode("latin-1"), value.encode("latin-1"))
-             for name, value in ctx.answer_headers().items()]
+             for name, value in plugins.items()] if plugins else []
     items.append((b"x-request-id", request_id.encode()))
     if ctx.provider:
-        items.append((b"x-hookproxy-provider", _own_value(ctx.provider)))
+        items.append((b"x-hookproxy-provider",
+                      _OWN_VALUES.get(ctx.provider) or _own_value(ctx.provider)))
     if ctx.model:
-        items.append((b"x-hookproxy-model", _own_value(ctx.model)))
+        items.append((b"x-hookproxy-model", _OWN_VALUES.get(ctx.model) or _own_value(ctx.model)))
     if ctx.tags:
         items.append((b"x-hookproxy-tags", _own_value(",".join(map(str, ctx.tags)))))
     # What the proxy itself added so far: everything but the time spent waiting upstream.
@@ -88,7 +90,9 @@ def with_headers(response: HttpResponse, ctx: RequestContext) -> HttpResponse:
     (content-length, content-type), as starlette would put them given them: without
     encoding each name and value again."""
     response.raw_headers[:0] = response_header_items(ctx, ctx.request_id)
-    return when_sent(response, ctx)
+    if ctx.answered is not None:  # as when_sent
+        response.background = _SetAnswered(ctx.answered)
+    return response
 
 
 # Header values of hookproxy's own for provider and model names, which repeat: encoded once.
