@@ -20,7 +20,7 @@ from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json
-from proxy.headers import TOKEN, header_value
+from proxy.headers import TOKEN, CheckedHeaders, header_value
 from proxy.ids import new_request_id
 from proxy.pipeline import record_attempt
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
@@ -89,7 +89,9 @@ def with_headers(response: HttpResponse, ctx: RequestContext) -> HttpResponse:
     """``response`` (made without headers) with ``response_header_items`` before its own
     (content-length, content-type), as starlette would put them given them: without
     encoding each name and value again."""
-    response.raw_headers[:0] = response_header_items(ctx, ctx.request_id)
+    items = response_header_items(ctx, ctx.request_id)
+    items += response.raw_headers  # starlette's: a length, a media type
+    response.raw_headers = CheckedHeaders(items)  # type: ignore[assignment]
     if ctx.answered is not None:  # as when_sent
         response.background = _SetAnswered(ctx.answered)
     return response

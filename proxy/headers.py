@@ -63,6 +63,16 @@ def header_value(value: str) -> str:
     return "".join(pieces) + "..."
 
 
+class CheckedHeaders(tuple[tuple[bytes, bytes], ...]):
+    """An answer's headers as hookproxy made them: every name an HTTP token in lower case
+    (a plugin's is checked as it is set), every value printable ASCII (``encoded_value``).
+    The protocol writes them without checking each again (see
+    ``proxy.connections.GuardedHttpToolsProtocol``). A tuple: a header added later, which
+    nothing would have checked, fails loudly instead."""
+
+    __slots__ = ()
+
+
 def _response_name_error(name: str) -> str | None:
     if name in _FRAMING or name == "x-request-id" or name.startswith("x-hookproxy-"):
         return "hookproxy sets it itself"

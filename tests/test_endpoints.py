@@ -465,3 +465,77 @@ def test_other_routes_keep_their_answers(upstream, tmp_path):
                                   headers={"host": "evil.example"})
         assert status == 421 and answer["error"]["code"] == "host_not_allowed"
     assert _records(tmp_path, 0) == []  # none of these is an API request
+
+
+# --- an answer's head on the wire ---------------------------------------------------------
+
+
+class SetsAHeader:
+    @hookimpl
+    def request_start(self, ctx: RequestContext) -> None:
+        ctx.response_headers["X-Quota"] = "7 left; résumé"
+
+
+def _heads(sock: Any, count: int) -> list[tuple[list[bytes], bytes]]:
+    """``count`` answers read off ``sock``: each head's lines, and its body (by its
+    Content-Length, or by its chunks)."""
+    data = b""
+    answers = []
+    for _ in range(count):
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = dict(line.split(b": ", 1) for line in lines[1:])
+        if b"content-length" in fields:
+            size = int(fields[b"content-length"])
+            while len(data) < size:
+                data += sock.recv(65536)
+            body, data = data[:size], data[size:]
+        else:
+            while b"\r\n0\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            body, _, data = data.partition(b"\r\n0\r\n\r\n")
+        answers.append((lines, body))
+    return answers
+
+
+def test_an_answers_head_on_the_wire(upstream, tmp_path):
+    """What an API answer's head holds, in order, byte for byte as before hookproxy wrote
+    it itself: uvicorn's date and server, a plugin's header (its value made safe),
+    hookproxy's own, the length and type; kept alive until the client says close, and a
+    stream's chunked."""
+    import socket
+
+    config = _config(upstream, tmp_path, plugins={"sets": {}})
+
+    def post(body: dict[str, Any], close: bool = False) -> bytes:
+        data = json.dumps(body).encode()
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                % (len(data), b"connection: close\r\n" if close else b"", data))
+
+    plain = {"model": "gpt-test", "messages": HI}
+    with _serving(config, ("sets", SetsAHeader())) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(post(plain) + post({**plain, "stream": True}) + post(plain, close=True))
+        answers = _heads(sock, 3)
+        assert sock.recv(100) == b""  # closed after the third, as asked
+    for (lines, body), kind in zip(answers, ["plain", "stream", "closed"], strict=True):
+        assert lines[0] == b"HTTP/1.1 200 OK"
+        names = [line.split(b": ", 1)[0] for line in lines[1:]]
+        framing = {"plain": [b"content-length", b"content-type"],
+                   "stream": [b"content-type", b"transfer-encoding"],
+                   "closed": [b"content-length", b"content-type", b"connection"]}[kind]
+        assert names == [b"date", b"server", b"x-quota", b"x-request-id",
+                         b"x-hookproxy-provider", b"x-hookproxy-model",
+                         b"x-hookproxy-overhead-ms", b"x-hookproxy-attempts", *framing]
+        fields = dict(line.split(b": ", 1) for line in lines[1:])
+        assert fields[b"x-quota"] == b"7 left; r%C3%A9sum%C3%A9"
+        assert fields[b"x-hookproxy-provider"] == b"oai"
+        if kind == "stream":
+            assert fields[b"content-type"] == b"text/event-stream; charset=utf-8"
+            assert b"data: [DONE]" in body
+        else:
+            assert fields[b"content-type"] == b"application/json"
+            assert json.loads(body)["object"] == "chat.completion"

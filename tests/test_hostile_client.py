@@ -299,7 +299,8 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     """proxy/connections.py copies uvicorn's ``data_received`` and builds on the parser
     callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range
     pyproject.toml pins). Another uvicorn with other code there fails here: read those
-    methods again, adjust connections.py, then this digest. (``connection_lost``: a lost
+    methods again, adjust connections.py, then this digest. (``RequestResponseCycle.send``:
+    connections._Cycle writes an answer's start as it does. ``connection_lost``: a lost
     connection marks the cycle disconnected only while its answer is incomplete, the
     condition ClientGone is told under.)"""
     import hashlib
@@ -311,10 +312,10 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     relied_on = [protocol.data_received, protocol.on_message_begin, protocol.on_url,
                  protocol.on_header, protocol.on_headers_complete, protocol.on_message_complete,
                  protocol.on_response_complete, protocol.connection_lost,
-                 RequestResponseCycle.receive]
+                 RequestResponseCycle.receive, RequestResponseCycle.send]
     source = "".join(inspect.getsource(method) for method in relied_on)
     assert hashlib.sha256(source.encode()).hexdigest() == (
-        "51e96aaa0029000197684e02d3e6f597f6f65a23b106a376ed5d205486dc964a")
+        "2b4e4435603f4cd78cffba2bb3f730afa2d028de8d2c8bccdc40f158611ac70a")
 
 
 def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
