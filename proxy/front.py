@@ -5,9 +5,10 @@ direct call of the API endpoints whose path has no parameters.
 Starlette reaches an endpoint through its error and exception middleware, the router
 (which tries each route's pattern in turn) and the route's own wrapper; for the API
 endpoints, which answer every error themselves (``Gateway.serve``), that is work per
-request with no effect. (Were one to fail past that, uvicorn answers the 500 starlette's
-error middleware would have.) What starlette decides otherwise (the lifespan, the other
-routes, a method a path does not take, a path nothing serves) it still decides."""
+request with no effect. (Were one to fail past that, uvicorn answers the plain-text 500
+starlette's error middleware would have, and closes the connection.) What starlette
+decides otherwise (the lifespan, the other routes, a method a path does not take, a path
+nothing serves) it still decides."""
 
 from __future__ import annotations
 
