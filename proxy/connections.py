@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
+from types import MethodType
 from typing import Any
 
 import httptools
@@ -119,51 +120,50 @@ async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
     return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
 
 
-class _Cycle(RequestResponseCycle):
-    """uvicorn's request cycle, plus: the start of an answer whose headers are
-    ``CheckedHeaders`` is written without uvicorn's two pattern searches per header (and
-    its lowering of each name), which hookproxy made needless when it made them. Anything
-    else goes through uvicorn's ``send`` as it is."""
+def _send(cycle: RequestResponseCycle, message: Any) -> Coroutine[Any, Any, None]:
+    """A request cycle's ``send`` (set on each by the protocol): uvicorn's, except that the
+    start of an answer whose headers are ``CheckedHeaders`` is written without uvicorn's
+    two pattern searches per header (and its lowering of each name), which hookproxy made
+    needless when it made them. Not a coroutine function: the answer's other messages are
+    uvicorn's coroutine alone, with no layer of this one around them."""
+    if message["type"] == "http.response.start" and not cycle.response_started:
+        headers = message.get("headers")
+        if type(headers) is CheckedHeaders and not (
+                cycle.disconnected or cycle.flow.write_paused or cycle.access_log):
+            _write_start(cycle, message["status"], headers)
+            return _sent()
+    return RequestResponseCycle.send(cycle, message)
 
-    def send(self, message: Any) -> Coroutine[Any, Any, None]:
-        # Not a coroutine function: the answer's other messages are uvicorn's coroutine
-        # alone, with no layer of this one around them.
-        if message["type"] == "http.response.start" and not self.response_started:
-            headers = message.get("headers")
-            if type(headers) is CheckedHeaders and not (
-                    self.disconnected or self.flow.write_paused or self.access_log):
-                self._write_start(message["status"], headers)
-                return _sent()
-        return super().send(message)
 
-    def _write_start(self, status_code: int, headers: CheckedHeaders) -> None:
-        # What uvicorn's send does for "http.response.start" (0.54, checked by the digest
-        # in tests/test_hostile_client.py), less what CheckedHeaders vouch for.
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        content = [STATUS_LINE[status_code]]
-        has_connection_close = False
-        for name, value in (*self.default_headers, *headers):
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection":
-                connection = [token.lower().strip() for token in value.split(b",")]
-                if b"close" in connection:
-                    self.keep_alive = False
-                    has_connection_close = True
-            content.extend([name, b": ", value, b"\r\n"])
-        if not self.keep_alive and not has_connection_close:
-            content.append(b"connection: close\r\n")
-        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and \
-                status_code not in (204, 304):
-            self.chunked_encoding = True
-            content.append(b"transfer-encoding: chunked\r\n")
-        content.append(b"\r\n")
-        self.transport.write(b"".join(content))
+def _write_start(cycle: RequestResponseCycle, status_code: int,
+                 headers: CheckedHeaders) -> None:
+    # What uvicorn's send does for "http.response.start" (0.54, checked by the digest in
+    # tests/test_hostile_client.py), less what CheckedHeaders vouch for.
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    content = [STATUS_LINE[status_code]]
+    has_connection_close = False
+    for name, value in (*cycle.default_headers, *headers):
+        if name == b"content-length" and cycle.chunked_encoding is None:
+            cycle.expected_content_length = int(value.decode())
+            cycle.chunked_encoding = False
+        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            cycle.expected_content_length = 0
+            cycle.chunked_encoding = True
+        elif name == b"connection":
+            connection = [token.lower().strip() for token in value.split(b",")]
+            if b"close" in connection:
+                cycle.keep_alive = False
+                has_connection_close = True
+        content.extend([name, b": ", value, b"\r\n"])
+    if not cycle.keep_alive and not has_connection_close:
+        content.append(b"connection: close\r\n")
+    if cycle.chunked_encoding is None and cycle.scope["method"] != "HEAD" and \
+            status_code not in (204, 304):
+        cycle.chunked_encoding = True
+        content.append(b"transfer-encoding: chunked\r\n")
+    content.append(b"\r\n")
+    cycle.transport.write(b"".join(content))
 
 
 async def _sent() -> None:
@@ -178,8 +178,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ``body_timeout`` seconds after its headers closes the connection once it has been
     answered (``body_deadline`` makes the app answer a 408 then; a route that answered
     without reading the body cannot keep the connection by a trickle). Idle connections
-    between requests are closed by uvicorn's keep-alive timeout. Each request's cycle is a
-    ``_Cycle``: an answer with ``CheckedHeaders`` starts without uvicorn's checks."""
+    between requests are closed by uvicorn's keep-alive timeout. Each request's cycle sends
+    through ``_send``: an answer with ``CheckedHeaders`` starts without uvicorn's checks."""
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
@@ -285,8 +285,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False
         self.scope[CLIENT_GONE] = ClientGone(self.flow)  # type: ignore[literal-required]
         super().on_headers_complete()
-        if type(self.cycle) is RequestResponseCycle:  # the one uvicorn just made
-            self.cycle.__class__ = _Cycle
+        cycle = self.cycle
+        if cycle is not None:  # the one uvicorn just made (or, for an upgrade, had)
+            cycle.send = MethodType(_send, cycle)  # type: ignore[method-assign]
         self._in_body = True
 
     def on_message_complete(self) -> None:

@@ -300,7 +300,7 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range
     pyproject.toml pins). Another uvicorn with other code there fails here: read those
     methods again, adjust connections.py, then this digest. (``RequestResponseCycle.send``:
-    connections._Cycle writes an answer's start as it does. ``connection_lost``: a lost
+    connections._send writes an answer's start as it does. ``connection_lost``: a lost
     connection marks the cycle disconnected only while its answer is incomplete, the
     condition ClientGone is told under.)"""
     import hashlib
