@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pluggy
@@ -42,9 +43,31 @@ class HookFailed(Exception):
         super().__init__(f"plugin {plugin!r} {what} in {hook}")
 
 
+class Impl:
+    """One hook implementation as hookproxy calls it: what pluggy's HookImpl holds, plus
+    what is worked out once (when it is first looked up after plugins change) rather than
+    on every call: whether it reports its changes, and how its arguments are picked."""
+
+    __slots__ = ("_pick", "argnames", "function", "plugin", "reports")
+
+    def __init__(self, hookimpl: Any) -> None:
+        self.function = hookimpl.function
+        self.argnames: tuple[str, ...] = tuple(hookimpl.argnames)
+        self.plugin = hookimpl.plugin
+        self.reports: bool = getattr(self.function, _REPORTS, False)
+        # itemgetter of two or more names gives a tuple (of one name, the value alone).
+        self._pick = operator.itemgetter(*self.argnames) if len(self.argnames) > 1 else None
+
+    def arguments(self, available: Mapping[str, Any]) -> Sequence[Any]:
+        """The arguments it names, in its order, from ``available``."""
+        if self._pick is not None:
+            return self._pick(available)
+        return [available[name] for name in self.argnames]
+
+
 def implementations(pm: pluggy.PluginManager, hook: str,
-                    active: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """(plugin name, HookImpl) for the active plugins, in the order pluggy would call them.
+                    active: Mapping[str, Any]) -> list[tuple[str, Impl]]:
+    """(plugin name, ``Impl``) for the active plugins, in the order pluggy would call them.
 
     Most requests share one ``active`` mapping (the config's), so the answer is kept per
     (plugin manager, hook, mapping) until a plugin is registered or unregistered.
@@ -55,9 +78,12 @@ def implementations(pm: pluggy.PluginManager, hook: str,
         return cached[2]
     caller = getattr(pm.hook, hook)
     found = []
-    for impl in reversed(caller.get_hookimpls()):
-        name = pm.get_name(impl.plugin)
+    for hookimpl in reversed(caller.get_hookimpls()):
+        name = pm.get_name(hookimpl.plugin)
         if name is not None and name in active:
+            impl = _impls.get(hookimpl)
+            if impl is None:
+                impl = _impls[hookimpl] = Impl(hookimpl)
             found.append((name, impl))
     _found[key] = (active, pm, found)
     if len(_found) > 1024:
@@ -68,10 +94,13 @@ def implementations(pm: pluggy.PluginManager, hook: str,
 def forget_implementations() -> None:
     """Drops what ``implementations`` remembered; called when plugins change."""
     _found.clear()
+    _impls.clear()
 
 
 _found: dict[tuple[int, str, int], tuple[Mapping[str, Any], pluggy.PluginManager,
-                                         list[tuple[str, Any]]]] = {}
+                                         list[tuple[str, Impl]]]] = {}
+# Keyed by pluggy's HookImpl (hashed by identity); as many as there are registered.
+_impls: dict[Any, Impl] = {}
 
 
 _REPORTS = "hookproxy_reports_changes"
@@ -95,9 +124,9 @@ def reports_changes(function: F) -> F:
     return function
 
 
-def reports(impl: Any) -> bool:
-    """Whether ``impl`` (a pluggy HookImpl) is marked ``reports_changes``."""
-    return getattr(impl.function, _REPORTS, False)
+def reports(impl: Impl) -> bool:
+    """Whether ``impl`` is marked ``reports_changes``."""
+    return impl.reports
 
 
 def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -> None:
@@ -134,13 +163,17 @@ def check_decoded(request: Any) -> None:
 _BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call"})
 
 
-def _unreported(hook: str, impl: Any, arguments: Mapping[str, Any]) -> None:
+def _unreported(hook: str, impl: Impl, arguments: Mapping[str, Any]) -> None:
     """An implementation that does not report its changes is given the request: what
     was known unchanged must be looked at again."""
-    if hook in _BEFORE_SENT and not reports(impl):
-        ctx = arguments.get("ctx")
-        if ctx is not None:
-            ctx.may_have_changed()
+    if hook in _BEFORE_SENT and not impl.reports:
+        _distrust(arguments)
+
+
+def _distrust(arguments: Mapping[str, Any]) -> None:
+    ctx = arguments.get("ctx")
+    if ctx is not None:
+        ctx.may_have_changed()
 
 
 # What a hook returns most often (nothing, tags, settings): builtin types, which are never
@@ -154,13 +187,16 @@ def is_awaitable(result: Any) -> bool:
     return type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result)
 
 
-def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:
+def start_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]) -> Any:
     """Calls one implementation with the arguments it asks for. Returns its result, or the
     awaitable an async implementation gave (for ``finish_impl``)."""
+    # (``_unreported`` written out: this runs for every hook of every request.)
+    unreported = not impl.reports and hook in _BEFORE_SENT
+    if unreported:
+        _distrust(arguments)
     acting = current_plugin.set(plugin)
-    _unreported(hook, impl, arguments)
     try:
-        return impl.function(*[arguments[name] for name in impl.argnames])
+        return impl.function(*impl.arguments(arguments))
     except ProxyError as exc:
         exc.plugin = exc.plugin or plugin
         raise
@@ -168,8 +204,9 @@ def start_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) 
         raise HookFailed(plugin, hook, exc) from exc
     finally:
         current_plugin.reset(acting)
-        # What it asked about the request before changing it (content_key) is stale now.
-        _unreported(hook, impl, arguments)
+        if unreported:
+            # What it asked about the request before changing it (content_key) is stale.
+            _distrust(arguments)
 
 
 async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> Any:
@@ -190,27 +227,35 @@ async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> An
         current_plugin.reset(acting)
 
 
-async def call_impl(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any],
+async def finish_call(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any],
+                      result: Any, timeout: float) -> Any:
+    """The rest of ``call_impl`` once ``start_impl`` has returned an awaitable."""
+    try:
+        return await finish_impl(plugin, hook, result, timeout)
+    finally:
+        # What looked at the request while it ran may have seen it before a change.
+        _unreported(hook, impl, arguments)
+
+
+async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any],
                     timeout: float) -> Any:
     """Calls one implementation and awaits it if it is async.
 
     Raises ``HookFailed`` for an error or a timeout; a ``ProxyError`` (a ``Reject``)
-    passes through with the plugin's name on it.
+    passes through with the plugin's name on it. (A caller that runs mostly sync hooks
+    may call ``start_impl`` and, for an awaitable, ``finish_call`` itself: the same.)
     """
     result = start_impl(plugin, hook, impl, arguments)
-    if is_awaitable(result):
-        try:
-            return await finish_impl(plugin, hook, result, timeout)
-        finally:
-            # What looked at the request while it ran may have seen it before a change.
-            _unreported(hook, impl, arguments)
-    return result
+    if type(result) in _NEVER_AWAITABLE or not inspect.isawaitable(result):
+        return result
+    return await finish_call(plugin, hook, impl, arguments, result, timeout)
 
 
-def call_impl_sync(plugin: str, hook: str, impl: Any, arguments: Mapping[str, Any]) -> Any:
+def call_impl_sync(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]
+                   ) -> Any:
     """For hooks that must be synchronous (validate_settings)."""
     try:
-        result = impl.function(*[arguments[name] for name in impl.argnames])
+        result = impl.function(*impl.arguments(arguments))
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
     if inspect.isawaitable(result):

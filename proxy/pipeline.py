@@ -42,10 +42,10 @@ from proxy.dispatch import (
     HookFailed,
     call_impl,
     check_reported,
+    finish_call,
     finish_impl,
     implementations,
     is_awaitable,
-    reports,
     start_impl,
 )
 from proxy.errors import ProxyError, Untranslatable, UpstreamError
@@ -168,12 +168,16 @@ class Pipeline:
         before: bytes | None = None
         for name, impl in impls:
             arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
-            reporting = reports(impl)
+            reporting = impl.reports
             if before is None and (dispatch.CHECK_REPORTS or not reporting):
                 before = fingerprint(ctx.request)
             said = ctx.changes
             try:
-                result = await call_impl(name, hook, impl, arguments, self._timeout(name))
+                # call_impl, written out: most hooks are sync, and need no time bound.
+                result = start_impl(name, hook, impl, arguments)
+                if is_awaitable(result):
+                    result = await finish_call(name, hook, impl, arguments, result,
+                                               self._timeout(name))
             except ProxyError as exc:
                 ctx.plugin_actions[name] = "rejected"
                 exc.stage = hook
@@ -462,7 +466,7 @@ class Pipeline:
         group_changed = False
         # Hooks that report their changes say whether they changed an event in place;
         # for others, a copy of each event tells.
-        reporting = all(reports(impl) for _, impl in impls)
+        reporting = all(impl.reports for _, impl in impls)
         copy = dispatch.CHECK_REPORTS or not reporting
         for event in batch:
             if event.raw != b"":
@@ -528,13 +532,15 @@ class Pipeline:
     async def _post_response(self, ctx: RequestContext, response: Response) -> Response:
         ctx.response = response
         for name, impl in implementations(self.pm, "post_response", ctx.plugin_settings):
-            reporting = reports(impl)
+            reporting = impl.reports
             before = fingerprint(response) if dispatch.CHECK_REPORTS or not reporting else None
             said = ctx.changes
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
-                result = await call_impl(name, "post_response", impl, arguments,
-                                         self._timeout(name))
+                result = start_impl(name, "post_response", impl, arguments)
+                if is_awaitable(result):
+                    result = await finish_call(name, "post_response", impl, arguments,
+                                               result, self._timeout(name))
             except ProxyError as exc:
                 # A Reject here refuses the answer: the client gets this error instead.
                 ctx.plugin_actions[name] = "rejected"
