@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -48,21 +49,22 @@ class Impl:
     what is worked out once (when it is first looked up after plugins change) rather than
     on every call: whether it reports its changes, and how its arguments are picked."""
 
-    __slots__ = ("_pick", "argnames", "function", "plugin", "reports")
+    __slots__ = ("argnames", "function", "pick", "plugin", "reports")
 
     def __init__(self, hookimpl: Any) -> None:
         self.function = hookimpl.function
         self.argnames: tuple[str, ...] = tuple(hookimpl.argnames)
         self.plugin = hookimpl.plugin
         self.reports: bool = getattr(self.function, _REPORTS, False)
-        # itemgetter of two or more names gives a tuple (of one name, the value alone).
-        self._pick = operator.itemgetter(*self.argnames) if len(self.argnames) > 1 else None
+        # The arguments it names, in its order, from a mapping of those available (an
+        # itemgetter of two or more names gives a tuple; of one, the value alone).
+        self.pick: Callable[[Mapping[str, Any]], Sequence[Any]] = (
+            operator.itemgetter(*self.argnames) if len(self.argnames) > 1
+            else functools.partial(_pick, self.argnames))
 
-    def arguments(self, available: Mapping[str, Any]) -> Sequence[Any]:
-        """The arguments it names, in its order, from ``available``."""
-        if self._pick is not None:
-            return self._pick(available)
-        return [available[name] for name in self.argnames]
+
+def _pick(names: tuple[str, ...], available: Mapping[str, Any]) -> list[Any]:
+    return [available[name] for name in names]
 
 
 def implementations(pm: pluggy.PluginManager, hook: str,
@@ -178,13 +180,14 @@ def _distrust(arguments: Mapping[str, Any]) -> None:
 
 # What a hook returns most often (nothing, tags, settings): builtin types, which are never
 # awaitable. inspect.isawaitable's check against collections.abc.Awaitable costs more
-# than most hooks' own work.
-_NEVER_AWAITABLE = frozenset({type(None), bool, str, list, tuple, set, frozenset, dict})
+# than most hooks' own work. (Callers that run a hook per request ask
+# ``type(result) not in NEVER_AWAITABLE`` before calling ``is_awaitable``.)
+NEVER_AWAITABLE = frozenset({type(None), bool, str, list, tuple, set, frozenset, dict})
 
 
 def is_awaitable(result: Any) -> bool:
     """``inspect.isawaitable(result)``, quickly for the builtin types hooks return."""
-    return type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result)
+    return type(result) not in NEVER_AWAITABLE and inspect.isawaitable(result)
 
 
 def start_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]) -> Any:
@@ -196,7 +199,7 @@ def start_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any])
         _distrust(arguments)
     acting = current_plugin.set(plugin)
     try:
-        return impl.function(*impl.arguments(arguments))
+        return impl.function(*impl.pick(arguments))
     except ProxyError as exc:
         exc.plugin = exc.plugin or plugin
         raise
@@ -246,7 +249,7 @@ async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, 
     may call ``start_impl`` and, for an awaitable, ``finish_call`` itself: the same.)
     """
     result = start_impl(plugin, hook, impl, arguments)
-    if type(result) in _NEVER_AWAITABLE or not inspect.isawaitable(result):
+    if type(result) in NEVER_AWAITABLE or not inspect.isawaitable(result):
         return result
     return await finish_call(plugin, hook, impl, arguments, result, timeout)
 
@@ -255,7 +258,7 @@ def call_impl_sync(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, A
                    ) -> Any:
     """For hooks that must be synchronous (validate_settings)."""
     try:
-        result = impl.function(*impl.arguments(arguments))
+        result = impl.function(*impl.pick(arguments))
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
     if inspect.isawaitable(result):

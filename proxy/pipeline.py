@@ -39,6 +39,7 @@ from proxy.canonical import (
 from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import (
+    NEVER_AWAITABLE,
     HookFailed,
     call_impl,
     check_reported,
@@ -175,7 +176,7 @@ class Pipeline:
             try:
                 # call_impl, written out: most hooks are sync, and need no time bound.
                 result = start_impl(name, hook, impl, arguments)
-                if is_awaitable(result):
+                if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
                     result = await finish_call(name, hook, impl, arguments, result,
                                                self._timeout(name))
             except ProxyError as exc:
@@ -261,7 +262,7 @@ class Pipeline:
             except (HookFailed, ProxyError) as exc:
                 await self._classifier_failed(ctx, name, exc)
                 continue
-            if is_awaitable(result):
+            if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
                 pending.append((name, result))
             else:
                 results.append((name, result or ()))
@@ -502,7 +503,7 @@ class Pipeline:
                 arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
                 try:
                     result = start_impl(name, "stream_chunk", impl, arguments)
-                    if is_awaitable(result):
+                    if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
                         result = await finish_impl(name, "stream_chunk", result,
                                                    self._timeout(name))
                 except ProxyError as exc:
@@ -538,7 +539,7 @@ class Pipeline:
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
                 result = start_impl(name, "post_response", impl, arguments)
-                if is_awaitable(result):
+                if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
                     result = await finish_call(name, "post_response", impl, arguments,
                                                result, self._timeout(name))
             except ProxyError as exc:
