@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import ImagePart, RequestContext, ToolResultPart, hookimpl
+from proxy import ImagePart, RequestContext, TextPart, ToolResultPart, hookimpl
 from proxy.settings import settings_as, settings_error
 
 
@@ -28,15 +28,25 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     request = ctx.request
     kinds = {type(p) for m in request.messages for p in m.content}  # one pass, in C
-    tool_results = any(issubclass(kind, ToolResultPart) for kind in kinds)
-    found = {
-        "tools": bool(request.tools),
-        "images": any(issubclass(kind, ImagePart) for kind in kinds) or (tool_results and any(
-            isinstance(q, ImagePart) for m in request.messages for p in m.content
-            if isinstance(p, ToolResultPart) for q in p.content)),
-        "json": (request.response_format or {}).get("type") in ("json_object", "json_schema"),
-        "streaming": request.stream,
-        "tool_results": tool_results,
-    }
+    # Most requests hold text alone: nothing more to look for.
+    plain = kinds <= _TEXT
+    tool_results = not plain and any(issubclass(kind, ToolResultPart) for kind in kinds)
+    found = []
+    if request.tools:
+        found.append("tools")
+    if not plain and (any(issubclass(kind, ImagePart) for kind in kinds) or (
+            tool_results and any(isinstance(q, ImagePart) for m in request.messages
+                                 for p in m.content if isinstance(p, ToolResultPart)
+                                 for q in p.content))):
+        found.append("images")
+    if (request.response_format or {}).get("type") in ("json_object", "json_schema"):
+        found.append("json")
+    if request.stream:
+        found.append("streaming")
+    if tool_results:
+        found.append("tool_results")
     prefix = settings_as(settings, Settings).prefix
-    return [prefix + name for name, present in found.items() if present]
+    return [prefix + name for name in found] if prefix else found
+
+
+_TEXT = frozenset({TextPart})

@@ -14,6 +14,7 @@ per table), however many there are; a word may be up to 200 characters long.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
@@ -24,10 +25,16 @@ from proxy.settings import settings_as, settings_error
 from proxy.textmatch import keyword_problem, keyword_table
 
 
-class Settings(msgspec.Struct, forbid_unknown_fields=True):
+class Settings(msgspec.Struct, forbid_unknown_fields=True, dict=True):
     tags: dict[str, list[str]] = {}
     scope: Scope = "messages"
     max_chars: int = MAX_CHARS
+
+    @functools.cached_property
+    def table_key(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        # Made once per settings (settings_as keeps them per settings dict), not per
+        # request. The table itself stays in keyword_table's bounded cache alone.
+        return tuple((tag, tuple(words)) for tag, words in self.tags.items())
 
 
 @hookimpl
@@ -45,7 +52,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 @hookimpl(trylast=True)
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
-    table = keyword_table(tuple((tag, tuple(words)) for tag, words in config.tags.items()))
+    table = keyword_table(config.table_key)
     if not table.tags:
         return []
     found = union_over_texts(ctx.request, config.scope, config.max_chars,

@@ -9,7 +9,8 @@ work per request has a bound whatever the client sends. Per-message results go t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+import operator
+from collections.abc import Callable, Hashable, Iterable
 from typing import Literal
 
 from proxy import Request
@@ -22,21 +23,25 @@ MAX_CHARS = 100_000
 MAX_CHARS_LIMIT = 10_000_000
 
 
-def _message_texts(request: Request, scope: Scope) -> Iterator[str]:
+def _message_texts(request: Request, scope: Scope) -> Iterable[str]:
     """One text per message, newest first. ``last``: the last user message with text;
     ``messages``: every message's text parts; ``all``: every message with its tool
     results, then the system prompt."""
     if scope == "all":
-        yield from request.message_texts()
-        return
-    for message in reversed(request.messages):
-        if scope == "last" and message.role != "user":
-            continue
-        text = message.text
-        if text:
-            yield text
-            if scope == "last":
-                return
+        return request.message_texts()
+    if scope == "last":
+        for message in reversed(request.messages):
+            if message.role == "user":
+                text = message.text
+                if text:
+                    return (text,)
+        return ()
+    # Lazily (the texts past ``max_chars`` are never made), and with no generator of ours
+    # to resume per message.
+    return filter(None, map(_TEXT, reversed(request.messages)))
+
+
+_TEXT = operator.attrgetter("text")
 
 
 def scoped_texts(request: Request, scope: Scope, max_chars: int = MAX_CHARS) -> list[str]:
@@ -74,15 +79,20 @@ def any_text(request: Request, scope: Scope, max_chars: int, what: Hashable,
              test: Callable[[str], bool]) -> bool:
     """Whether ``test`` holds for any text in scope; each text's answer is memoized under
     ``what`` (which names the test and everything it depends on)."""
-    return any(memo.get_or_compute(what, text, test)
-               for text in scoped_texts(request, scope, max_chars))
+    for text in scoped_texts(request, scope, max_chars):
+        if memo.get_or_compute(what, text, test):
+            return True
+    return False
 
 
 def union_over_texts(request: Request, scope: Scope, max_chars: int, what: Hashable,
                      find: Callable[[str], frozenset[str]]) -> set[str]:
     """Everything ``find`` returns for the texts in scope, each text's answer memoized."""
+    texts = scoped_texts(request, scope, max_chars)
+    if len(texts) == 1:  # a one-message request
+        return set(memo.get_or_compute(what, texts[0], find))
     found: set[str] = set()
-    for each in memo.get_or_compute_all(what, scoped_texts(request, scope, max_chars), find):
+    for each in memo.get_or_compute_all(what, texts, find):
         found |= each
     return found
 
