@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
+import operator
 from typing import Any
 
 import msgspec
@@ -62,22 +63,25 @@ def _caps(ctx: RequestContext, limits: Limits) -> None:
 
 
 _LIMITED = ("max_tokens", "temperature", "top_p")
+_limited = operator.attrgetter(*_LIMITED)
+_NO_DEFAULTS = Defaults()
 
 
 @hookimpl(trylast=True)
 @reports_changes
 def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
+    request = ctx.request
     # Model-specific limits come first so that their defaults win over the general ones;
     # every cap that applies is then enforced.
     chosen = [limits for pattern, limits in config.models.items()
-              if fnmatch.fnmatchcase(ctx.request.model, pattern)]
+              if fnmatch.fnmatchcase(request.model, pattern)] if config.models else []
     chosen.append(config)
-    request = ctx.request
-    before = [getattr(request, name) for name in _LIMITED]
+    before = _limited(request)
     for limits in chosen:
-        _defaults(ctx, limits)
+        if limits.defaults != _NO_DEFAULTS:
+            _defaults(ctx, limits)
     for limits in chosen:
         _caps(ctx, limits)
-    if [getattr(request, name) for name in _LIMITED] != before:
+    if _limited(request) != before:
         ctx.changed()

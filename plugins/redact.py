@@ -110,10 +110,18 @@ def _finder(kinds: tuple[str, ...]) -> Callable[[str], tuple[Finding, ...]]:
     return find
 
 
+@lru_cache(maxsize=8)
+def _plan(kinds: tuple[str, ...]) -> tuple[tuple[str, ...], Callable[[str], tuple[Finding, ...]],
+                                          tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]]:
+    """For the ``kinds`` setting: the kinds in the order they win, their finder, and the
+    names of what ``proxy.memo`` keeps for a text and for a message."""
+    ordered = tuple(k for k in PATTERNS if k in kinds)
+    return ordered, _finder(ordered), ("redact", ordered), ("redact-clean", ordered)
+
+
 class _Masker:
-    def __init__(self, kinds: list[Kind]) -> None:
-        self.kinds = tuple(k for k in PATTERNS if k in kinds)
-        self.find = _finder(self.kinds)
+    def __init__(self, kinds: Sequence[Kind]) -> None:
+        self.kinds, self.find, self.found_in, self.clean = _plan(tuple(kinds))
         self.originals: dict[str, str] = {}  # placeholder -> original
         self.placeholders: dict[str, str] = {}  # original -> placeholder
         self.counts: dict[str, int] = {}
@@ -121,7 +129,7 @@ class _Masker:
     def _findings(self, text: str) -> tuple[Finding, ...]:
         # What a text holds is remembered by content: a history that comes back on the
         # next turn is not scanned again, only numbered.
-        return memo.get_or_compute(("redact", self.kinds), text, self.find)
+        return memo.get_or_compute(self.found_in, text, self.find)
 
     def mask(self, text: str) -> str:
         findings = self._findings(text)
@@ -236,7 +244,7 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
         ctx.changed()
     # A message known to hold nothing to mask (by its content_key: no text is even joined
     # or hashed for it) is passed over.
-    what = ("redact-clean", masker.kinds)
+    what = masker.clean
     messages = request.messages
     keys = [content_key(message) for message in messages]
     known = iter(memo.lookup_all(what, [key for key in keys if key is not None]))
