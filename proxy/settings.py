@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 # Marks a settings field a request may set for itself (see the module docstring).
 client_adjustable = msgspec.Meta(extra={"hookproxy": "client_adjustable"})
-_converted: OrderedDict[tuple[int, type], tuple[dict[str, Any], Any]] = OrderedDict()
+_converted: OrderedDict[int, tuple[dict[str, Any], type, Any]] = OrderedDict()
 _KEEP = 256
 
 
@@ -61,12 +61,13 @@ def client_adjustable_fields(kind: object) -> frozenset[str]:
 
 def settings_as(settings: dict[str, Any], kind: type[T]) -> T:
     """``settings`` converted to ``kind``; converted once per settings dict."""
-    key = (id(settings), kind)
-    hit: tuple[dict[str, Any], T] | None = _converted.get(key)
-    if hit is not None and hit[0] is settings:
-        return hit[1]
+    # Keyed by the dict alone (each plugin converts its settings to its one kind): no key
+    # to build per call. The entry holds the dict, so its id is not reused meanwhile.
+    hit = _converted.get(id(settings))
+    if hit is not None and hit[0] is settings and hit[1] is kind:
+        return hit[2]
     value = msgspec.convert(settings, kind)
-    _converted[key] = (settings, value)
+    _converted[id(settings)] = (settings, kind, value)
     if len(_converted) > _KEEP:
         _converted.popitem(last=False)
     return value
