@@ -276,6 +276,8 @@ def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:
 @hookimpl(trylast=True)
 @reports_changes
 def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
+    if "redact" not in ctx.scratch:
+        return  # nothing was masked (most requests)
     masker = _masker(ctx, settings)
     if masker is None or ctx.stream:
         return  # a stream was restored chunk by chunk

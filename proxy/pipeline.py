@@ -267,17 +267,10 @@ class Pipeline:
             else:
                 results.append((name, result or ()))
 
-        async def finish(name: str, awaitable: Any) -> tuple[str, Iterable[str]]:
-            try:
-                return name, await finish_impl(name, "classify", awaitable,
-                                               self.classifier_timeout) or ()
-            except (HookFailed, ProxyError) as exc:
-                await self._classifier_failed(ctx, name, exc)
-                return name, ()
-
         # Sync classifiers have already run; async ones run side by side, each bounded.
         if pending:
-            results.extend(await asyncio.gather(*(finish(n, a) for n, a in pending)))
+            results.extend(await asyncio.gather(*(self._finish_classifier(ctx, n, a)
+                                                  for n, a in pending)))
         operator_tags: set[str] = set()
         for name, tags in results:
             from_client = name in ctx.client_classifiers
@@ -289,6 +282,15 @@ class Pipeline:
         if ctx.client_classifiers:
             ctx.client_tags = set(ctx.tags) - operator_tags
         ctx.timings["classify"] = time.perf_counter() - started
+
+    async def _finish_classifier(self, ctx: RequestContext, name: str, awaitable: Any
+                                 ) -> tuple[str, Iterable[str]]:
+        try:
+            return name, await finish_impl(name, "classify", awaitable,
+                                           self.classifier_timeout) or ()
+        except (HookFailed, ProxyError) as exc:
+            await self._classifier_failed(ctx, name, exc)
+            return name, ()
 
     async def _classifier_failed(self, ctx: RequestContext, name: str,
                                  exc: HookFailed | ProxyError) -> None:
