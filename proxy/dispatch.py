@@ -126,11 +126,6 @@ def reports_changes(function: F) -> F:
     return function
 
 
-def reports(impl: Impl) -> bool:
-    """Whether ``impl`` is marked ``reports_changes``."""
-    return impl.reports
-
-
 def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -> None:
     """With ``CHECK_REPORTS``: raises a ``ProxyError`` (a 500 that names the plugin) if an
     implementation marked ``reports_changes`` changed something without saying so, or
