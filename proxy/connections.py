@@ -224,6 +224,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
         self._cancel_body_timer()
         cycle = self.cycle
+        if cycle is not None:  # see on_response_complete
+            cycle.__dict__.pop("send", None)
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
             gone: ClientGone | None = cycle.scope.get(CLIENT_GONE)  # type: ignore[assignment]
@@ -257,6 +259,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def on_response_complete(self) -> None:
+        # The cycle's own send again: the bound one set in on_headers_complete holds the
+        # cycle, a reference cycle only the (rarely run) cycle collector would free.
+        self.cycle.__dict__.pop("send", None)
         if self._body_late:
             self.transport.close()
         super().on_response_complete()

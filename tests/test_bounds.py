@@ -19,9 +19,11 @@ import urllib.request
 from typing import Any
 
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from proxy import Message, Request, RequestContext, hookimpl
 from proxy import memo as memo_module
+from proxy.connections import ClientGone
 from proxy.memo import Memo, memo
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, post_raw, upstream_config, wait_for
@@ -387,7 +389,8 @@ class Fails:
 def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model, failing, stream):
     # The process collects cycles rarely (proxy.cli sets a high threshold), so what a
     # request leaves in a reference cycle stays in memory long after it: a failed
-    # request's exception held its traceback, whose frames held the whole request.
+    # request's exception held its traceback, whose frames held the whole request; the
+    # connection's request cycle held its own send (and with it the request's scope).
     host = PluginHost()
     host.discover()
     plugins: dict[str, Any] = {"redact": {}}
@@ -408,7 +411,8 @@ def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model, failing,
             proxy.settled(None)
             gc.collect()
             left = [type(o).__name__ for o in gc.garbage
-                    if isinstance(o, Message | RequestContext | Request)]
+                    if isinstance(o, Message | RequestContext | Request | RequestResponseCycle
+                                  | ClientGone)]
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
