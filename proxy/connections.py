@@ -5,10 +5,10 @@ cannot hold memory or a connection open by sending a request slowly or without e
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from types import MethodType
 from typing import Any
 
 import httptools
@@ -16,7 +16,7 @@ import structlog
 import uvicorn
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -120,8 +120,19 @@ async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
     return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
 
 
+def fast_send(send: Send) -> Send:
+    """``send``, or, when it is a uvicorn request cycle's own, one for this request that
+    starts an answer with ``CheckedHeaders`` faster (``_send``). Made per request and held
+    only by the request's frames: a send kept on the cycle would hold the cycle in a
+    reference cycle, which only the (rarely run) cycle collector frees."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is RequestResponseCycle:
+        return functools.partial(_send, cycle)
+    return send
+
+
 def _send(cycle: RequestResponseCycle, message: Any) -> Coroutine[Any, Any, None]:
-    """A request cycle's ``send`` (set on each by the protocol): uvicorn's, except that the
+    """A request cycle's ``send`` as ``fast_send`` gives it: uvicorn's, except that the
     start of an answer whose headers are ``CheckedHeaders`` is written without uvicorn's
     two pattern searches per header (and its lowering of each name), which hookproxy made
     needless when it made them. Not a coroutine function: the answer's other messages are
@@ -178,8 +189,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ``body_timeout`` seconds after its headers closes the connection once it has been
     answered (``body_deadline`` makes the app answer a 408 then; a route that answered
     without reading the body cannot keep the connection by a trickle). Idle connections
-    between requests are closed by uvicorn's keep-alive timeout. Each request's cycle sends
-    through ``_send``: an answer with ``CheckedHeaders`` starts without uvicorn's checks."""
+    between requests are closed by uvicorn's keep-alive timeout. (``Front`` sends the API's
+    answers through ``fast_send``: one with ``CheckedHeaders`` starts without uvicorn's
+    checks.)"""
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
@@ -197,6 +209,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # unfinished (and when the connection opens), and when it fires it closes the
         # connection only if the deadline it was armed for still stands.
         self._header_deadline: float | None = None
+        # The request's headers: their bytes, and how many of the list are counted.
+        self._header_size = self._headers_counted = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_timer_at = 0.0
         # Bytes read while in headers: httptools holds a header value until it ends.
@@ -224,8 +238,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
         self._cancel_body_timer()
         cycle = self.cycle
-        if cycle is not None:  # see on_response_complete
-            cycle.__dict__.pop("send", None)
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
             gone: ClientGone | None = cycle.scope.get(CLIENT_GONE)  # type: ignore[assignment]
@@ -259,9 +271,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def on_response_complete(self) -> None:
-        # The cycle's own send again: the bound one set in on_headers_complete holds the
-        # cycle, a reference cycle only the (rarely run) cycle collector would free.
-        self.cycle.__dict__.pop("send", None)
         if self._body_late:
             self.transport.close()
         super().on_response_complete()
@@ -286,13 +295,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if size > self.max_header_bytes:
             self._too_large = True
             raise _HeadersTooLarge
+        # A chunked body's trailers are added to the same list later: counted per read
+        # against the same cap, from here (data_received).
+        self._header_size, self._headers_counted = size, len(headers)
         self._header_deadline = None
         self._in_headers = False
         self.scope[CLIENT_GONE] = ClientGone(self.flow)  # type: ignore[literal-required]
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None:  # the one uvicorn just made (or, for an upgrade, had)
-            cycle.send = MethodType(_send, cycle)  # type: ignore[method-assign]
         self._in_body = True
 
     def on_message_complete(self) -> None:
@@ -342,9 +351,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 if self._header_timer is None:
                     self._arm_header_timer(self._header_deadline)
                 # else it fires earlier, and arms again for this deadline
-        elif self._in_body and self._body_timer is None:
-            # The body is due body_timeout after the headers, which this read completed.
-            self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
+        elif self._in_body:
+            if len(self.headers) > self._headers_counted and self._trailers_too_large():
+                self._send_431()
+            elif self._body_timer is None:
+                # The body is due body_timeout after the headers, which this read completed.
+                self._body_timer = self.loop.call_later(self.body_timeout,
+                                                        self._body_overdue)
+
+    def _trailers_too_large(self) -> bool:
+        """Counts the trailers a chunked body added since the last read (each counted
+        once) with the headers; whether they are past the cap together."""
+        headers = self.headers
+        size = self._header_size
+        for index in range(self._headers_counted, len(headers)):
+            name, value = headers[index]
+            size += len(name) + len(value) + 4
+        self._header_size, self._headers_counted = size, len(headers)
+        return size > self.max_header_bytes
 
     def _send_431(self) -> None:
         self._refuse(431, f"Request headers are larger than {self.max_header_bytes} bytes",

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.connections import BODY_RECEIVED, body_deadline
+from proxy.connections import BODY_RECEIVED, body_deadline, fast_send
 from proxy.hosts import HostCheck
 
 Endpoint = Callable[[Request], Any]
@@ -81,5 +81,6 @@ class Front:
         if endpoint is None:
             await self.app(scope, receive, send)
             return
+        send = fast_send(send)
         response = await endpoint(Request(scope, receive, send))
         await response(scope, receive, send)

@@ -223,9 +223,4 @@ class _Undecoded(NamedTuple):
         """The request with the messages a record shows (see ``body_view``) decoded, and
         how many others it has."""
         preview = self.wire.preview_request(self.peeked, KEEP_NEWEST)
-        if preview is None:
-            return None, 0
-        request, omitted = preview
-        request.headers = self.peeked.headers
-        request.extra.pop("hookproxy", None)
-        return request, omitted
+        return (None, 0) if preview is None else preview

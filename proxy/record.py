@@ -156,6 +156,14 @@ def ms(seconds: float) -> float:
     return round(seconds * 1e6) / 1000
 
 
+def _cost(cost: float) -> float:
+    """``round(cost, 8)``, as ``ms`` does it (a cost no float holds stays as it is)."""
+    try:
+        return round(cost * 1e8) / 1e8
+    except (OverflowError, ValueError):  # inf, nan
+        return cost
+
+
 # Words that make a key's value a secret: ``api_key``, ``x-api-key``, ``auth_token``,
 # ``accessToken``, ``password``... but not ``max_tokens`` or ``keywords``.
 _SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd",
@@ -304,7 +312,7 @@ def build_record(ctx: RequestContext, *, bodies: Bodies = "truncated", limit: in
         overhead_ms=ms(max(total - upstream, 0.0)),
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cost=round(ctx.cost * 1e8) / 1e8,  # round(cost, 8), as ms() does
+        cost=_cost(ctx.cost),
         finish_reason=response.finish_reason if response is not None and not error else None,
     )
     # The fields most requests leave at their defaults are set only when they are not:

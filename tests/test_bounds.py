@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -413,6 +414,36 @@ def test_a_finished_request_leaves_no_cycle_holding_it(upstream, model, failing,
             left = [type(o).__name__ for o in gc.garbage
                     if isinstance(o, Message | RequestContext | Request | RequestResponseCycle
                                   | ClientGone)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert left == []
+
+
+def test_pipelined_requests_leave_no_cycle(upstream):
+    """Requests sent one after another on a kept-alive connection, in one write (HTTP
+    pipelining): each answered, none of their request cycles left in a reference cycle."""
+    body = json.dumps({"model": "gpt-test", "messages": CONVERSATION}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))
+    with ProxyServer(upstream_config(upstream)) as proxy:
+        _post_status(f"{proxy.url}/v1/chat/completions", body)
+        proxy.settled(None)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                sock.sendall(request * 3)
+                received = b""
+                while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(b"}"):
+                    chunk = sock.recv(65536)
+                    assert chunk, received
+                    received += chunk
+            proxy.settled(None)
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage
+                    if isinstance(o, RequestContext | RequestResponseCycle | ClientGone)]
         finally:
             gc.set_debug(0)
             gc.garbage.clear()

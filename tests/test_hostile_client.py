@@ -295,6 +295,25 @@ def test_headers_past_the_cap_in_one_read_get_a_431(upstream, tmp_path, shape):
         _still_served(proxy)
 
 
+@pytest.mark.parametrize("path", ["/health", "/v1/chat/completions"])
+def test_endless_trailers_of_a_chunked_body_are_capped(upstream, tmp_path, path):
+    """A chunked body's trailers count against the header cap too: a client sending
+    trailer lines without end gets a 431 and a closed connection, not a growing list."""
+    body = json.dumps({"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]})
+    with _serving(upstream, tmp_path, server={"max_header_bytes": 8192}) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                         b"content-type: application/json\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n"
+                         % (path.encode(), len(body), body.encode()))
+            with pytest.raises(OSError):
+                for _ in range(2000):  # up to 4 MB of trailers; the cap is 8 KB
+                    sock.sendall(b"x-t: b\r\n" * 256)
+                    time.sleep(0.001)
+                raise AssertionError("the proxy kept reading trailers")
+        _still_served(proxy)
+
+
 def test_uvicorn_has_the_code_connections_was_written_against():
     """proxy/connections.py copies uvicorn's ``data_received`` and builds on the parser
     callbacks and the request cycle of its httptools protocol (uvicorn 0.54, the range

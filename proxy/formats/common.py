@@ -204,8 +204,9 @@ def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str
     read that far.
 
     With no other ``deferred`` field in the body (tools, say), the messages kept are added
-    to a copy of ``peeked`` by ``add_messages``: its top-level fields are not read again.
-    Otherwise the body is rebuilt with the messages kept and decoded by ``decode``."""
+    to a copy of ``peeked`` by ``add_messages``: its top-level fields are not read again
+    (the copy shares them: nothing here changes them). Otherwise the body is rebuilt with
+    the messages kept and decoded by ``decode``."""
     fields = wire_of(peeked)
     messages = fields.get("messages") if fields is not None else None
     if fields is None or not isinstance(messages, list):
@@ -220,7 +221,10 @@ def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str
             return request, omitted
         except _NOT_DECODED:
             pass  # as decode_request: its full decode says what is wrong
-    return decode(_encode({**fields, "messages": kept})), omitted
+    request = decode(_encode({**fields, "messages": kept}))
+    request.headers = peeked.headers
+    request.extra.pop("hookproxy", None)  # read already, as peeked's was
+    return request, omitted
 
 
 def known_extra(raw: dict[str, Any], known: AbstractSet[str]) -> dict[str, Any]:
