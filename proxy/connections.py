@@ -120,6 +120,10 @@ async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
     return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
 
 
+# The OpenAI API's paths: a refusal there is in its format, whatever the headers say.
+_OPENAI_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+
+
 def fast_send(send: Send) -> Send:
     """``send``, or, when it is a uvicorn request cycle's own, one for this request that
     starts an answer with ``CheckedHeaders`` faster (``_send``). Made per request and held
@@ -389,7 +393,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         request_id = new_request_id()
         path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
         method = self.parser.get_method().decode("latin-1") if path else ""
-        wire = client_wire(path, any(name == b"anthropic-version" for name, _ in self.headers))
+        # An OpenAI endpoint's path says the format whatever its headers (all of them are
+        # read by now when the headers were too large as a whole).
+        wire = client_wire(path, not path.startswith(_OPENAI_PATHS) and any(
+            name == b"anthropic-version" for name, _ in self.headers))
         log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
                     status=status, error=message)
         body = wire.encode_error(error)

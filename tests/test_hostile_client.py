@@ -295,6 +295,19 @@ def test_headers_past_the_cap_in_one_read_get_a_431(upstream, tmp_path, shape):
         _still_served(proxy)
 
 
+def test_a_431_on_an_openai_path_is_in_openai_format_whatever_its_headers(upstream, tmp_path):
+    """Headers too large as a whole are all read before the 431: an anthropic-version
+    among them does not make a Chat Completions client's error Anthropic's."""
+    with _serving(upstream, tmp_path, server={"max_header_bytes": 8192}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                     b"anthropic-version: " + b"a" * 9000 + b"\r\n\r\n")
+        answer = _read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(error) >= {"message", "type", "code"}
+
+
 @pytest.mark.parametrize("path", ["/health", "/v1/chat/completions"])
 def test_endless_trailers_of_a_chunked_body_are_capped(upstream, tmp_path, path):
     """A chunked body's trailers count against the header cap too: a client sending
