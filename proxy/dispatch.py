@@ -175,14 +175,13 @@ def _distrust(arguments: Mapping[str, Any]) -> None:
 
 # What a hook returns most often (nothing, tags, settings): builtin types, which are never
 # awaitable. inspect.isawaitable's check against collections.abc.Awaitable costs more
-# than most hooks' own work. (Callers that run a hook per request ask
-# ``type(result) not in NEVER_AWAITABLE`` before calling ``is_awaitable``.)
-NEVER_AWAITABLE = frozenset({type(None), bool, str, list, tuple, set, frozenset, dict})
+# than most hooks' own work.
+_NEVER_AWAITABLE = frozenset({type(None), bool, str, list, tuple, set, frozenset, dict})
 
 
 def is_awaitable(result: Any) -> bool:
     """``inspect.isawaitable(result)``, quickly for the builtin types hooks return."""
-    return type(result) not in NEVER_AWAITABLE and inspect.isawaitable(result)
+    return type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result)
 
 
 def start_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]) -> Any:
@@ -244,7 +243,7 @@ async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, 
     may call ``start_impl`` and, for an awaitable, ``finish_call`` itself: the same.)
     """
     result = start_impl(plugin, hook, impl, arguments)
-    if type(result) in NEVER_AWAITABLE or not inspect.isawaitable(result):
+    if not is_awaitable(result):
         return result
     return await finish_call(plugin, hook, impl, arguments, result, timeout)
 

@@ -65,10 +65,9 @@ def response_header_items(ctx: RequestContext, request_id: str) -> list[tuple[by
              for name, value in plugins.items()] if plugins else []
     items.append((b"x-request-id", request_id.encode()))
     if ctx.provider:
-        items.append((b"x-hookproxy-provider",
-                      _OWN_VALUES.get(ctx.provider) or _own_value(ctx.provider)))
+        items.append((b"x-hookproxy-provider", _own_value(ctx.provider)))
     if ctx.model:
-        items.append((b"x-hookproxy-model", _OWN_VALUES.get(ctx.model) or _own_value(ctx.model)))
+        items.append((b"x-hookproxy-model", _own_value(ctx.model)))
     if ctx.tags:
         items.append((b"x-hookproxy-tags", _own_value(",".join(map(str, ctx.tags)))))
     # What the proxy itself added so far: everything but the time spent waiting upstream.
@@ -92,9 +91,7 @@ def with_headers(response: HttpResponse, ctx: RequestContext) -> HttpResponse:
     items = response_header_items(ctx, ctx.request_id)
     items += response.raw_headers  # starlette's: a length, a media type
     response.raw_headers = CheckedHeaders(items)  # type: ignore[assignment]
-    if ctx.answered is not None:  # as when_sent
-        response.background = _SetAnswered(ctx.answered)
-    return response
+    return when_sent(response, ctx)
 
 
 # Header values of hookproxy's own for provider and model names, which repeat: encoded once.

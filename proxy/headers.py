@@ -66,9 +66,8 @@ def header_value(value: str) -> str:
 class CheckedHeaders(tuple[tuple[bytes, bytes], ...]):
     """An answer's headers as hookproxy made them: every name an HTTP token in lower case
     (a plugin's is checked as it is set), every value printable ASCII (``encoded_value``).
-    The protocol writes them without checking each again (see
-    ``proxy.connections.GuardedHttpToolsProtocol``). A tuple: a header added later, which
-    nothing would have checked, fails loudly instead."""
+    ``proxy.connections.fast_send`` writes them without checking each again. A tuple: a
+    header added later, which nothing would have checked, fails loudly instead."""
 
     __slots__ = ()
 

@@ -39,7 +39,6 @@ from proxy.canonical import (
 from proxy.config import RoutingConfig
 from proxy.context import Attempt, PipelineError, RequestContext
 from proxy.dispatch import (
-    NEVER_AWAITABLE,
     HookFailed,
     call_impl,
     check_reported,
@@ -176,7 +175,7 @@ class Pipeline:
             try:
                 # call_impl, written out: most hooks are sync, and need no time bound.
                 result = start_impl(name, hook, impl, arguments)
-                if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
+                if is_awaitable(result):
                     result = await finish_call(name, hook, impl, arguments, result,
                                                self._timeout(name))
             except ProxyError as exc:
@@ -262,7 +261,7 @@ class Pipeline:
             except (HookFailed, ProxyError) as exc:
                 await self._classifier_failed(ctx, name, exc)
                 continue
-            if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
+            if is_awaitable(result):
                 pending.append((name, result))
             else:
                 results.append((name, result or ()))
@@ -505,7 +504,7 @@ class Pipeline:
                 arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
                 try:
                     result = start_impl(name, "stream_chunk", impl, arguments)
-                    if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
+                    if is_awaitable(result):
                         result = await finish_impl(name, "stream_chunk", result,
                                                    self._timeout(name))
                 except ProxyError as exc:
@@ -541,7 +540,7 @@ class Pipeline:
             arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
             try:
                 result = start_impl(name, "post_response", impl, arguments)
-                if type(result) not in NEVER_AWAITABLE and is_awaitable(result):
+                if is_awaitable(result):
                     result = await finish_call(name, "post_response", impl, arguments,
                                                result, self._timeout(name))
             except ProxyError as exc:
