@@ -193,7 +193,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ``body_timeout`` seconds after its headers closes the connection once it has been
     answered (``body_deadline`` makes the app answer a 408 then; a route that answered
     without reading the body cannot keep the connection by a trickle). Idle connections
-    between requests are closed by uvicorn's keep-alive timeout. (``Front`` sends the API's
+    between requests are closed after uvicorn's keep-alive timeout, by a timer armed
+    lazily as the others (uvicorn arms and cancels one per request). (``Front`` sends the API's
     answers through ``fast_send``: one with ``CheckedHeaders`` starts without uvicorn's
     checks.)"""
 
@@ -228,6 +229,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # the requests before are answered.
         self._stopped = False
         self._refusal: Callable[[], None] | None = None
+        # Since when the connection is idle between requests (None: a request is in);
+        # ``timeout_keep_alive_task`` fires at the earliest when it would be too long.
+        self._idle_since: float | None = None
         self._forget_request()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -241,6 +245,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         self._cancel_body_timer()
+        self._idle_since = None
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
@@ -274,10 +282,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_complete:
             self.transport.close()
 
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn's cancels the keep-alive timer as data comes; here it stays armed, and
+        # does nothing when it fires during a request.
+        self._idle_since = None
+
+    def _keepalive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        idle = self._idle_since
+        if idle is None:
+            return  # a request came; its answer arms the timer again
+        due = idle + self.timeout_keep_alive
+        if due > self.loop.time():
+            # Armed for an earlier wait: this one has until its own end.
+            self.timeout_keep_alive_task = self.loop.call_at(due, self._keepalive_due)
+        elif not self.transport.is_closing():
+            self.transport.close()
+
     def on_response_complete(self) -> None:
         if self._body_late:
             self.transport.close()
-        super().on_response_complete()
+        # As uvicorn's (0.54), but the keep-alive wait is timed by ``_keepalive_due``.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_at(
+                    self._idle_since + self.timeout_keep_alive, self._keepalive_due)
         if self._refusal and self.cycle.response_complete and not self.transport.is_closing():
             self._refusal()  # the requests before the one refused have been answered
 

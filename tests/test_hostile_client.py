@@ -334,7 +334,9 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     methods again, adjust connections.py, then this digest. (``RequestResponseCycle.send``:
     connections._send writes an answer's start as it does. ``connection_lost``: a lost
     connection marks the cycle disconnected only while its answer is incomplete, the
-    condition ClientGone is told under.)"""
+    condition ClientGone is told under. ``on_response_complete`` is copied, with the
+    keep-alive timer armed lazily, which ``_unset_keepalive_if_required`` then stops
+    cancelling.)"""
     import hashlib
     import inspect
 
@@ -344,10 +346,11 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     relied_on = [protocol.data_received, protocol.on_message_begin, protocol.on_url,
                  protocol.on_header, protocol.on_headers_complete, protocol.on_message_complete,
                  protocol.on_response_complete, protocol.connection_lost,
-                 RequestResponseCycle.receive, RequestResponseCycle.send]
+                 protocol._unset_keepalive_if_required, RequestResponseCycle.receive,
+                 RequestResponseCycle.send]
     source = "".join(inspect.getsource(method) for method in relied_on)
     assert hashlib.sha256(source.encode()).hexdigest() == (
-        "2b4e4435603f4cd78cffba2bb3f730afa2d028de8d2c8bccdc40f158611ac70a")
+        "4400365498d2e04fc44cccfa18211441a9cf174132590a14c052a29eecc8d135")
 
 
 def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
@@ -381,6 +384,24 @@ def test_slow_headers_of_a_later_request_on_a_connection_are_closed_on_time(upst
         with suppress(ConnectionResetError):
             assert sock.recv(100) == b""  # closed by the proxy
         assert time.monotonic() - started < 8
+
+
+def test_an_idle_kept_alive_connection_closes_after_the_keepalive_timeout(upstream,
+                                                                         tmp_path):
+    """The keep-alive wait starts again with each answer: a connection used within it
+    stays open past the first wait's end, then closes once idle for the whole timeout."""
+    request = b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    with _serving(upstream, tmp_path, server={"keepalive_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        for _ in range(3):  # each within the wait the answer before began
+            sock.sendall(request)
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+            answered = time.monotonic()
+            time.sleep(0.6)
+        with suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # closed by the proxy
+        assert time.monotonic() - answered > 0.9  # not at an earlier answer's wait's end
+        _still_served(proxy)
 
 
 # --- slow bodies ------------------------------------------------------------------------

@@ -58,6 +58,42 @@ def test_transient_failures_are_retried_then_fall_back(upstream):
         assert "unreachable" in (attempts[1].error or "")
 
 
+def test_a_provider_that_times_out_falls_back_and_the_request_goes_on(upstream):
+    # oai's timeout is 1.5 s (tests.harness); r30-slow answers after 3 s.
+    models = [{"name": "duo", "targets": [{"provider": "oai", "model": "r30-slow"},
+                                          {"provider": "ant", "model": "r30-backup"}]}]
+    with serving(upstream, models, routing={"retries": 0}) as (proxy, finished):
+        client = proxy.openai()
+        raw = client.chat.completions.with_raw_response.create(model="duo", messages=HI)
+        assert raw.parse().choices[0].message.content == "echo: hello"
+        assert raw.headers["x-hookproxy-provider"] == "ant"
+        attempts = proxy.settled(finished)[-1].attempts
+        assert [(a.provider, a.status) for a in attempts] == [("oai", 0), ("ant", 200)]
+        assert "timed out after 1.5s" in (attempts[0].error or "")
+        assert 1.4 < attempts[0].latency_ms / 1000 < 2.9
+        # The same connection and the same process go on as before.
+        again = client.chat.completions.create(model="oai/r30-fast", messages=HI)
+        assert again.choices[0].message.content == "echo: hello"
+
+
+def test_a_call_times_out_on_time_after_the_calls_before_it(upstream):
+    """One timer watches a provider's calls: armed for the first call's deadline, it is
+    armed again, when it fires, for the next call still in flight."""
+    config = upstream_config(upstream)
+    config["providers"]["ant"]["timeout"] = 1
+    config["routing"] = {**FAST, "retries": 0}
+    with ProxyServer(config) as proxy:
+        client = proxy.anthropic()
+        quick = client.messages.create(model="ant/r31-quick", max_tokens=9, messages=HI)
+        assert quick.content[0].text == "echo: hello"
+        time.sleep(0.5)  # the timer, armed for the quick call, fires while the next waits
+        with pytest.raises(anthropic.APIStatusError, match="timed out after 1s") as caught:
+            client.messages.create(model="ant/r31-slow", max_tokens=9, messages=HI)
+        assert caught.value.status_code == 504  # r31-slow would answer after 3 s
+        again = client.messages.create(model="ant/r31-quick", max_tokens=9, messages=HI)
+        assert again.content[0].text == "echo: hello"
+
+
 def test_a_retry_can_succeed_on_the_same_target(upstream):
     models = [{"name": "solo", "provider": "oai", "model": "r2-model"}]
     upstream.script("r2-model", [502])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -49,6 +50,70 @@ class _TokenCount(msgspec.Struct):
 
 # Checks that a count_tokens answer is one (other fields it has are passed on too).
 _decode_count = msgspec.json.Decoder(_TokenCount).decode
+
+
+# aiohttp's own timeout machinery (a loop timer, a timer context per call and per read)
+# is left out of whole-answer calls: ``_Deadlines`` bounds them, with one timer for all.
+_NO_TIMEOUT = aiohttp.ClientTimeout()
+
+
+class _Deadline:
+    """A provider call's deadline: when it passes, the call's task is cancelled, and the
+    call turns that cancellation into the timeout it was (``timed_out``); a cancellation
+    from elsewhere (the client leaving) stays one."""
+
+    __slots__ = ("cancelling", "expired", "task", "when")
+
+    def __init__(self, task: asyncio.Task[Any], when: float) -> None:
+        self.task = task
+        self.when = when
+        self.cancelling = task.cancelling()
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    def timed_out(self) -> bool:
+        """Whether the call ended by its deadline alone: then the cancellation is taken
+        back. False if it did not expire, or was cancelled from elsewhere as well."""
+        return self.expired and self.task.uncancel() <= self.cancelling
+
+
+class _Deadlines:
+    """The deadlines of the calls in flight on one loop, watched by one timer armed for
+    the earliest: a loop timer made and cancelled per call costs more than the rest of the
+    bookkeeping. When the timer fires, the calls past their deadline are cancelled and it
+    is armed again for the earliest left (about once per ``timeout`` under steady traffic,
+    as each call is short and the one next due started just before)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: dict[_Deadline, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def add(self, task: asyncio.Task[Any], timeout: float) -> _Deadline:
+        deadline = _Deadline(task, self.loop.time() + timeout)
+        self.calls[deadline] = None
+        if deadline.when < self._timer_at:
+            self._arm(deadline.when)
+        return deadline
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = self.loop.time()
+        for deadline in [d for d in self.calls if d.when <= now]:
+            del self.calls[deadline]
+            deadline.expire()
+        if self.calls:
+            self._arm(min(deadline.when for deadline in self.calls))
 
 
 class _Inflater:
@@ -113,7 +178,7 @@ class HttpProvider:
         # The vendor headers a client of this format may add (never its credentials).
         self.vendor_names = VENDOR_HEADERS.get(config.type, frozenset()) - set(
             self.operator_headers)
-        self.timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._deadlines: _Deadlines | None = None  # of whole-answer calls, on their loop
         # A stream may run long; what is bounded is the wait for each next byte.
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.timeout, sock_read=config.timeout)
@@ -275,19 +340,30 @@ class HttpProvider:
                              code="upstream_invalid")
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> bytes:
-        """POSTs ``body`` and reads the whole answer, under the caps; a failure is an
-        ``UpstreamError``."""
+        """POSTs ``body`` and reads the whole answer, under the caps and within the
+        provider's ``timeout``; a failure is an ``UpstreamError``. Awaited in a task."""
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not task.get_loop():
+            deadlines = self._deadlines = _Deadlines(task.get_loop())
+        deadline = deadlines.add(task, self.config.timeout)
         try:
             async with self._session().post(url, data=body, headers=headers,
-                                            timeout=self.timeout, allow_redirects=False,
+                                            timeout=_NO_TIMEOUT, allow_redirects=False,
                                             auto_decompress=False) as response:
                 if response.status >= 300:
                     await self._raise_for_status(response)
                 return await self._read(response)
-        except UpstreamError:
+        except (asyncio.CancelledError, UpstreamError):
+            # The deadline's cancellation, or what it interrupted, is the timeout.
+            if deadline.timed_out():
+                raise self._failure(TimeoutError()) from None
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc) from None
+            raise self._failure(TimeoutError() if deadline.timed_out() else exc) from None
+        finally:
+            deadlines.calls.pop(deadline, None)
 
     async def complete(self, request: Request, model: str, client_format: str,
                        raw_body: bytes | None = None,
