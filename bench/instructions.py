@@ -9,6 +9,7 @@ requests, is what one request costs (start-up and shutdown cancel out).
     python bench/instructions.py --config bare --kind agent-anthropic
     python bench/instructions.py --config bare --kind word
     python bench/instructions.py --config floor --kind word   # the bare passthrough
+    python bench/instructions.py --config bare --kind word --keep-alive  # one connection
 
 Needs valgrind (Debian's package). Slow: each request runs ~50x slower than natively.
 """
@@ -16,6 +17,7 @@ Needs valgrind (Debian's package). Slow: each request runs ~50x slower than nati
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import shutil
@@ -40,9 +42,10 @@ KINDS = {
 
 
 def instructions(serve: list[str], port: int, path: str, body: bytes, requests: int,
-                 out: Path) -> int:
+                 out: Path, keep_alive: bool = False) -> int:
     """Instructions callgrind counted in a server (``serve``: its command) that answered
-    ``requests`` requests."""
+    ``requests`` requests: each on a connection of its own, or (``keep_alive``) all on
+    one, as the throughput benchmark's clients send them."""
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
          f"--log-file={out}.log", *serve],
@@ -58,7 +61,16 @@ def instructions(serve: list[str], port: int, path: str, body: bytes, requests: 
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start under valgrind") from None
             time.sleep(1)
-    for _ in range(requests):
+    if keep_alive:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for _ in range(requests):
+            connection.request("POST", path, body, {"content-type": "application/json",
+                                                    "anthropic-version": "2023-06-01"})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 200, answer.status
+        connection.close()
+    for _ in range(0 if keep_alive else requests):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}{path}", data=body,
             headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
@@ -81,6 +93,8 @@ def main() -> int:
     parser.add_argument("--kind", choices=sorted(KINDS), default="agent-openai")
     parser.add_argument("--few", type=int, default=4)
     parser.add_argument("--many", type=int, default=16)
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="send every request on one kept-alive connection")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         print("bench: needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -101,7 +115,8 @@ def main() -> int:
                                               log=workdir / "log.jsonl"))
             serve = [PYTHON, "-m", "proxy.cli", "serve", "--config", str(config)]
         path, body = KINDS[args.kind]
-        few, many = (instructions(serve, port, path, body, n, workdir / f"callgrind.{n}")
+        few, many = (instructions(serve, port, path, body, n, workdir / f"callgrind.{n}",
+                                  args.keep_alive)
                      for n in (args.few, args.many))
     finally:
         stop(upstream)
