@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from http import HTTPStatus
+from types import ModuleType
 from typing import Any
 
 import httptools
@@ -228,10 +229,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Set when the parser failed: nothing more is read, and this answer goes out once
         # the requests before are answered.
         self._stopped = False
-        self._refusal: Callable[[], None] | None = None
+        # (Called with True if the client leaves first: then only its record is written.)
+        self._refusal: Callable[[bool], None] | None = None
         # Since when the connection is idle between requests (None: a request is in);
         # ``timeout_keep_alive_task`` fires at the earliest when it would be too long.
+        # Only a request beginning ends the wait: bytes that begin none (a bare CRLF,
+        # which the parser skips) do not.
         self._idle_since: float | None = None
+        # The cycle whose app runs (or last ran); pipelined ones wait in self.pipeline.
+        self._running: RequestResponseCycle | None = None
         self._forget_request()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -249,12 +255,46 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        cycle = self.cycle
+        running, queued = self._running, [cycle for cycle, _ in self.pipeline]
+        self.pipeline.clear()
+        # uvicorn's marks only the newest cycle disconnected: with requests pipelined, one
+        # that waits, not the one whose app runs.
         super().connection_lost(exc)
-        if cycle is not None and not cycle.response_complete:
-            gone: ClientGone | None = cycle.scope.get(CLIENT_GONE)  # type: ignore[assignment]
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()  # a receive() waiting for the disconnect returns
+            gone: ClientGone | None = running.scope.get(CLIENT_GONE)  # type: ignore[assignment]
             if gone is not None:
                 gone.left()
+        for cycle in queued:
+            cycle.disconnected = True
+        if queued or self._refusal is not None:
+            # After the running request's record, as a rule: its task, cancelled above,
+            # takes its next step before this.
+            self.loop.call_soon(self._record_unanswered, queued)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _record_unanswered(self, queued: list[RequestResponseCycle]) -> None:
+        """The records of the requests the client left before they were answered, behind
+        the one that ran: 499s, for those pipelined (received whole or in part, never
+        run) and for one refused (``_refuse``) whose refusal waited its turn."""
+        for cycle in queued:
+            scope = cycle.scope
+            path, method = shown_path(scope["path"]), scope["method"]
+            if self.refused is None or method != "POST" or not path.startswith(API_PATHS):
+                continue
+            request_id = new_request_id()
+            error = ProxyError(499, "The client left before the request was run",
+                               code="client_disconnected")
+            log.info("client_disconnected", request_id=request_id, endpoint=path[:100],
+                     status=499, error=error.message)
+            self.refused(request_id, path, _wire(path, scope["headers"]).NAME, error,
+                         time.time(), time.perf_counter())
+        if self._refusal is not None:
+            self._refusal(True)
 
     def _arm_header_timer(self, deadline: float) -> None:
         self._header_timer_at = deadline
@@ -282,11 +322,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_complete:
             self.transport.close()
 
-    def _unset_keepalive_if_required(self) -> None:
-        # uvicorn's cancels the keep-alive timer as data comes; here it stays armed, and
-        # does nothing when it fires during a request.
-        self._idle_since = None
-
     def _keepalive_due(self) -> None:
         self.timeout_keep_alive_task = None
         idle = self._idle_since
@@ -306,7 +341,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
@@ -317,10 +351,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.timeout_keep_alive_task = self.loop.call_at(
                     self._idle_since + self.timeout_keep_alive, self._keepalive_due)
         if self._refusal and self.cycle.response_complete and not self.transport.is_closing():
-            self._refusal()  # the requests before the one refused have been answered
+            self._refusal(False)  # the requests before the one refused have been answered
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # uvicorn's ends the keep-alive wait as any data comes (cancelling its timer);
+        # here a request beginning ends it, and the timer, left armed, does nothing then.
+        self._idle_since = None
         self._unfinished = 0
         self._in_headers = True
         self._body_late = False
@@ -367,7 +404,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # 400 saying why, both in the client's format (with a record, for the API).
         if self._stopped:
             return  # the parser failed: what follows is not read
-        self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -431,10 +467,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         request_id = new_request_id()
         path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
         method = self.parser.get_method().decode("latin-1") if path else ""
-        # An OpenAI endpoint's path says the format whatever its headers (all of them are
-        # read by now when the headers were too large as a whole).
-        wire = client_wire(path, not path.startswith(_OPENAI_PATHS) and any(
-            name == b"anthropic-version" for name, _ in self.headers))
+        # (All the headers are read by now when they were too large as a whole.)
+        wire = _wire(path, self.headers)
         log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
                     status=status, error=message)
         body = wire.encode_error(error)
@@ -444,15 +478,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                      body))
         started, started_wall = time.perf_counter(), time.time()
 
-        def send() -> None:
-            self.transport.write(answer)
-            self.transport.close()
+        def send(left: bool) -> None:
+            self._refusal = None
+            recorded = error
+            if left:  # before the requests ahead of this one were answered
+                recorded = ProxyError(499, f"The client left before it was answered: "
+                                           f"{message}", code="client_disconnected")
+            else:
+                self.transport.write(answer)
+                self.transport.close()
             if self.refused is not None and method == "POST" and path.startswith(API_PATHS):
-                self.refused(request_id, path, wire.NAME, error, started_wall, started)
+                self.refused(request_id, path, wire.NAME, recorded, started_wall, started)
 
         self._refusal = send
         if self.cycle is None or self.cycle.response_complete:
-            send()
+            send(False)
 
     def _refuse_body(self, error: ProxyError) -> None:
         # The body of the request in flight cannot be parsed (a broken chunk): the app,
@@ -466,6 +506,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.scope[BROKEN_BODY] = error  # type: ignore[literal-required]
             cycle.more_body = False
             cycle.message_event.set()
+
+
+def _wire(path: str, headers: Iterable[tuple[bytes, bytes]]) -> ModuleType:
+    """The wire format of a request refused before the app, as a 404 would be answered;
+    an OpenAI endpoint's path says the format whatever its headers."""
+    return client_wire(path, not path.startswith(_OPENAI_PATHS) and any(
+        name == b"anthropic-version" for name, _ in headers))
 
 
 def uvicorn_config(app: Any, server: ServerConfig, refused: Refused | None = None,

@@ -45,6 +45,13 @@ def when_sent(response: HttpResponse, ctx: RequestContext | None) -> HttpRespons
     return response
 
 
+def not_sent(response: HttpResponse) -> None:
+    """``response`` failed as it went out (``when_sent`` is not told then): what waits
+    for it to go out (the request's record, behind it every later one) waits no more."""
+    if isinstance(response.background, _SetAnswered):
+        response.background.answered.set()
+
+
 class _SetAnswered(BackgroundTask):
     """What starlette runs once a response has gone out (its ``background``): sets the
     request's ``Answered``, on the event loop."""

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.connections import BODY_RECEIVED, body_deadline, fast_send
+from proxy.endpoints import not_sent
 from proxy.hosts import HostCheck
 
 Endpoint = Callable[[Request], Any]
@@ -83,4 +84,8 @@ class Front:
             return
         send = fast_send(send)
         response = await endpoint(Request(scope, receive, send))
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        except BaseException:
+            not_sent(response)
+            raise

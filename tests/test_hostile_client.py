@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -18,7 +19,7 @@ import pytest
 
 from proxy import Reject, RequestContext, hookimpl
 from proxy.plugins import PluginHost
-from tests.harness import ProxyServer, post_raw, upstream_config
+from tests.harness import ProxyServer, post_raw, upstream_config, wait_for
 
 HI = [{"role": "user", "content": "hello"}]
 OPENAI = "/v1/chat/completions"
@@ -205,6 +206,84 @@ def test_a_client_leaving_mid_upload_is_a_499(upstream, tmp_path):
     records = _records(tmp_path)
     assert records[0]["status"] == 499
     assert records[0]["error"]["type"] == "client_disconnected"
+
+
+# --- a client that leaves with requests pipelined ----------------------------------------
+
+
+def _chat(model: str, stream: bool = False) -> bytes:
+    body = json.dumps({"model": model, "stream": stream, "messages": HI}).encode()
+    return _head(OPENAI, len(body)) + body
+
+
+def _records_so_far(tmp_path: Path) -> list[dict[str, Any]]:
+    return _records(tmp_path) if (tmp_path / "requests.jsonl").exists() else []
+
+
+def _slow_upstream(upstream: Any) -> dict[str, Any]:
+    # Long enough that only the proxy hanging up ends the -slow call before its 3 s.
+    providers = upstream_config(upstream)["providers"]
+    providers["oai"]["timeout"] = 10
+    return providers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_leaving_with_a_request_pipelined_cancels_the_running_one(
+        upstream, tmp_path, capfd, stream):
+    """A request at the provider with a second pipelined behind it, then the client
+    leaves: the provider call is cancelled, as without the second; the first's record is
+    a 499, the second, never run, has a 499 of its own; no traceback; and another
+    client's record is written at once, not behind the abandoned answer's."""
+    model = "x-drip" if stream else "x-slow"
+    with _serving(upstream, tmp_path, providers=_slow_upstream(upstream)) as proxy:
+        hung_up, calls = upstream.hung_up, upstream.count(model)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(_chat(f"oai/{model}", stream) + _chat("mock-1"))
+            assert wait_for(lambda: upstream.count(model) > calls)
+            if stream:  # the answer has begun
+                got = b""
+                while b"data: " not in got:
+                    got += sock.recv(65536)
+        _still_served(proxy)
+        # (Without the provider call cancelled, a -slow call lasts 3 s, -drip's 3 s more.)
+        assert wait_for(lambda: len(_records_so_far(tmp_path)) == 3, timeout=2.5)
+        assert wait_for(lambda: upstream.hung_up == hung_up + 1, timeout=5)
+    records = _records(tmp_path)
+    by_model = {r.get("model"): r for r in records}
+    running, queued, other = by_model[f"oai/{model}"], by_model[None], by_model["mock-1"]
+    assert running["status"] == 499 and running["error"]["type"] == "client_disconnected"
+    assert queued["status"] == 499
+    assert queued["endpoint"] == OPENAI and queued["format"] == "openai"
+    assert queued["error"]["type"] == "client_disconnected"
+    assert queued["error"]["message"] == "The client left before the request was run"
+    assert other["status"] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_refused_request_pipelined_behind_one_whose_client_leaves_is_recorded(
+        upstream, tmp_path):
+    """A stream, then a request the parser refuses (its answer waits for the stream's
+    end), then the client resets the connection: the stream's provider call is
+    cancelled, and the refused request, whose answer never goes out, has a 499 record
+    naming why it was refused."""
+    bad = _chat("mock-1").replace(b"content-type:", b"x-bad: a\x00b\r\ncontent-type:")
+    with _serving(upstream, tmp_path, providers=_slow_upstream(upstream)) as proxy:
+        hung_up = upstream.hung_up
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(_chat("oai/x-drip", stream=True) + bad)
+            got = b""
+            while b"data: " not in got:
+                got += sock.recv(65536)
+            # A reset: the proxy, reading no more, learns of it when it next writes.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert wait_for(lambda: upstream.hung_up == hung_up + 1, timeout=5)
+        _still_served(proxy)
+        assert wait_for(lambda: len(_records_so_far(tmp_path)) == 3)
+    by_model = {r.get("model"): r for r in _records(tmp_path)}
+    assert [by_model[m]["status"] for m in ("oai/x-drip", None, "mock-1")] == [499, 499, 200]
+    refused = by_model[None]
+    assert refused["endpoint"] == OPENAI and refused["error"]["type"] == "client_disconnected"
+    assert "Invalid header value char" in refused["error"]["message"]
 
 
 # --- numeric parameters -----------------------------------------------------------------
@@ -401,6 +480,21 @@ def test_an_idle_kept_alive_connection_closes_after_the_keepalive_timeout(upstre
         with suppress(ConnectionResetError):
             assert sock.recv(100) == b""  # closed by the proxy
         assert time.monotonic() - answered > 0.9  # not at an earlier answer's wait's end
+        _still_served(proxy)
+
+
+def test_a_bare_crlf_after_an_answer_does_not_keep_the_connection_open(upstream, tmp_path):
+    """A CRLF between requests begins none (the parser skips it): the connection still
+    closes once idle for the keep-alive timeout after its last answer."""
+    with _serving(upstream, tmp_path, server={"keepalive_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
+        for _ in range(2):
+            time.sleep(0.3)
+            sock.sendall(b"\r\n")
+        with suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # closed by the proxy (else a timeout after 10 s)
         _still_served(proxy)
 
 
