@@ -195,9 +195,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     answered (``body_deadline`` makes the app answer a 408 then; a route that answered
     without reading the body cannot keep the connection by a trickle). Idle connections
     between requests are closed after uvicorn's keep-alive timeout, by a timer armed
-    lazily as the others (uvicorn arms and cancels one per request). (``Front`` sends the API's
-    answers through ``fast_send``: one with ``CheckedHeaders`` starts without uvicorn's
-    checks.)"""
+    lazily as the others (uvicorn arms and cancels one per request); only a request
+    beginning ends that wait. A lost connection cancels the request whose app runs
+    (uvicorn tells only the newest, which may be one pipelined behind it) and records
+    499s for those pipelined behind it. (``Front`` sends the API's answers through
+    ``fast_send``: one with ``CheckedHeaders`` starts without uvicorn's checks.)"""
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0

@@ -412,10 +412,12 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     pyproject.toml pins). Another uvicorn with other code there fails here: read those
     methods again, adjust connections.py, then this digest. (``RequestResponseCycle.send``:
     connections._send writes an answer's start as it does. ``connection_lost``: a lost
-    connection marks the cycle disconnected only while its answer is incomplete, the
-    condition ClientGone is told under. ``on_response_complete`` is copied, with the
-    keep-alive timer armed lazily, which ``_unset_keepalive_if_required`` then stops
-    cancelling.)"""
+    connection marks the newest cycle disconnected only while its answer is incomplete,
+    the condition under which the guarded one marks the running cycle (which
+    ``_start_asgi_task`` names) and tells its ClientGone; a disconnected cycle's
+    ``send`` writes nothing, and its ``run_asgi`` answers no 500 and logs nothing.
+    ``on_response_complete`` is copied, with the keep-alive timer armed lazily, which
+    uvicorn's ``_unset_keepalive_if_required`` cancels only as the connection is lost.)"""
     import hashlib
     import inspect
 
@@ -425,11 +427,12 @@ def test_uvicorn_has_the_code_connections_was_written_against():
     relied_on = [protocol.data_received, protocol.on_message_begin, protocol.on_url,
                  protocol.on_header, protocol.on_headers_complete, protocol.on_message_complete,
                  protocol.on_response_complete, protocol.connection_lost,
-                 protocol._unset_keepalive_if_required, RequestResponseCycle.receive,
+                 protocol._unset_keepalive_if_required, protocol._start_asgi_task,
+                 RequestResponseCycle.run_asgi, RequestResponseCycle.receive,
                  RequestResponseCycle.send]
     source = "".join(inspect.getsource(method) for method in relied_on)
     assert hashlib.sha256(source.encode()).hexdigest() == (
-        "4400365498d2e04fc44cccfa18211441a9cf174132590a14c052a29eecc8d135")
+        "96dde9b41d691272b538a99ef9a73b4c9b1cf61aacb61fd4577625af9a70b3c6")
 
 
 def test_slow_headers_and_idle_connections_are_closed_on_time(upstream, tmp_path):
