@@ -14,11 +14,13 @@ the cost is that at the target's ``input_price``.
 
 from __future__ import annotations
 
+import array
 import base64
 import functools
 import hashlib
 import math
 import struct
+import sys
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -51,8 +53,12 @@ if TYPE_CHECKING:
 
 KIND = "embeddings"
 _encode = msgspec.json.Encoder().encode
-# What the mock's vectors have when a request names no ``dimensions``.
+# What the mock's vectors have when a request names no ``dimensions``...
 MOCK_DIMENSIONS = 8
+# ...and at most, each, and all of a request's together: the answer (and the work on
+# the event loop) stays bounded whatever a small request asks for.
+MOCK_MAX_DIMENSIONS = 4096
+MOCK_MAX_VALUES = 262_144
 
 
 class _Answer(msgspec.Struct):
@@ -135,11 +141,24 @@ def answer_body(response: Response) -> bytes:
 
 
 def mock_embeddings(request: Request, model: str) -> Response:
-    """The mock's answer: a unit vector per input, the same for the same text and model."""
+    """The mock's answer: a unit vector per input, the same for the same text and model.
+    More than ``MOCK_MAX_VALUES`` numbers in all (inputs x dimensions), or ``dimensions``
+    that is not a whole number from 1 to ``MOCK_MAX_DIMENSIONS``, is a 400 naming it, as
+    OpenAI refuses a request over its limits."""
     extra = request.extra
-    dimensions = extra.get("dimensions")
-    size = dimensions if isinstance(dimensions, int) and 0 < dimensions <= 4096 \
-        else MOCK_DIMENSIONS
+    size = extra.get("dimensions", MOCK_DIMENSIONS)
+    if size is None:
+        size = MOCK_DIMENSIONS
+    if not (isinstance(size, int) and not isinstance(size, bool)
+            and 0 < size <= MOCK_MAX_DIMENSIONS):
+        raise _refused(f"`dimensions` must be a whole number from 1 to "
+                       f"{MOCK_MAX_DIMENSIONS:,} for the mock provider")
+    count = len(request.messages)
+    if count * size > MOCK_MAX_VALUES:
+        raise _refused(f"The mock provider answers at most {MOCK_MAX_VALUES:,} embedding "
+                       f"values per request (inputs x dimensions); this one asks for "
+                       f"{count:,} x {size:,} = {count * size:,}: send fewer inputs or "
+                       "fewer dimensions per request")
     base64_out = extra.get("encoding_format") == "base64"
     data = []
     tokens = 0
@@ -149,25 +168,37 @@ def mock_embeddings(request: Request, model: str) -> Response:
             getattr(part, "data", {})).decode()
         tokens += estimate_tokens(text) if isinstance(part, TextPart) else len(
             getattr(part, "data", {}).get("tokens", []))
-        vector = _unit_vector(f"{model}\n{text}", size)
-        embedding: Any = (base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
-                          if base64_out else vector)
+        seed = f"{model}\n{text}".encode()
+        embedding: Any = (base64.b64encode(_unit_vector(seed, size, "f")).decode()
+                          if base64_out else _as_floats(_unit_vector(seed, size, "d")))
         data.append({"object": "embedding", "index": index, "embedding": embedding})
     body = _encode({"object": "list", "data": data, "model": model,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
     return embeddings_response(body, model, tokens)
 
 
-def _unit_vector(seed: str, size: int) -> list[float]:
-    values: list[float] = []
-    counter = 0
-    while len(values) < size:
-        digest = hashlib.sha256(f"{counter}:{seed}".encode()).digest()
-        values.extend((b - 127.5) / 127.5 for b in digest)
-        counter += 1
-    values = values[:size]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return [round(v / norm, 6) for v in values]
+def _refused(message: str) -> UpstreamError:
+    return UpstreamError(400, message, upstream_status=400, code="invalid_request")
+
+
+def _unit_vector(seed: bytes, size: int, kind: str) -> bytes:
+    """A unit vector of ``size`` little-endian floats (``kind`` "f": 32 bits, "d": 64),
+    the same for the same ``seed``: each component is +-1/sqrt(size), its sign a bit of
+    the seed's SHAKE-256 digest. Built with bytes operations, none per float in Python:
+    the floats differ only in their sign bit, the high bit of each one's last byte."""
+    one = struct.pack(f"<{kind}", 1 / math.sqrt(size))
+    last = one[-1]
+    signs = bytes([last] * 128 + [last | 0x80] * 128)  # a digest byte's high bit -> sign
+    vector = bytearray(one * size)
+    vector[len(one) - 1::len(one)] = hashlib.shake_256(seed).digest(size).translate(signs)
+    return bytes(vector)
+
+
+def _as_floats(packed: bytes) -> list[float]:
+    values = array.array("d", packed)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
 
 
 async def _call(ctx: RequestContext, provider: Provider, target: Target) -> Response:

@@ -80,6 +80,34 @@ def test_the_mock_embeds_strings_and_token_arrays(served: Any) -> None:
     assert len(vector) == 4 and abs(sum(v * v for v in vector) - 1) < 1e-3
 
 
+def test_the_mocks_answer_is_bounded(served: Any) -> None:
+    _, proxy, log = served
+    client = proxy.openai()
+    # At the cap: one unit vector per input, the same in floats as in base64, and another
+    # for another text.
+    floats = client.embeddings.create(model="mock-1", input=["same", "other"] * 32,
+                                      dimensions=4096, encoding_format="float")
+    packed = client.embeddings.create(model="mock-1", input="same", dimensions=4096)
+    vector = floats.data[0].embedding
+    assert len(floats.data) == 64 and len(vector) == 4096
+    assert abs(sum(v * v for v in vector) - 1) < 1e-6
+    assert vector == floats.data[2].embedding == packed.data[0].embedding
+    assert vector != floats.data[1].embedding
+    # Past it (a 5 KB request asking for 38 MB of floats), or past the dimensions the mock
+    # makes: a 400 in OpenAI's format naming the limit.
+    for inputs, dimensions, named in ((["a"] * 1000, 4096, "at most 262,144 embedding values"),
+                                      (["a"] * 65, 4096, "65 x 4,096 = 266,240"),
+                                      ("a", 4097, "`dimensions` must be a whole number"),
+                                      ("a", 0, "from 1 to 4,096")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model="mock-1", input=inputs, dimensions=dimensions)
+        error: Any = refused.value.body
+        assert error["type"] == "invalid_request_error" and named in error["message"]
+    found = records(log, 6)[-1]
+    assert found["status"] == 400 and found["provider"] == "mock"
+    assert [a["status"] for a in found["attempts"]] == [400]
+
+
 def test_an_openai_provider_gets_the_request_as_sent(served: Any) -> None:
     upstream, proxy, log = served
     client = proxy.openai()

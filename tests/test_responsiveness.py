@@ -54,8 +54,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert "Traceback" not in output, output
 
 
-def _post(url: str, body: bytes, timeout: float = 120) -> int:
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, method="POST",
+def _post(url: str, body: bytes, timeout: float = 120,
+          path: str = "/v1/chat/completions") -> int:
+    request = urllib.request.Request(f"{url}{path}", data=body, method="POST",
                                      headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -71,11 +72,13 @@ def _chat(content: str, **extra: Any) -> bytes:
                        **extra}).encode()
 
 
-def _while_busy(url: str, hostile: bytes, copies: int = 2) -> tuple[list[int], float, float]:
-    """Sends ``copies`` of the hostile request; once they are in flight, times a /health
-    and a one-word completion. Returns the hostile statuses and the two waits."""
+def _while_busy(url: str, hostile: bytes, copies: int = 2, path: str = "/v1/chat/completions"
+                ) -> tuple[list[int], float, float]:
+    """Sends ``copies`` of the hostile request (to ``path``); once they are in flight, times
+    a /health and a one-word completion. Returns the hostile statuses and the two waits."""
     statuses: list[int] = []
-    senders = [threading.Thread(target=lambda: statuses.append(_post(url, hostile)))
+    senders = [threading.Thread(target=lambda: statuses.append(_post(url, hostile,
+                                                                     path=path)))
                for _ in range(copies)]
     for sender in senders:
         sender.start()
@@ -137,3 +140,19 @@ def test_hostile_requests_are_answered(served):
     assert _post(served, HOSTILE["email_run"]) == 200
     # "(.*a){20}" finds its twenty a's: the guard refuses, in linear time.
     assert _post(served, HOSTILE["client_pattern"]) == 400
+
+
+def _embed(count: int, dimensions: int) -> bytes:
+    return json.dumps({"model": "mock-1", "input": ["a"] * count,
+                       "dimensions": dimensions}).encode()
+
+
+def test_the_mock_embeddings_do_not_stall_others(served):
+    # 5 KB asking the shipped mock for 1,000 vectors of 4,096 floats (38 MB) held the loop
+    # 2-3 s: over the mock's cap, refused at once; at the cap, answered without a stall.
+    for hostile, status in ((_embed(1000, 4096), 400), (_embed(64, 4096), 200)):
+        statuses, health, chat = _while_busy(served, hostile, copies=3,
+                                             path="/v1/embeddings")
+        assert health < BOUND, f"/health waited {health:.2f}s behind embeddings"
+        assert chat < BOUND, f"a one-word completion waited {chat:.2f}s behind embeddings"
+        assert statuses == [status] * 3
