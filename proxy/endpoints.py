@@ -22,7 +22,7 @@ from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json
 from proxy.headers import TOKEN, CheckedHeaders, header_value
 from proxy.ids import new_request_id
-from proxy.pipeline import record_attempt
+from proxy.pipeline import _admit, record_attempt
 from proxy.providers import VENDOR_HEADERS, vendor_header_error
 from proxy.providers.http import HttpProvider
 from proxy.providers.mock import estimate_request_tokens
@@ -172,7 +172,8 @@ async def count_tokens(gateway: Gateway, http: HttpRequest) -> HttpResponse:
     here the same way) and is routed as that request would be. An Anthropic provider
     counts it (the body as the client sent it, with the provider's model name, or as the
     plugins left it); any other target gets an estimate, marked by an
-    ``x-hookproxy-estimate: true`` header. One record, as for any request."""
+    ``x-hookproxy-estimate: true`` header. A key's limits count it as one request of no
+    tokens (its ``x-ratelimit-*`` headers, its 429). One record, as for any request."""
     fields: dict[str, Any] = {}
 
     def prepare(body: bytes, request_id: str) -> RequestContext:
@@ -209,8 +210,11 @@ async def _count(pipeline: Pipeline, ctx: RequestContext, fields: dict[str, Any]
         answered = await pipeline._before_provider(ctx)
         if answered is not None:
             # A plugin answered (a guard, a cache hit): no provider is asked.
+            await _admit(ctx, ())
             return _estimate(ctx), True
         target = pipeline.router.route_targets(ctx)[0]
+        # A key's limits count it as a request that uses no tokens: no targets to price.
+        await _admit(ctx, ())
         provider = pipeline.providers[target.provider]
         ctx.provider, ctx.model = target.provider, target.model
         ctx.provider_format = provider.format

@@ -87,7 +87,9 @@ def charged(ctx: RequestContext) -> tuple[int, int, bool]:
         usage = response.usage
         return (usage.input_tokens + usage.output_tokens, round(ctx.cost * MICRO),
                 ctx.usage_estimated)
-    if ctx.status == 499 and ctx.provider not in (None, "plugin"):
+    # A count (POST /v1/messages/count_tokens) generates nothing and is never billed.
+    if ctx.status == 499 and ctx.provider not in (None, "plugin") and \
+            not ctx.endpoint.endswith("/count_tokens"):
         tokens = estimate_request_tokens(ctx.request)
         return tokens, round(tokens * ctx.price[0]), True
     return 0, 0, False

@@ -172,6 +172,37 @@ def test_every_answer_carries_what_is_left(upstream, tmp_path, keys):
         assert "x-ratelimit-remaining-requests" not in plain.headers
 
 
+def test_count_tokens_is_a_request_of_no_tokens(upstream, tmp_path, keys):
+    clear_of_the_minute()
+    config = limits_config(upstream, tmp_path, rpm=2, tpm=1000)
+    with ProxyServer(config) as proxy:
+        # A client that leaves while its count is under way: counted, never charged tokens
+        # (a count generates nothing).
+        with pytest.raises(anthropic.APITimeoutError):
+            proxy.anthropic(api_key=keys["TEAM_A_KEY"], timeout=0.3).messages.count_tokens(
+                model="ant/claude-delay-1000", messages=PROMPT)
+        records(tmp_path, 1)  # settled
+        client = proxy.anthropic(api_key=keys["TEAM_A_KEY"])
+        counted = client.messages.with_raw_response.count_tokens(model="priced-ant",
+                                                                 messages=PROMPT)
+        assert counted.headers["x-ratelimit-limit-requests"] == "2"
+        assert counted.headers["x-ratelimit-remaining-requests"] == "0"
+        assert counted.headers["x-ratelimit-remaining-tokens"] == "1000"
+        for refused in (lambda: client.messages.count_tokens(model="priced-ant",
+                                                             messages=PROMPT),
+                        lambda: client.messages.create(model="priced-ant", messages=PROMPT,
+                                                       max_tokens=MAX_TOKENS)):
+            with pytest.raises(anthropic.RateLimitError, match="2 requests per minute") \
+                    as caught:
+                refused()
+            error: Any = caught.value.body
+            assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
+            assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+        found = records(tmp_path, 4)
+    assert [r["status"] for r in found] == [499, 200, 429, 429]
+    assert [r["limits"].get("tokens", 0) for r in found[:2]] == [0, 0]
+
+
 def test_crossing_a_budget_warn_threshold_is_logged_counted_and_marked(upstream, tmp_path,
                                                                         keys):
     config = limits_config(upstream, tmp_path, daily_budget=0.1, daily_budget_warn=0.5)
