@@ -1,7 +1,8 @@
 """param_limits: defaults and caps for sampling parameters, optionally per model.
 
     [plugins.param_limits]
-    max_tokens = 4096                  # ceiling on max_tokens
+    max_tokens = 4096                  # ceiling on max_tokens (and its value when the
+                                       # request names none)
     temperature_min = 0.0              # clamp range for temperature
     temperature_max = 1.0
     defaults = { max_tokens = 1024 }   # set when the request does not say
@@ -51,10 +52,14 @@ def _defaults(ctx: RequestContext, limits: Limits) -> None:
             setattr(ctx.request, name, default)
 
 
-def _caps(ctx: RequestContext, limits: Limits) -> None:
+def _caps(ctx: RequestContext, limits: Limits, generates: bool) -> None:
     request = ctx.request
-    if limits.max_tokens is not None and request.max_tokens is not None:
-        request.max_tokens = min(request.max_tokens, limits.max_tokens)
+    if limits.max_tokens is not None:
+        if request.max_tokens is not None:
+            request.max_tokens = min(request.max_tokens, limits.max_tokens)
+        elif generates:
+            # Left out, the provider's own maximum would apply: the ceiling is the most.
+            request.max_tokens = limits.max_tokens
     if request.temperature is not None:
         if limits.temperature_min is not None:
             request.temperature = max(request.temperature, limits.temperature_min)
@@ -63,6 +68,8 @@ def _caps(ctx: RequestContext, limits: Limits) -> None:
 
 
 _LIMITED = ("max_tokens", "temperature", "top_p")
+# Endpoints whose requests generate no output: a max_tokens is not theirs to be given.
+_NO_OUTPUT = ("/count_tokens", "/embeddings")
 _limited = operator.attrgetter(*_LIMITED)
 _NO_DEFAULTS = Defaults()
 
@@ -81,7 +88,8 @@ def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     for limits in chosen:
         if limits.defaults != _NO_DEFAULTS:
             _defaults(ctx, limits)
+    generates = not ctx.endpoint.endswith(_NO_OUTPUT)
     for limits in chosen:
-        _caps(ctx, limits)
+        _caps(ctx, limits, generates)
     if _limited(request) != before:
         ctx.changed()

@@ -53,6 +53,24 @@ def test_param_limits_caps_clamps_and_defaults(upstream):
         assert upstream.last["max_tokens"] == 20 and upstream.last["temperature"] == 0.1
 
 
+def test_param_limits_ceiling_applies_when_the_request_names_no_max_tokens(upstream):
+    # Left out, the provider's own maximum would apply: the ceiling is sent instead, from
+    # either client format to either provider, and the smallest ceiling that applies wins.
+    settings = {"max_tokens": 100, "models": {"claude-*": {"max_tokens": 20}}}
+    with serving(upstream, {"param_limits": settings}) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+        assert upstream.last["max_tokens"] == 100
+        proxy.openai().chat.completions.create(model="claude-test", messages=HI)
+        assert upstream.last["max_tokens"] == 20  # not the provider's default_max_tokens
+        proxy.openai().responses.create(model="gpt-test", input="hello")
+        assert upstream.last["max_tokens"] == 100
+        proxy.anthropic().messages.create(model="claude-test", max_tokens=5000, messages=HI)
+        assert upstream.last["max_tokens"] == 20
+        # A count generates nothing: it goes on without a max_tokens.
+        proxy.anthropic().messages.count_tokens(model="claude-test", messages=HI)
+        assert upstream.last == {"model": "claude-test", "messages": HI}
+
+
 # --- content_guard ----------------------------------------------------------------------
 
 
