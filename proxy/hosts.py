@@ -9,9 +9,8 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
+from proxy.endpoints import client_wire, shown_path
 from proxy.errors import ProxyError
-from proxy.formats import anthropic as anthropic_format
-from proxy.formats import openai as openai_format
 from proxy.ids import new_request_id
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -99,9 +98,12 @@ class HostCheck:
                                 "[server].allowed_hosts if clients use that name",
                            code="host_not_allowed")
         path = scope["path"]
-        wire = anthropic_format if path.startswith("/v1/messages") else openai_format
+        # The client's format as a 404 would judge it: by the path and anthropic-version.
+        wire = client_wire(path, any(name == b"anthropic-version"
+                                     for name, _ in scope["headers"]))
         if path.startswith(("/v1/", "/chat/")) and scope["method"] == "POST":
-            self.gateway.rejected(request_id, path, wire.NAME, error, started_wall, started)
+            self.gateway.rejected(request_id, shown_path(path), wire.NAME, error,
+                                  started_wall, started)
         body = wire.encode_error(error)
         await send({"type": "http.response.start", "status": 421, "headers": [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),

@@ -450,6 +450,28 @@ def test_a_long_path_is_cut_in_the_answer_and_the_record(upstream, tmp_path):
     assert record["endpoint"] == path[:256] + "..."
 
 
+def test_a_foreign_host_is_refused_in_the_clients_format_with_the_path_cut(upstream,
+                                                                          tmp_path):
+    foreign = {"host": "evil.example", "content-type": "application/json"}
+    path = "/v1/" + "x" * 20_000
+    with ProxyServer(_config(upstream, tmp_path)) as proxy:
+        status, _, answer = _send(proxy.url + path, "POST", b"{}", foreign)
+        assert status == 421 and answer["error"]["code"] == "host_not_allowed"
+        # An Anthropic client (its anthropic-version header) gets Anthropic's shape, as a
+        # 404 on the same path would be.
+        for method, where in (("GET", "/v1/models"), ("POST", path)):
+            status, _, answer = _send(proxy.url + where, method,
+                                      b"{}" if method == "POST" else None,
+                                      {**foreign, "anthropic-version": "2023-06-01"})
+            assert status == 421 and answer["type"] == "error"
+            assert answer["error"]["type"] == "invalid_request_error"
+            assert "evil.example" in answer["error"]["message"]
+        records = _records(tmp_path, 2)
+    assert [(r["status"], r["format"]) for r in records] == [(421, "openai"),
+                                                             (421, "anthropic")]
+    assert {r["endpoint"] for r in records} == {path[:256] + "..."}
+
+
 def test_other_routes_keep_their_answers(upstream, tmp_path):
     with ProxyServer(_config(upstream, tmp_path)) as proxy:
         assert _send(proxy.url + "/health", "GET")[0] == 200
