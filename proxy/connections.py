@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from types import ModuleType
 from typing import Any
 
 import httptools
@@ -26,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from proxy.config import ServerConfig
-from proxy.endpoints import client_wire, shown_path
+from proxy.endpoints import refusal_wire, shown_path
 from proxy.errors import ProxyError
 from proxy.headers import CheckedHeaders
 from proxy.ids import new_request_id
@@ -121,8 +120,6 @@ async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
     return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
 
 
-# The OpenAI API's paths: a refusal there is in its format, whatever the headers say.
-_OPENAI_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
 
 def fast_send(send: Send) -> Send:
@@ -293,7 +290,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                                code="client_disconnected")
             log.info("client_disconnected", request_id=request_id, endpoint=path[:100],
                      status=499, error=error.message)
-            self.refused(request_id, path, _wire(path, scope["headers"]).NAME, error,
+            self.refused(request_id, path, refusal_wire(path, scope["headers"]).NAME, error,
                          time.time(), time.perf_counter())
         if self._refusal is not None:
             self._refusal(True)
@@ -470,7 +467,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         path = shown_path(self.url.split(b"?", 1)[0].decode("latin-1")) if self.url else ""
         method = self.parser.get_method().decode("latin-1") if path else ""
         # (All the headers are read by now when they were too large as a whole.)
-        wire = _wire(path, self.headers)
+        wire = refusal_wire(path, self.headers)
         log.warning("bad_http_request", request_id=request_id, endpoint=path[:100],
                     status=status, error=message)
         body = wire.encode_error(error)
@@ -508,13 +505,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.scope[BROKEN_BODY] = error  # type: ignore[literal-required]
             cycle.more_body = False
             cycle.message_event.set()
-
-
-def _wire(path: str, headers: Iterable[tuple[bytes, bytes]]) -> ModuleType:
-    """The wire format of a request refused before the app, as a 404 would be answered;
-    an OpenAI endpoint's path says the format whatever its headers."""
-    return client_wire(path, not path.startswith(_OPENAI_PATHS) and any(
-        name == b"anthropic-version" for name, _ in headers))
 
 
 def uvicorn_config(app: Any, server: ServerConfig, refused: Refused | None = None,

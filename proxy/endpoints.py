@@ -5,6 +5,7 @@ client's vendor headers, and the endpoints beside the two message APIs:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -358,6 +359,18 @@ def client_wire(path: str, anthropic_version: bool) -> ModuleType:
     otherwise."""
     return (anthropic_format if path.startswith("/v1/messages") or anthropic_version
             else openai_format)
+
+
+# The OpenAI API's paths: a refusal there is in its format, whatever the headers say.
+_OPENAI_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+
+
+def refusal_wire(path: str, headers: Iterable[tuple[bytes, bytes]]) -> ModuleType:
+    """The wire format of a request refused before it reached an endpoint (raw ASGI
+    ``headers``): ``client_wire``'s, except that an OpenAI endpoint's path says OpenAI's
+    whatever the headers."""
+    return client_wire(path, not path.startswith(_OPENAI_PATHS) and any(
+        name == b"anthropic-version" for name, _ in headers))
 
 
 def shown_path(path: str) -> str:

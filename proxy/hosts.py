@@ -9,7 +9,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
-from proxy.endpoints import client_wire, shown_path
+from proxy.endpoints import refusal_wire, shown_path
 from proxy.errors import ProxyError
 from proxy.ids import new_request_id
 
@@ -98,9 +98,8 @@ class HostCheck:
                                 "[server].allowed_hosts if clients use that name",
                            code="host_not_allowed")
         path = scope["path"]
-        # The client's format as a 404 would judge it: by the path and anthropic-version.
-        wire = client_wire(path, any(name == b"anthropic-version"
-                                     for name, _ in scope["headers"]))
+        # By the path and anthropic-version, as any refusal before an endpoint.
+        wire = refusal_wire(path, scope["headers"])
         if path.startswith(("/v1/", "/chat/")) and scope["method"] == "POST":
             self.gateway.rejected(request_id, shown_path(path), wire.NAME, error,
                                   started_wall, started)

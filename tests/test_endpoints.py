@@ -466,10 +466,17 @@ def test_a_foreign_host_is_refused_in_the_clients_format_with_the_path_cut(upstr
             assert status == 421 and answer["type"] == "error"
             assert answer["error"]["type"] == "invalid_request_error"
             assert "evil.example" in answer["error"]["message"]
-        records = _records(tmp_path, 2)
+        # An OpenAI endpoint's path is answered in OpenAI's format whatever the headers,
+        # as the other refusals before an endpoint (431, 400) are.
+        status, _, answer = _send(proxy.url + "/v1/chat/completions", "POST", b"{}",
+                                  {**foreign, "anthropic-version": "2023-06-01"})
+        assert status == 421 and answer["error"]["code"] == "host_not_allowed"
+        records = _records(tmp_path, 3)
     assert [(r["status"], r["format"]) for r in records] == [(421, "openai"),
-                                                             (421, "anthropic")]
-    assert {r["endpoint"] for r in records} == {path[:256] + "..."}
+                                                             (421, "anthropic"),
+                                                             (421, "openai")]
+    assert [r["endpoint"] for r in records] == [path[:256] + "..."] * 2 + [
+        "/v1/chat/completions"]
 
 
 def test_other_routes_keep_their_answers(upstream, tmp_path):
