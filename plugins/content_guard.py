@@ -9,13 +9,18 @@
 
 The patterns run on RE2, all at once and in time linear in the text. Each message is
 checked as one text (its parts joined as the provider joins them), with the system prompt,
-tool results and text documents; a message's verdict is remembered (``proxy.memo``), so a
-history that comes back on the next turn is not checked again. What holds no text (images,
-PDFs, opaque blocks) passes, or with ``unreadable = "reject"`` is refused.
+tool results and text documents; so are the assistant's tool calls (name and arguments),
+its thinking, and the tool definitions (name, description, parameter schema with its
+descriptions, defaults and enums). JSON (arguments, schemas) is checked as it is written
+and, where it holds escapes, with its strings decoded: ``"launch\u0020codes"`` is caught.
+Every verdict is remembered by content (``proxy.memo``): a history or a set of tool
+definitions that comes back on the next turn is not checked again. What holds no text
+(images, PDFs, opaque blocks) passes, or with ``unreadable = "reject"`` is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -26,13 +31,18 @@ from proxy import (
     RequestContext,
     Response,
     TextPart,
+    ThinkingPart,
+    ToolCallPart,
     hookimpl,
     reports_changes,
 )
 from proxy.errors import is_error_status
+from proxy.jsontext import is_json, strings_of
 from proxy.memo import memo
 from proxy.settings import regex_error, settings_as, settings_error
 from proxy.textmatch import PatternSet, pattern_set
+
+_encode = msgspec.json.Encoder().encode
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
@@ -49,8 +59,34 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
     def found(text: str) -> bool:
         return bool(patterns.matching(text))
 
-    return any(memo.get_or_compute(("content_guard", patterns.key), text, found)
-               for text in request.message_texts())
+    def found_in_json(text: str) -> bool:
+        return found(text) or ("\\" in text and is_json(text) and found(strings_of(text)))
+
+    what = ("content_guard", patterns.key)
+    if any(memo.get_or_compute(what, text, found) for text in request.message_texts()):
+        return True
+    json_what = ("content_guard-json", patterns.key)
+    if any(memo.get_or_compute(json_what, text, found_in_json)
+           for text in _other_texts(request)):
+        return True
+    if not request.tools:
+        return False
+    # Tool definitions come back whole every turn: one verdict for all of them, kept by
+    # their JSON text (a pattern may match across two of them: no harm).
+    return memo.get_or_compute(("content_guard-tools", patterns.key), _encode(request.tools),
+                               lambda text: found_in_json(text.decode()))
+
+
+def _other_texts(request: Request) -> Iterator[str]:
+    """What the provider reads in the messages besides their text (``message_texts``):
+    tool calls' names and arguments (JSON), and thinking."""
+    for message in reversed(request.messages):
+        for part in message.content:
+            if isinstance(part, ToolCallPart):
+                yield part.name
+                yield part.arguments
+            elif isinstance(part, ThinkingPart) and part.thinking:
+                yield part.thinking
 
 
 @hookimpl

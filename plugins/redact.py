@@ -14,6 +14,12 @@ placeholder is restored as the value once. The patterns run on RE2 (linear time)
 what a text holds is remembered by content (``proxy.memo``): an agent's history, resent
 every turn, is scanned once. Text documents and tool results are masked too; thinking is
 not (the provider signed it, and would refuse it changed).
+
+JSON is masked inside its strings only, so it stays JSON: the assistant's tool-call
+arguments, and the tool definitions' parameter schemas (descriptions, defaults, enums...).
+A tool's description is masked as text; its name is not (the model calls it by it). Tool
+definitions come back every turn: that they hold nothing is remembered by their content.
+The top-level ``user`` (OpenAI) or ``metadata.user_id`` (Anthropic) is masked as text.
 """
 
 from __future__ import annotations
@@ -39,7 +45,16 @@ from proxy import (
     hookimpl,
     reports_changes,
 )
-from proxy.canonical import MESSAGE_JOIN, SYSTEM_JOIN, Message, content_key, joined_text
+from proxy.canonical import (
+    MESSAGE_JOIN,
+    SYSTEM_JOIN,
+    Message,
+    Request,
+    Tool,
+    content_key,
+    joined_text,
+)
+from proxy.jsontext import is_json, replace_strings, strings_of
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
@@ -76,6 +91,8 @@ NEEDLES: dict[str, tuple[str, ...]] = {
 PLACEHOLDER = re.compile(r"(\[(?:EMAIL|PHONE|SECRET)_\d+\])\1*")
 _AT_END = re.compile(r"\[(?:EMAIL|PHONE|SECRET)_\d+\]\Z")
 _LONGEST_PLACEHOLDER = 16
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 Finding = tuple[int, int, str]  # start, end, kind
 
 
@@ -147,7 +164,7 @@ class _Masker:
     def holds_nothing(self, message: Message) -> bool:
         """Whether ``message`` holds no value to mask."""
         return not self._findings(joined_text(message.text_parts())) and not any(
-            self._findings(item.arguments) for item in message.content
+            self._findings(_readable(item.arguments)) for item in message.content
             if isinstance(item, ToolCallPart))
 
     def mask_message(self, message: Message) -> bool:
@@ -155,10 +172,35 @@ class _Masker:
         changed = self.mask_parts(message.text_parts())
         for item in message.content:
             if isinstance(item, ToolCallPart):
-                masked = self.mask(item.arguments)
+                masked = self.mask_json(item.arguments)
                 if masked is not item.arguments:
                     item.arguments = masked
                     changed = True
+        return changed
+
+    def mask_json(self, text: str) -> str:
+        """``text`` masked inside its strings if it is JSON (it stays JSON), else as text;
+        ``text`` itself if nothing was found."""
+        if is_json(text):
+            return replace_strings(text, self.mask)
+        return self.mask(text)
+
+    def mask_tools(self, tools: list[Tool]) -> bool:
+        """Masks the tool definitions' descriptions, and the strings of their parameter
+        schemas and other settings; whether anything changed."""
+        changed = False
+        for tool in tools:
+            description = self.mask(tool.description)
+            if description is not tool.description:
+                tool.description, changed = description, True
+            for field in ("parameters", "extra"):
+                value = getattr(tool, field)
+                if value:
+                    text = _encode(value).decode()
+                    masked = replace_strings(text, self.mask)
+                    if masked is not text:
+                        setattr(tool, field, _decode(masked))
+                        changed = True
         return changed
 
     def mask_parts(self, parts: Sequence[TextPart | DocumentPart],
@@ -219,6 +261,22 @@ class _Masker:
         return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(1), m.group()), text)
 
 
+def _readable(arguments: str) -> str:
+    """The text a tool call's arguments hold: the strings of their JSON, escapes undone
+    (or the arguments as they are, when they are not JSON)."""
+    return strings_of(arguments) if is_json(arguments) else arguments
+
+
+def _mask_tools(masker: _Masker, request: Request) -> bool:
+    """Masks the tool definitions, unless their content is known to hold nothing."""
+    if not request.tools:
+        return False
+    text = _encode(request.tools)
+    clean = memo.get_or_compute(("redact-tools-clean", masker.kinds), text,
+                                lambda text: not masker.find(strings_of(text.decode())))
+    return not clean and masker.mask_tools(request.tools)
+
+
 def _run_length(text: str, piece: str) -> int:
     """How many times ``text`` begins with ``piece`` in a row."""
     count = 0
@@ -238,6 +296,10 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     masker = _Masker(config.kinds)
     request = ctx.request
+    # Tool definitions first, as providers put them before the rest of the prompt: each
+    # value keeps the placeholder it had on the turn before.
+    if _mask_tools(masker, request):
+        ctx.changed()
     # The text each message (and the system prompt) makes for the provider, its parts
     # joined as the provider reads them: the text content_guard checks too.
     if masker.mask_parts(request.system, SYSTEM_JOIN):
@@ -256,6 +318,11 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
         if not clean and masker.mask_message(message):
             ctx.changed(message)
         # Thinking is signed by the provider: changed, it would be refused.
+    if request.user:
+        user = masker.mask(request.user)
+        if user is not request.user:
+            request.user = user
+            ctx.changed()
     if config.unreadable == "reject":
         unreadable = request.unreadable()
         if unreadable:

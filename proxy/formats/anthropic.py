@@ -394,8 +394,13 @@ def encode_request(
         body["top_p"] = request.top_p
     if request.stop:
         body["stop_sequences"] = request.stop
-    if request.user and "metadata" not in body:
-        body["metadata"] = {"user_id": request.user}
+    if request.user:
+        # The user may have changed (a plugin masked it): metadata says it as it is now.
+        metadata = body.get("metadata")
+        if not isinstance(metadata, dict):
+            body["metadata"] = {"user_id": request.user}
+        elif metadata.get("user_id") != request.user:
+            body["metadata"] = {**metadata, "user_id": request.user}
     if request.stream:
         body["stream"] = True
     return _encode(body)
