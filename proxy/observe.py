@@ -20,6 +20,7 @@ from proxy.context import RequestContext
 from proxy.errors import ProxyError, error_type
 from proxy.feed import Feed
 from proxy.formats import FORMATS
+from proxy.formats.common import NOT_DECODED, as_sent
 from proxy.logwriter import LogWriter
 from proxy.metrics import Metrics
 from proxy.record import (
@@ -187,21 +188,30 @@ class Observer:
             self._done(size)
 
     def _with_bodies(self, record: Record, request: Any, response: Any) -> bytes:
-        log = self.config.log
+        """The record with its bodies, each made on its own: one that cannot be shown
+        leaves the other."""
+        record.request = self._view(record, "request", request)
+        record.response = self._view(record, "response", response)
         try:
-            omitted = 0
-            if isinstance(request, _Undecoded):
-                request, omitted = request.preview()
-            record.request = body_view(request, log.bodies, log.truncate_chars,
-                                       log.max_record_bytes, omitted)
-            record.response = body_view(response, log.bodies, log.truncate_chars,
-                                        log.max_record_bytes)
             return self._encode(record)
         except Exception:
             structlog.get_logger("hookproxy.observe").exception(
                 "record_bodies_failed", request_id=record.id)
             record.request = record.response = None
             return _encode(record)
+
+    def _view(self, record: Record, which: str, value: Any) -> Any:
+        log = self.config.log
+        try:
+            omitted = 0
+            if isinstance(value, _Undecoded):
+                value, omitted = value.preview()
+            return body_view(value, log.bodies, log.truncate_chars, log.max_record_bytes,
+                             omitted)
+        except Exception:  # a bug: said once per record, the rest of the record kept
+            structlog.get_logger("hookproxy.observe").exception(
+                "record_body_failed", request_id=record.id, body=which)
+            return None
 
     def _feed(self, done: list[tuple[bytes, int]]) -> None:
         for _, size in done:
@@ -219,8 +229,14 @@ class _Undecoded(NamedTuple):
     wire: ModuleType
     peeked: Request  # as ``peek_request`` left it: the rest is its wire JSON
 
-    def preview(self) -> tuple[Request | None, int]:
+    def preview(self) -> tuple[Request | dict[str, Any] | None, int]:
         """The request with the messages a record shows (see ``body_view``) decoded, and
-        how many others it has."""
-        preview = self.wire.preview_request(self.peeked, KEEP_NEWEST)
+        how many others it has. A request whose messages do not decode (it went to a
+        provider of its format as it came, or was refused for them) is shown as sent."""
+        try:
+            preview = self.wire.preview_request(self.peeked, KEEP_NEWEST)
+        except NOT_DECODED as exc:
+            reason = exc.message if isinstance(exc, ProxyError) else \
+                f"{type(exc).__name__}: {exc}"
+            return as_sent(self.peeked, KEEP_NEWEST, reason)
         return (None, 0) if preview is None else preview

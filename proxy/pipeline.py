@@ -48,7 +48,7 @@ from proxy.dispatch import (
     is_awaitable,
     start_impl,
 )
-from proxy.errors import ProxyError, Untranslatable, UpstreamError
+from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError
 from proxy.limits import account_usage
 from proxy.plugins import SELF, PluginHost
 from proxy.providers import Provider
@@ -369,6 +369,12 @@ class Pipeline:
                 started = time.perf_counter()
                 try:
                     result = await call(provider, target)
+                except BadRequest:
+                    # The rest of the request, decoded only now (this target needs it
+                    # encoded again), is the client's mistake: no provider was called, and
+                    # the answer must not name one.
+                    ctx.provider = ctx.model = None
+                    raise
                 except Untranslatable as exc:
                     # Not for this target's format: the next target may take it as it is.
                     exc.message = f"{exc.message} (provider {target.provider})"

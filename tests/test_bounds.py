@@ -215,6 +215,42 @@ def test_the_record_shows_an_undecoded_request_as_a_decoded_one(upstream, tmp_pa
     assert ("tools" in undecoded) == (shape == "tools")
 
 
+def test_a_record_shows_what_it_can_of_a_request_no_decoder_reads(upstream, tmp_path):
+    """A bare request whose messages the decoder refuses still leaves a record with both
+    bodies, each made on its own: gone as it came to a provider of its format, the request
+    is shown as sent (its history cut as any other's) with why it was not decoded; refused
+    where it had to be decoded (another format), the 400 names no provider, since none was
+    called. Neither logs a failure."""
+    import openai
+    import structlog
+
+    config = upstream_config(upstream, log={"path": str(tmp_path / "r.jsonl")})
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+               for i in range(19)]
+    # tool_calls must be a list: the decoder refuses this one; the provider reads it.
+    odd = {"role": "user", "content": "the last one", "tool_calls": "none"}
+    with ProxyServer(config) as proxy, structlog.testing.capture_logs() as logged:
+        client = proxy.openai()
+        answer = client.chat.completions.create(model="gpt-test", messages=[*history, odd])
+        assert answer.choices[0].message.content == "echo: the last one"
+        with pytest.raises(openai.BadRequestError, match="tool_calls") as refused:
+            client.chat.completions.create(model="claude-test", messages=[*history, odd])
+        proxy.settled(None)
+    headers = refused.value.response.headers
+    assert "x-hookproxy-provider" not in headers and "x-hookproxy-model" not in headers
+    passed, failed = [json.loads(line) for line in
+                      (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert (passed["status"], failed["status"]) == (200, 400)
+    assert "provider" not in failed and not failed.get("attempts")
+    for record in (passed, failed):
+        request = record["request"]
+        assert request["messages"] == [history[0], *history[-5:], odd]
+        assert request["messages_omitted"] == 13
+        assert "tool_calls" in request["not_decoded"]
+    assert passed["response"]["content"] == [{"type": "text", "text": "echo: the last one"}]
+    assert not [event for event in logged if "failed" in event["event"]]
+
+
 def test_undecoded_messages_still_count_against_the_limit_and_are_read_when_needed(upstream):
     """A bare same-format request is not decoded past its top-level fields, but the message
     limit holds, and a target that needs the request re-encoded reads all of it."""

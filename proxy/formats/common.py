@@ -100,8 +100,9 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
     return fields, messages
 
 
-# What decoding a part of a request raises for a body the full decode must look at.
-_NOT_DECODED = (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
+# What decoding a part of a request raises for a body the full decode must look at (and
+# what the full decode raises for a body it cannot read).
+NOT_DECODED = (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
                 KeyError)
 
 
@@ -123,7 +124,7 @@ def decode_request(body: bytes, known: frozenset[str],
             add_messages(request, raws)
             remember_wire(request, {**decoded, "messages": raws})
             return request
-        except _NOT_DECODED:
+        except NOT_DECODED:
             pass  # the full decode below names what is wrong
     return whole(decode_json(body))
 
@@ -219,12 +220,46 @@ def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str
         try:
             add_messages(request, kept)
             return request, omitted
-        except _NOT_DECODED:
+        except NOT_DECODED:
             pass  # as decode_request: its full decode says what is wrong
     request = decode(_encode({**fields, "messages": kept}))
     request.headers = peeked.headers
     request.extra.pop("hookproxy", None)  # read already, as peeked's was
     return request, omitted
+
+
+def as_sent(peeked: Request, keep_newest: int, reason: str) -> tuple[dict[str, Any], int]:
+    """What a record can show of a request ``peek_request`` read whose messages no decoder
+    reads (``preview_request`` raised): its top-level fields as the client sent them, its
+    first and ``keep_newest`` newest messages as they came, ``not_decoded`` saying why
+    they are shown so, and how many messages were left out."""
+    fields = wire_of(peeked) or {}
+    view: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key != "hookproxy":  # read already, as a decoded request's is
+            view[key] = _decode(value) if isinstance(value, msgspec.Raw) else value
+    messages = fields.get("messages")
+    omitted = 0
+    if isinstance(messages, list):
+        kept = messages if len(messages) <= keep_newest + 1 else \
+            [messages[0], *messages[-keep_newest:]]
+        omitted = len(messages) - len(kept)
+        view["messages"] = [_decode(raw) if isinstance(raw, msgspec.Raw) else raw
+                            for raw in kept]
+    view["not_decoded"] = reason
+    return view, omitted
+
+
+def unmodeled_role(message: Message) -> str | None:
+    """The wire role of a message whose role the canonical model has no name for (OpenAI's
+    legacy ``function``, a role added last week): decoded as a user turn whose ``extra``
+    keeps the role, it goes back as it came to its own format and is refused by the
+    other with a 400 naming the role. None for any other message (OpenAI's ``developer``
+    is a system message)."""
+    role = message.extra.get("role")
+    if role is None or (role == "developer" and message.role == "system"):
+        return None
+    return str(role)
 
 
 def known_extra(raw: dict[str, Any], known: AbstractSet[str]) -> dict[str, Any]:
