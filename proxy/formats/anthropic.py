@@ -10,7 +10,7 @@ message no plugin changed goes back as the very JSON it came as.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -60,8 +60,13 @@ JSON_INSTRUCTION = "Respond with a single valid JSON value and nothing else."
 EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576}
 
 
+# The roles the canonical model has a name for; a message of any other role is kept as
+# it came (``common.unmodeled_role``).
+_ROLES = frozenset({"user", "assistant", "system"})
+
+
 class _Message(msgspec.Struct):
-    role: Literal["user", "assistant", "system"]
+    role: str
     content: str | list[dict[str, Any]]
 
 
@@ -205,9 +210,14 @@ def _request(raw: dict[str, Any]) -> Request:
 
 
 def _decode_message(raw: dict[str, Any], index: int) -> Message:
-    message = Message(role=raw["role"], content=_blocks(raw["content"], f"messages[{index}]"
-                                                                         ".content"),
-                      extra=known_extra(raw, _MESSAGE_FIELDS))
+    role = raw["role"]
+    extra = known_extra(raw, _MESSAGE_FIELDS)
+    if role not in _ROLES:
+        # A role added since: read as a user turn, its role kept to go back as it came.
+        role, extra = "user", {**extra, "role": role}
+    message = Message(role=role, content=_blocks(raw["content"], f"messages[{index}]"
+                                                                 ".content"),
+                      extra=extra)
     remember_wire(message, raw)
     return message
 
@@ -446,6 +456,9 @@ def _encode_messages(messages: list[Message], same_format: bool) -> list[dict[st
             continue
         if isinstance(original, msgspec.Raw):
             original = common.decode_raw(original)
+        role = common.unmodeled_role(message)
+        if not same_format and role is not None:
+            raise Untranslatable(f"Message role {role!r}", NAME)
         blocks = _encode_content(message.content, same_format,
                                  original.get("content") if original else None)
         if not same_format and out and out[-1]["role"] == message.role != "system" \
@@ -460,7 +473,7 @@ def _encode_messages(messages: list[Message], same_format: bool) -> list[dict[st
             for key, value in message.extra.items():
                 if value is not None and key not in _OPENAI_MESSAGE_DROPPABLE:
                     raise Untranslatable(f"Field `{key}` of a message", NAME)
-        wire["role"] = message.role
+        wire["role"] = role or message.role
         wire["content"] = blocks
         out.append(wire)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -55,8 +55,13 @@ _encode = msgspec.json.Encoder().encode
 # --- wire types, used to validate what arrives (unknown fields are kept separately) ---
 
 
+# The roles the canonical model has a name for; a message of any other role is kept as
+# it came (``common.unmodeled_role``).
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
 class _Message(msgspec.Struct):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -236,6 +241,13 @@ def _unit(raw: dict[str, Any], i: int) -> Message:
     """One wire message as a message of its own: a system or developer message as a system
     message (``extra.role`` says which), a tool message as a user turn of one result."""
     role = raw["role"]
+    if role not in _ROLES:
+        # The legacy ``function`` role, or one added since: read as a user turn (what
+        # it holds is text the provider reads, which content checks must see too),
+        # its role and everything else kept to go back as it came.
+        return Message(role="user", content=_content_parts(raw.get("content"), i),
+                       name=raw.get("name"), extra={
+                           **known_extra(raw, {"role", "content", "name"}), "role": role})
     extra = known_extra(raw, _MESSAGE_FIELDS)
     if role == "tool":
         result = ToolResultPart(tool_call_id=raw.get("tool_call_id") or "", extra=extra)
@@ -516,10 +528,14 @@ def _encode_message(message: Message, same_format: bool) -> list[dict[str, Any]]
             content.append(_encode_part(part, same_format))
     if content or tool_calls or not out:
         wire: dict[str, Any] = dict(message.extra) if same_format else {}
+        role = common.unmodeled_role(message)
+        if not same_format and role is not None:
+            raise Untranslatable(f"Message role {role!r}", NAME)
         if not same_format and message.extra:
             raise Untranslatable(f"Field `{next(iter(message.extra))}` of a message", NAME)
-        developer = message.role == "system" and message.extra.get("role") == "developer"
-        wire["role"] = "developer" if developer else message.role
+        # ``extra`` keeps a role the canonical model has no name for, and ``developer``.
+        wire["role"] = message.extra.get("role", message.role) if same_format \
+            else message.role
         wire["content"] = _simple_content(content) if content or not tool_calls else None
         if tool_calls:
             wire["tool_calls"] = tool_calls
