@@ -259,10 +259,10 @@ def test_content_guard_reads_thinking(upstream):
                    {"type": "thinking", "thinking": "They want the launch codes.",
                     "signature": "sig"}, {"type": "text", "text": "No."}]},
                {"role": "user", "content": "please"}]
-    with serving(upstream, {"content_guard": {"patterns": PHRASE}}) as proxy:
-        with pytest.raises(anthropic.BadRequestError, match="content policy"):
-            proxy.anthropic().messages.create(model="claude-test", max_tokens=50,
-                                              messages=thought)
+    with serving(upstream, {"content_guard": {"patterns": PHRASE}}) as proxy, \
+            pytest.raises(anthropic.BadRequestError, match="content policy"):
+        proxy.anthropic().messages.create(model="claude-test", max_tokens=50,
+                                          messages=thought)
 
 
 def test_content_guard_checks_tool_definitions_once_for_all_turns(upstream):

@@ -487,3 +487,53 @@ def test_the_usage_chunk_hookproxy_asks_for_reaches_only_a_client_that_asked(ups
     assert received == body
     assert sse_events(answer.content) == [e for e in corpus.OPENAI_STREAM
                                           if b'"usage"' not in e]
+
+
+# --- a role hookproxy has no name for ---------------------------------------------------
+
+FUNCTION_TURN = {"role": "function", "name": "lookup", "content": "18C in Paris"}
+
+
+@pytest.mark.parametrize("change", [None, "temperature", "last_text"],
+                         ids=["bare", "decoded", "re-encoded"])
+def test_a_role_hookproxy_does_not_model_goes_as_it_came(upstream, change):
+    """OpenAI's legacy ``function`` role reaches a provider of its format whether the
+    request is only peeked (no plugins), decoded, or that very message changed by a
+    plugin and encoded again: the two paths agree."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}, FUNCTION_TURN]
+    with serving(upstream, change) as proxy:
+        answer = proxy.openai().chat.completions.create(
+            model="gpt-fidelity", messages=messages)
+    assert answer.choices[0].message.content
+    expected = {**FUNCTION_TURN, "content": "CHANGED"} if change == "last_text" \
+        else FUNCTION_TURN
+    assert upstream.received[-1]["messages"] == [messages[0], expected]
+
+
+@pytest.mark.parametrize("change", [None, "temperature"], ids=["bare", "decoded"])
+def test_a_role_hookproxy_does_not_model_is_refused_across_formats_naming_it(upstream,
+                                                                            change):
+    import anthropic
+    import openai
+
+    critic = {"role": "critic", "content": "Too long."}
+    before = len(upstream.received)
+    with serving(upstream, change) as proxy:
+        with pytest.raises(openai.BadRequestError) as refused:
+            proxy.openai().chat.completions.create(
+                model="gpt-via-anthropic",
+                messages=[{"role": "user", "content": "Weather?"}, FUNCTION_TURN])
+        assert "Message role 'function'" in refused.value.message
+        assert "provider ant" in refused.value.message
+        with pytest.raises(anthropic.BadRequestError) as rejected:
+            proxy.anthropic().messages.create(
+                model="claude-via-openai", max_tokens=50,
+                messages=[{"role": "user", "content": "Write a poem."}, critic])
+        assert "Message role 'critic'" in rejected.value.message
+        assert "provider oai" in rejected.value.message
+        assert len(upstream.received) == before
+        # To its own format, it goes as it came.
+        proxy.anthropic().messages.create(
+            model="claude-fidelity", max_tokens=50,
+            messages=[{"role": "user", "content": "Write a poem."}, critic])
+    assert upstream.received[-1]["messages"][-1] == critic
