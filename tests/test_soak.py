@@ -73,7 +73,7 @@ async def _one(i: int, oai: Any, ant: Any, outcomes: Counter[str], ids: set[str]
                 model="ant/x-status-429", max_tokens=5, messages=say)
         elif kind == 18:
             raw = await oai.chat.completions.with_raw_response.create(
-                model="mock-1", messages=[{"role": "wizard", "content": "?"}])
+                model="mock-1", messages=[{"role": 7, "content": "?"}])
         else:
             raw = await oai.chat.completions.with_raw_response.create(
                 model="no-such-model", messages=say)
