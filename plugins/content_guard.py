@@ -65,9 +65,9 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
     what = ("content_guard", patterns.key)
     if any(memo.get_or_compute(what, text, found) for text in request.message_texts()):
         return True
-    json_what = ("content_guard-json", patterns.key)
-    if any(memo.get_or_compute(json_what, text, found_in_json)
-           for text in _other_texts(request)):
+    # One lock for all: an agent's history holds a tool call per turn.
+    if any(memo.get_or_compute_all(("content_guard-json", patterns.key),
+                                   list(_other_texts(request)), found_in_json)):
         return True
     if not request.tools:
         return False

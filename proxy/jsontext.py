@@ -2,9 +2,10 @@
 changed in place: what content checks read of a JSON value is what its strings say once
 their escapes are undone, and what they change in it must leave it JSON.
 
-The strings are found by one linear scan of the text (RE2); nothing is decoded into
-Python containers or walked recursively, so a value nested a thousand deep costs what a
-flat one of its size does, and the text keeps its layout where nothing changed.
+The strings are found by one linear scan of the text (RE2), once msgspec has checked it
+is JSON (without building it); nothing is decoded into Python containers or walked
+recursively, and the text keeps its layout where nothing changed. A text nested deeper
+than msgspec reads (about a thousand levels) is not JSON here: it is read as plain text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from proxy.textmatch import regex
 # (keys included), since no string holds an unescaped quote.
 _STRING = regex(r'"(?:[^"\\]|\\.)*"')
 _decode_string = msgspec.json.Decoder(str).decode
-_check = msgspec.json.Decoder().decode
+_check = msgspec.json.Decoder(msgspec.Raw).decode  # validates, builds nothing
 _encode = msgspec.json.Encoder().encode
 
 

@@ -103,7 +103,7 @@ def split_body(body: bytes, *, checked: bool = True, known: frozenset[str] = fro
 # What decoding a part of a request raises for a body the full decode must look at (and
 # what the full decode raises for a body it cannot read).
 NOT_DECODED = (BadRequest, msgspec.MsgspecError, TypeError, AttributeError, ValueError,
-                KeyError)
+               KeyError)
 
 
 def decode_request(body: bytes, known: frozenset[str],
