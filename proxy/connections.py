@@ -344,7 +344,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
-        else:
+        elif not (self._in_headers or self._in_body):
+            # Idle, unless the next request has begun (its headers or body still coming:
+            # their own deadlines bound it).
             self._idle_since = self.loop.time()
             if self.timeout_keep_alive_task is None:
                 self.timeout_keep_alive_task = self.loop.call_at(

@@ -48,7 +48,8 @@ def test_param_limits_caps_clamps_and_defaults(upstream):
                                        temperature=1.8)
         assert upstream.last["max_tokens"] == 100 and upstream.last["temperature"] == 1.0
         client.chat.completions.create(model="gpt-test", messages=HI)
-        assert upstream.last["max_tokens"] == 50 and "temperature" not in upstream.last
+        assert upstream.last["max_completion_tokens"] == 50
+        assert "temperature" not in upstream.last
         client.chat.completions.create(model="claude-test", messages=HI)
         assert upstream.last["max_tokens"] == 20 and upstream.last["temperature"] == 0.1
 
@@ -59,7 +60,14 @@ def test_param_limits_ceiling_applies_when_the_request_names_no_max_tokens(upstr
     settings = {"max_tokens": 100, "models": {"claude-*": {"max_tokens": 20}}}
     with serving(upstream, {"param_limits": settings}) as proxy:
         proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+        # Under the name the Chat Completions API has now (its newer models refuse
+        # max_tokens); a client's own choice of name is kept.
+        assert upstream.last["max_completion_tokens"] == 100
+        assert "max_tokens" not in upstream.last
+        proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
+                                               max_tokens=5000)
         assert upstream.last["max_tokens"] == 100
+        assert "max_completion_tokens" not in upstream.last
         proxy.openai().chat.completions.create(model="claude-test", messages=HI)
         assert upstream.last["max_tokens"] == 20  # not the provider's default_max_tokens
         proxy.openai().responses.create(model="gpt-test", input="hello")

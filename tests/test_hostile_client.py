@@ -473,17 +473,54 @@ def test_an_idle_kept_alive_connection_closes_after_the_keepalive_timeout(upstre
     """The keep-alive wait starts again with each answer: a connection used within it
     stays open past the first wait's end, then closes once idle for the whole timeout."""
     request = b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
-    with _serving(upstream, tmp_path, server={"keepalive_timeout": 1.0}) as proxy, \
+    with _serving(upstream, tmp_path, server={"keepalive_timeout": 2.0}) as proxy, \
             socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         for _ in range(3):  # each within the wait the answer before began
             sock.sendall(request)
             assert sock.recv(1000).startswith(b"HTTP/1.1 200 ")
             answered = time.monotonic()
-            time.sleep(0.6)
+            time.sleep(1.2)
         with suppress(ConnectionResetError):
             assert sock.recv(100) == b""  # closed by the proxy
-        assert time.monotonic() - answered > 0.9  # not at an earlier answer's wait's end
+        # Not at the end of an earlier answer's wait, 0.8 s after the last answer.
+        assert time.monotonic() - answered > 1.5
         _still_served(proxy)
+
+
+def _closed() -> bytes:
+    raise AssertionError("the proxy closed the connection")
+
+
+def test_a_request_begun_before_the_answer_before_it_is_not_cut_by_the_keepalive_wait(
+        upstream, tmp_path):
+    """The next request's first bytes came while the one before it was answered: the
+    connection is not idle then, however long that request then takes."""
+    def post(model: str) -> bytes:
+        body = json.dumps({"model": model, "messages": HI}).encode()
+        return _head(OPENAI, len(body)) + body
+
+    def answer(sock: socket.socket) -> tuple[int, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536) or _closed()
+        head, _, body = data.partition(b"\r\n\r\n")
+        size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < size:
+            body += sock.recv(65536) or _closed()
+        return int(head.split()[1]), body
+
+    first, second = post("oai/ka1-delay-300"), post("oai/ka1-delay-1200")
+    with _serving(upstream, tmp_path, server={"keepalive_timeout": 1.0}) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(first)
+        time.sleep(0.1)
+        sock.sendall(second[:1])  # while the first is at the provider
+        assert answer(sock)[0] == 200
+        sock.sendall(second[1:])  # then the rest; its answer takes 1.2 s
+        status, body = answer(sock)
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"] == "echo: hello"
+    assert [r["status"] for r in _records(tmp_path)] == [200, 200]
 
 
 def test_a_bare_crlf_after_an_answer_does_not_keep_the_connection_open(upstream, tmp_path):

@@ -70,7 +70,6 @@ def test_a_provider_that_times_out_falls_back_and_the_request_goes_on(upstream):
         attempts = proxy.settled(finished)[-1].attempts
         assert [(a.provider, a.status) for a in attempts] == [("oai", 0), ("ant", 200)]
         assert "timed out after 1.5s" in (attempts[0].error or "")
-        assert 1.4 < attempts[0].latency_ms / 1000 < 2.9
         # The same connection and the same process go on as before.
         again = client.chat.completions.create(model="oai/r30-fast", messages=HI)
         assert again.choices[0].message.content == "echo: hello"

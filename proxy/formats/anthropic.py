@@ -548,7 +548,7 @@ def _encode_part(part: Part, same_format: bool, original: object = None) -> dict
 def _arguments(arguments: str, name: str = "") -> dict[str, Any]:
     try:
         value = msgspec.json.decode(arguments or "{}")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past what msgspec reads
         value = None
     if not isinstance(value, dict):
         raise Untranslatable(f"The arguments of tool call {name!r} (not a JSON object: "

@@ -408,8 +408,11 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
         body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.max_tokens is not None:
         # A client that said max_completion_tokens keeps its word (newer OpenAI models
-        # refuse max_tokens); everything else gets the key every compatible server knows.
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        # refuse max_tokens), and so does one that said max_tokens. A limit the proxy
+        # supplied to a client of this API that named none (param_limits) goes under the
+        # name the API has now; across formats, the key every compatible server knows.
+        key = "max_completion_tokens" if "max_completion_tokens" in body or (
+            wire is not None and "max_tokens" not in wire) else "max_tokens"
         body[key] = request.max_tokens
     _put(body, "temperature", request.temperature)
     _put(body, "top_p", request.top_p)
