@@ -45,6 +45,21 @@ def test_a_field_with_no_counterpart_is_refused_naming_it(proxy, upstream):
     assert "n" not in upstream.last and "store" not in upstream.last
 
 
+def test_tool_call_arguments_nested_too_deep_for_another_format_are_a_400(proxy, upstream):
+    # Anthropic's tool_use input is an object: arguments nested past what the decoder
+    # reads are not one, and the client hears so (not an internal error).
+    before = len(upstream.received)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "f", "arguments": "[" * 1200 + "]" * 1200}}
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.openai().chat.completions.create(model="claude-test", messages=[
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "done"}])
+    assert "not a JSON object" in info.value.body["message"]
+    assert len(upstream.received) == before
+
+
 def test_openai_client_anthropic_provider_default_max_tokens(proxy, upstream):
     proxy.openai().chat.completions.create(
         model="claude-test", messages=[{"role": "user", "content": "hi"}])
