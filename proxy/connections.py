@@ -458,9 +458,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         on it are answered: in the client's format when the request line was read
         (Anthropic's or OpenAI's, as a 404 would be), with a record for an API POST, and a
         log line. A broken body is the app's to answer (``BROKEN_BODY``)."""
+        # What comes after is read and dropped (``data_received``), not left unread: a
+        # client that leaves while the requests before this one are answered is seen.
         self._stopped = True
-        if not self.transport.is_closing():
-            self.transport.pause_reading()
         error = ProxyError(status, message, code=code)
         if self._in_body:
             self._refuse_body(error)

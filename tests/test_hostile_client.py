@@ -286,6 +286,25 @@ def test_a_refused_request_pipelined_behind_one_whose_client_leaves_is_recorded(
     assert "Invalid header value char" in refused["error"]["message"]
 
 
+def test_a_client_closing_behind_a_refused_pipelined_request_is_seen(upstream, tmp_path):
+    """A request at the provider, a request the parser refuses behind it, then the client
+    closes its side: the proxy still reads (dropping what comes), sees the close, cancels
+    the call and records both as 499s."""
+    bad = _chat("mock-1").replace(b"content-type:", b"x-bad: a\x00b\r\ncontent-type:")
+    with _serving(upstream, tmp_path, providers=_slow_upstream(upstream)) as proxy:
+        hung_up = upstream.hung_up
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(_chat("oai/x-slow") + bad)
+            time.sleep(0.3)
+        assert wait_for(lambda: upstream.hung_up == hung_up + 1, timeout=6)
+        assert wait_for(lambda: len(_records_so_far(tmp_path)) == 2)
+        _still_served(proxy)
+    by_model = {r.get("model"): r for r in _records(tmp_path)}
+    assert by_model["oai/x-slow"]["status"] == 499
+    assert by_model[None]["status"] == 499
+    assert by_model[None]["error"]["type"] == "client_disconnected"
+
+
 # --- numeric parameters -----------------------------------------------------------------
 
 
