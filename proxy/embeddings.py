@@ -72,7 +72,9 @@ class _Answer(msgspec.Struct):
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def decode_request(body: bytes) -> Request:
+def decode_request(body: bytes, max_inputs: int | None = None) -> Request:
+    """The embeddings request in ``body``; more than ``max_inputs`` inputs (the server's
+    ``max_messages``) is a 400 before any is converted."""
     raw = decode_json(body)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
@@ -86,6 +88,9 @@ def decode_request(body: bytes) -> Request:
     else:
         raise BadRequest("Invalid request: `$.input` must be a string, a list of strings or "
                          "a list of token arrays, and not empty")
+    if max_inputs is not None and len(inputs) > max_inputs:
+        raise BadRequest(f"Too many messages: {len(inputs)} (at most {max_inputs})",
+                         code="too_many_messages")
     messages = [Message(role="user", content=[_input_part(item, i)])
                 for i, item in enumerate(inputs)]
     request = Request(model=model, messages=messages,
@@ -226,7 +231,10 @@ async def embeddings(gateway: Gateway, http: HttpRequest) -> HttpResponse:
     """``POST /v1/embeddings``."""
 
     def prepare(body: bytes, request_id: str) -> RequestContext:
-        return gateway.request_context(http, openai_format, decode_request, body, request_id)
+        return gateway.request_context(
+            http, openai_format,
+            functools.partial(decode_request, max_inputs=gateway.config.server.max_messages),
+            body, request_id)
 
     async def answer(ctx: RequestContext) -> HttpResponse:
         response = await gateway.unless_client_leaves(

@@ -150,7 +150,10 @@ def _embed(count: int, dimensions: int) -> bytes:
 def test_the_mock_embeddings_do_not_stall_others(served):
     # 5 KB asking the shipped mock for 1,000 vectors of 4,096 floats (38 MB) held the loop
     # 2-3 s: over the mock's cap, refused at once; at the cap, answered without a stall.
-    for hostile, status in ((_embed(1000, 4096), 400), (_embed(64, 4096), 200)):
+    # 262,144 one-letter inputs (1 MB) were each converted before the input count was
+    # checked against max_messages, holding the loop over a second.
+    for hostile, status in ((_embed(1000, 4096), 400), (_embed(64, 4096), 200),
+                            (_embed(262_144, 1), 400)):
         statuses, health, chat = _while_busy(served, hostile, copies=3,
                                              path="/v1/embeddings")
         assert health < BOUND, f"/health waited {health:.2f}s behind embeddings"
