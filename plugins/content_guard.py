@@ -10,11 +10,14 @@
 The patterns run on RE2, all at once and in time linear in the text. Each message is
 checked as one text (its parts joined as the provider joins them), with the system prompt,
 tool results and text documents; so are the assistant's tool calls (name and arguments),
-its thinking, and the tool definitions (name, description, parameter schema with its
-descriptions, defaults and enums). JSON (arguments, schemas) is checked as it is written
-and, where it holds escapes, with its strings decoded: ``"launch\u0020codes"`` is caught.
-Every verdict is remembered by content (``proxy.memo``): a history or a set of tool
-definitions that comes back on the next turn is not checked again. What holds no text
+its thinking, the tool definitions (name, description, parameter schema with its
+descriptions, defaults and enums) and the structured-output schema (``response_format``,
+the Responses API's ``text.format``, Anthropic's ``output_config.format``). JSON
+(arguments, schemas) is checked as it is written and, where it holds escapes, with its
+strings decoded (arguments that are not JSON, with their escapes undone wherever they
+stand): ``"launch\u0020codes"`` is caught. Every verdict is remembered by content
+(``proxy.memo``): a history, a set of tool definitions or a schema that comes back on
+the next turn is not checked again. What holds no text
 (images, PDFs, opaque blocks) passes, or with ``unreadable = "reject"`` is refused.
 """
 
@@ -37,7 +40,7 @@ from proxy import (
     reports_changes,
 )
 from proxy.errors import is_error_status
-from proxy.jsontext import is_json, strings_of
+from proxy.jsontext import readable
 from proxy.memo import memo
 from proxy.settings import regex_error, settings_as, settings_error
 from proxy.textmatch import PatternSet, pattern_set
@@ -60,7 +63,7 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
         return bool(patterns.matching(text))
 
     def found_in_json(text: str) -> bool:
-        return found(text) or ("\\" in text and is_json(text) and found(strings_of(text)))
+        return found(text) or ("\\" in text and found(readable(text)))
 
     what = ("content_guard", patterns.key)
     if any(memo.get_or_compute(what, text, found) for text in request.message_texts()):
@@ -69,12 +72,13 @@ def _matches(patterns: PatternSet, request: Request) -> bool:
     if any(memo.get_or_compute_all(("content_guard-json", patterns.key),
                                    list(_other_texts(request)), found_in_json)):
         return True
-    if not request.tools:
-        return False
-    # Tool definitions come back whole every turn: one verdict for all of them, kept by
-    # their JSON text (a pattern may match across two of them: no harm).
-    return memo.get_or_compute(("content_guard-tools", patterns.key), _encode(request.tools),
-                               lambda text: found_in_json(text.decode()))
+    # Tool definitions and the output schema come back whole every turn: one verdict for
+    # each, kept by its JSON text (a pattern may match across two tools: no harm).
+    return any(memo.get_or_compute((what, patterns.key), _encode(value),
+                                   lambda text: found_in_json(text.decode()))
+               for what, value in (("content_guard-tools", request.tools),
+                                   ("content_guard-formats", request.output_formats()))
+               if value)
 
 
 def _other_texts(request: Request) -> Iterator[str]:

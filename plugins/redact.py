@@ -16,10 +16,15 @@ every turn, is scanned once. Text documents and tool results are masked too; thi
 not (the provider signed it, and would refuse it changed).
 
 JSON is masked inside its strings only, so it stays JSON: the assistant's tool-call
-arguments, and the tool definitions' parameter schemas (descriptions, defaults, enums...).
-A tool's description is masked as text; its name is not (the model calls it by it). Tool
-definitions come back every turn: that they hold nothing is remembered by their content.
-The top-level ``user`` (OpenAI) or ``metadata.user_id`` (Anthropic) is masked as text.
+arguments, the tool definitions' parameter schemas (descriptions, defaults, enums...) and
+the structured-output schema (``response_format``, the Responses API's ``text.format``,
+Anthropic's ``output_config.format``). Tool-call arguments that are not JSON are read
+with their escapes undone and masked where the value stands, escapes and all (they stay
+as invalid as they came). A tool's or a schema's description is masked as text; its name
+is not (the model calls it, or files its answer, by it). Tool definitions and schemas
+come back every turn: that they hold nothing is remembered by their content. The
+top-level ``user`` and ``safety_identifier`` (OpenAI) or ``metadata.user_id``
+(Anthropic), and a message's ``name`` (OpenAI Chat Completions), are masked as text.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from proxy.canonical import (
     content_key,
     joined_text,
 )
-from proxy.jsontext import is_json, replace_strings, strings_of
+from proxy.jsontext import Unescaped, is_json, readable, replace_strings, strings_of
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
@@ -148,15 +153,21 @@ class _Masker:
         # next turn is not scanned again, only numbered.
         return memo.get_or_compute(self.found_in, text, self.find)
 
-    def mask(self, text: str) -> str:
-        findings = self._findings(text)
+    def mask(self, text: str, read: Unescaped | None = None) -> str:
+        """``text`` with each value replaced by its placeholder; ``text`` itself if it
+        holds none. With ``read`` (``text`` with its escapes undone), values are found in
+        what it reads and replaced where they stand in ``text``, escapes and all."""
+        findings = self._findings(read.text if read else text)
         if not findings:
             return text
         pieces = []
         position = 0
         for start, end, kind in findings:
+            value = read.text[start:end] if read else text[start:end]
+            if read:
+                start, end = read.span(start, end)
             pieces.append(text[position:start])
-            pieces.append(self._placeholder(kind, text[start:end]))
+            pieces.append(self._placeholder(kind, value))
             position = end
         pieces.append(text[position:])
         return "".join(pieces)
@@ -164,8 +175,9 @@ class _Masker:
     def holds_nothing(self, message: Message) -> bool:
         """Whether ``message`` holds no value to mask."""
         return not self._findings(joined_text(message.text_parts())) and not any(
-            self._findings(_readable(item.arguments)) for item in message.content
-            if isinstance(item, ToolCallPart))
+            self._findings(readable(item.arguments)) for item in message.content
+            if isinstance(item, ToolCallPart)) and not (
+            message.name and self._findings(message.name))
 
     def mask_message(self, message: Message) -> bool:
         """Masks what ``message`` holds; whether it changed."""
@@ -176,14 +188,18 @@ class _Masker:
                 if masked is not item.arguments:
                     item.arguments = masked
                     changed = True
+        if message.name:
+            name = self.mask(message.name)
+            if name is not message.name:
+                message.name, changed = name, True
         return changed
 
     def mask_json(self, text: str) -> str:
-        """``text`` masked inside its strings if it is JSON (it stays JSON), else as text;
-        ``text`` itself if nothing was found."""
+        """``text`` masked inside its strings if it is JSON (it stays JSON), else as text
+        with its escapes undone; ``text`` itself if nothing was found."""
         if is_json(text):
             return replace_strings(text, self.mask)
-        return self.mask(text)
+        return self.mask(text, Unescaped(text)) if "\\" in text else self.mask(text)
 
     def mask_tools(self, tools: list[Tool]) -> bool:
         """Masks the tool definitions' descriptions, and the strings of their parameter
@@ -195,13 +211,32 @@ class _Masker:
                 tool.description, changed = description, True
             for field in ("parameters", "extra"):
                 value = getattr(tool, field)
-                if value:
-                    text = _encode(value).decode()
-                    masked = replace_strings(text, self.mask)
-                    if masked is not text:
-                        setattr(tool, field, _decode(masked))
-                        changed = True
+                masked = self.mask_value(value)
+                if masked is not value:
+                    setattr(tool, field, masked)
+                    changed = True
         return changed
+
+    def mask_format(self, output: dict[str, Any]) -> dict[str, Any]:
+        """A structured-output format (``Request.output_formats``) with its description
+        masked as text and the strings of its schema masked; ``output`` itself if
+        nothing changed (it is never changed in place: it is the client's own)."""
+        masked = dict(output)
+        description = output.get("description")
+        if isinstance(description, str):
+            masked["description"] = self.mask(description)
+        if "schema" in output:
+            masked["schema"] = self.mask_value(output["schema"])
+        return output if masked == output else masked
+
+    def mask_value(self, value: Any) -> Any:
+        """A JSON value with its strings (keys too) masked: ``value`` itself if nothing
+        changed, else a new value."""
+        if not value:
+            return value
+        text = _encode(value).decode()
+        masked = replace_strings(text, self.mask)
+        return value if masked is text else _decode(masked)
 
     def mask_parts(self, parts: Sequence[TextPart | DocumentPart],
                    separator: str = MESSAGE_JOIN) -> bool:
@@ -261,20 +296,33 @@ class _Masker:
         return PLACEHOLDER.sub(lambda m: self.originals.get(m.group(1), m.group()), text)
 
 
-def _readable(arguments: str) -> str:
-    """The text a tool call's arguments hold: the strings of their JSON, escapes undone
-    (or the arguments as they are, when they are not JSON)."""
-    return strings_of(arguments) if is_json(arguments) else arguments
-
-
 def _mask_tools(masker: _Masker, request: Request) -> bool:
     """Masks the tool definitions, unless their content is known to hold nothing."""
-    if not request.tools:
+    return not _holds_nothing(masker, "redact-tools-clean", request.tools) and \
+        masker.mask_tools(request.tools)
+
+
+def _holds_nothing(masker: _Masker, what: str, value: Any) -> bool:
+    """Whether the strings of ``value`` (tool definitions, output formats) hold nothing to
+    mask, remembered by its content: they come back whole every turn."""
+    return not value or memo.get_or_compute(
+        (what, masker.kinds), _encode(value),
+        lambda text: not masker.find(strings_of(text.decode())))
+
+
+def _mask_formats(masker: _Masker, request: Request) -> bool:
+    """Masks the structured-output formats the request asks for (``response_format``,
+    Anthropic's ``output_config.format``...), each put back as a new object."""
+    formats = request.output_formats()
+    if _holds_nothing(masker, "redact-formats-clean", formats):
         return False
-    text = _encode(request.tools)
-    clean = memo.get_or_compute(("redact-tools-clean", masker.kinds), text,
-                                lambda text: not masker.find(strings_of(text.decode())))
-    return not clean and masker.mask_tools(request.tools)
+    changed = False
+    for output in formats:
+        masked = masker.mask_format(output)
+        if masked is not output:
+            request.replace_output_format(output, masked)
+            changed = True
+    return changed
 
 
 def _run_length(text: str, piece: str) -> int:
@@ -300,6 +348,8 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     # value keeps the placeholder it had on the turn before.
     if _mask_tools(masker, request):
         ctx.changed()
+    if _mask_formats(masker, request):
+        ctx.changed()
     # The text each message (and the system prompt) makes for the provider, its parts
     # joined as the provider reads them: the text content_guard checks too.
     if masker.mask_parts(request.system, SYSTEM_JOIN):
@@ -322,6 +372,13 @@ def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
         user = masker.mask(request.user)
         if user is not request.user:
             request.user = user
+            ctx.changed()
+    # OpenAI's successor to ``user``: kept in ``extra``, masked as ``user`` is.
+    safety_identifier = request.extra.get("safety_identifier")
+    if isinstance(safety_identifier, str):
+        masked = masker.mask(safety_identifier)
+        if masked is not safety_identifier:
+            request.extra["safety_identifier"] = masked
             ctx.changed()
     if config.unreadable == "reject":
         unreadable = request.unreadable()

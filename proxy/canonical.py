@@ -201,6 +201,34 @@ class Request(msgspec.Struct, omit_defaults=True, dict=True):
         if self.system:
             yield self.system_text
 
+    def output_formats(self) -> list[dict[str, Any]]:
+        """The structured-output formats the request asks for, each an object whose
+        ``description`` and ``schema`` the model reads as it reads a tool's: Chat
+        Completions' ``response_format.json_schema`` (the Responses API's
+        ``text.format`` is decoded to it) and, kept in ``extra``, Anthropic's
+        ``output_config.format`` and its beta ``output_format``."""
+        found = []
+        for outer, key in self._output_format_places():
+            inner = outer.get(key) if isinstance(outer, dict) else None
+            if isinstance(inner, dict):
+                found.append(inner)
+        return found
+
+    def replace_output_format(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Puts ``new`` where the output format ``old`` (from ``output_formats``) is; what
+        holds it is copied, not changed in place (it is the client's decoded JSON)."""
+        if self.response_format and self.response_format.get("json_schema") is old:
+            self.response_format = {**self.response_format, "json_schema": new}
+        output = self.extra.get("output_config")
+        if isinstance(output, dict) and output.get("format") is old:
+            self.extra["output_config"] = {**output, "format": new}
+        if self.extra.get("output_format") is old:
+            self.extra["output_format"] = new
+
+    def _output_format_places(self) -> tuple[tuple[Any, str], ...]:
+        return ((self.response_format, "json_schema"),
+                (self.extra.get("output_config"), "format"), (self.extra, "output_format"))
+
     def unreadable(self) -> list[str]:
         """What in the messages holds content that is not text a plugin can read or
         change: images, binary or linked documents, redacted thinking, opaque blocks (by
