@@ -8,6 +8,7 @@ formats."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness import ServedApp
+from tests.strict_upstream import ANTHROPIC_KEY, OPENAI_KEY, StrictUpstream
 from tests.test_plugins import serving
 
 EMAIL = "alice.private@example.com"
@@ -326,3 +328,175 @@ def test_redact_remembers_tool_definitions_that_hold_nothing(upstream):
                                                       "content": "hello there"}], tools))
         assert memo.misses == misses
         assert upstream.last["tools"] == sent == tools
+
+
+# --- tool-call arguments that are not JSON -----------------------------------------------
+
+# Arguments a provider passes to the model as text although they do not parse: cut short,
+# with trailing junk, nested deeper than msgspec reads. Escapes in them still read as
+# what they stand for.
+NOT_JSON = {
+    "cut short": '{{"q": "{}"',
+    "trailing junk": '{{"q": "{}"}}}}',
+    "nested too deep": "[" * 1100 + '"{}"' + "]" * 1100,
+}
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+@pytest.mark.parametrize("shape", NOT_JSON)
+def test_content_guard_reads_escapes_in_arguments_that_are_not_json(upstream, shape, model):
+    with serving(upstream, {"content_guard": {"patterns": PHRASE}}) as proxy:
+        before = len(upstream.received)
+        with pytest.raises(openai.BadRequestError, match="content policy"):
+            proxy.openai().chat.completions.create(model="gpt-test", messages=_called(
+                "openai", NOT_JSON[shape].format("launch\\u0020codes")))
+        assert len(upstream.received) == before
+        # Arguments of the same shape without the phrase pass.
+        proxy.openai().chat.completions.create(model="gpt-test", messages=_called(
+            "openai", NOT_JSON[shape].format("launch\\u0020window")))
+        assert len(upstream.received) == before + 1
+
+
+@pytest.mark.parametrize("shape", NOT_JSON)
+def test_redact_masks_escaped_values_in_arguments_that_are_not_json(upstream, shape):
+    # The value is replaced where it stands, escapes and all; the rest of the text goes
+    # byte for byte, as invalid as it came (an escape JSON has no such thing as too).
+    escaped = "alice.private\\u0040example.com \\x \\ud800"
+    with serving(upstream, {"redact": {}}) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=_called(
+            "openai", NOT_JSON[shape].format(escaped)))
+        sent = upstream.last["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert sent == NOT_JSON[shape].format("[EMAIL_1] \\x \\ud800")
+
+
+# --- identifiers of the end user -------------------------------------------------------
+
+
+def test_redact_masks_the_safety_identifier_and_message_names(upstream):
+    messages = [{"role": "user", "content": f"I am {EMAIL}", "name": EMAIL},
+                {"role": "assistant", "content": "Hello.", "name": KEY},
+                {"role": "user", "content": "Bye."}]
+    with serving(upstream, {"redact": {}}) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=messages,
+                                               safety_identifier=EMAIL)
+        sent = upstream.last
+        assert _leaked(sent) == []
+        assert sent["safety_identifier"] == "[EMAIL_1]"
+        assert sent["messages"] == [
+            {"role": "user", "content": "I am [EMAIL_1]", "name": "[EMAIL_1]"},
+            {"role": "assistant", "content": "Hello.", "name": "[SECRET_1]"},
+            {"role": "user", "content": "Bye."}]
+        # Sent again, the messages' verdicts come from the memo: still masked.
+        proxy.openai().chat.completions.create(model="gpt-test", messages=messages)
+        assert upstream.last["messages"] == sent["messages"]
+
+
+@pytest.fixture
+def strict(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictUpstream]:
+    monkeypatch.setenv("STRICT_UPSTREAM_OPENAI_KEY", OPENAI_KEY)
+    monkeypatch.setenv("STRICT_UPSTREAM_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    with StrictUpstream() as server:
+        yield server
+
+
+def _on_strict(upstream: Any, strict: StrictUpstream, plugins: dict[str, Any]) -> Any:
+    """A proxy whose models "gpt-chat", "gpt-resp" and "claude-strict" are served by
+    providers of Chat Completions, of the Responses API and of Anthropic's Messages API,
+    each as strict as the real one."""
+    return serving(upstream, plugins,
+                   providers={"chat": strict.provider("openai"),
+                              "resp": strict.provider("responses"),
+                              "ant": strict.provider("anthropic")},
+                   models=[{"name": "gpt-chat", "provider": "chat", "model": "gpt-strict"},
+                           {"name": "gpt-resp", "provider": "resp", "model": "gpt-strict"},
+                           {"name": "claude-strict", "provider": "ant",
+                            "model": "claude-strict"}])
+
+
+def test_redact_masks_the_safety_identifier_of_the_responses_api(upstream, strict):
+    with _on_strict(upstream, strict, {"redact": {}}) as proxy:
+        proxy.openai().responses.create(model="gpt-resp", input=f"I am {EMAIL}",
+                                        safety_identifier=EMAIL)
+    sent = strict.on("/v1/responses")[-1].body
+    assert _leaked(sent) == [] and sent["safety_identifier"] == "[EMAIL_1]"
+
+
+# --- the structured-output schema ------------------------------------------------------
+
+
+def _schema(description: str, hint: str) -> dict[str, Any]:
+    return {"type": "object", "description": description, "additionalProperties": False,
+            "properties": {"to": {"type": "string", "description": hint}},
+            "required": ["to"]}
+
+
+def _ask_for_json(proxy: Any, api: str, schema: dict[str, Any], description: str) -> None:
+    """Asks for an answer in the JSON ``schema`` through ``api``'s own SDK call."""
+    hello = [{"role": "user", "content": "hello"}]
+    if api == "chat":
+        proxy.openai().chat.completions.create(
+            model="gpt-chat", messages=hello, response_format={
+                "type": "json_schema", "json_schema": {
+                    "name": "answer", "description": description, "schema": schema}})
+    elif api == "responses":
+        proxy.openai().responses.create(
+            model="gpt-resp", input="hello", store=False, text={"format": {
+                "type": "json_schema", "name": "answer", "description": description,
+                "schema": schema}})
+    else:
+        proxy.anthropic().messages.create(
+            model="claude-strict", max_tokens=50, messages=hello,
+            output_config={"format": {"type": "json_schema", "schema": schema}})
+
+
+def _sent_schema(strict: StrictUpstream, api: str) -> dict[str, Any]:
+    """The output format as the provider received it (schema, name, description)."""
+    if api == "chat":
+        return dict(strict.on("/v1/chat/completions")[-1].body["response_format"][
+            "json_schema"])
+    if api == "responses":
+        return dict(strict.on("/v1/responses")[-1].body["text"]["format"])
+    return dict(strict.on("/v1/messages")[-1].body["output_config"]["format"])
+
+
+APIS = ["chat", "responses", "anthropic"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_content_guard_reads_the_structured_output_schema(upstream, strict, api):
+    error = anthropic.BadRequestError if api == "anthropic" else openai.BadRequestError
+    refused = {"the schema's description": _schema("Reveal the launch codes.", "who"),
+               "a property's description": _schema("A mail.", "the LAUNCH codes")}
+    if api != "anthropic":  # Anthropic's format has no description of its own
+        refused["the format's description"] = _schema("A mail.", "who")
+    with _on_strict(upstream, strict, {"content_guard": {"patterns": PHRASE}}) as proxy:
+        for where, schema in refused.items():
+            description = "launch codes" if where == "the format's description" else "x"
+            before = len(strict.calls)
+            with pytest.raises(error, match="content policy"):
+                _ask_for_json(proxy, api, schema, description)
+            assert len(strict.calls) == before, where
+        _ask_for_json(proxy, api, _schema("A mail.", "who"), "x")
+        assert _sent_schema(strict, api)["schema"] == _schema("A mail.", "who")
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_redact_masks_the_structured_output_schema_once_per_content(upstream, strict, api):
+    from proxy.memo import memo
+
+    schema = _schema(f"A mail to {EMAIL}.", f"e.g. {EMAIL} or {KEY}")
+    with _on_strict(upstream, strict, {"redact": {}}) as proxy:
+        _ask_for_json(proxy, api, schema, f"Mails for {EMAIL}")
+        sent = _sent_schema(strict, api)
+        assert _leaked(sent) == []
+        assert sent["schema"] == _schema("A mail to [EMAIL_1].", "e.g. [EMAIL_1] or [SECRET_1]")
+        if api != "anthropic":
+            assert sent["name"] == "answer"
+            assert sent["description"] == "Mails for [EMAIL_1]"
+        # A schema that holds nothing is known to by its content the next time.
+        clean = _schema("A mail.", "who")
+        _ask_for_json(proxy, api, clean, "x")
+        misses = memo.misses
+        _ask_for_json(proxy, api, clean, "x")
+        assert memo.misses == misses
+        assert _sent_schema(strict, api)["schema"] == clean
