@@ -365,6 +365,51 @@ def test_a_plugin_reads_the_clients_headers(upstream):
     assert all(name == name.lower() for name in headers)
 
 
+class NamesItsOwn:
+    """Hooks that name the arguments they want in an order of their own, or only some."""
+
+    seen: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def request_start(self, settings: dict[str, Any], ctx: RequestContext) -> None:
+        self.seen.append(("request_start", (settings["mark"], ctx.request.model)))
+
+    @hookimpl
+    def pre_routing(self, settings: dict[str, Any]) -> None:
+        self.seen.append(("pre_routing", settings["mark"]))
+
+    @hookimpl
+    def post_response(self, response: Response, ctx: RequestContext) -> None:
+        self.seen.append(("post_response", (response.text, ctx.request.model)))
+
+    @hookimpl
+    def stream_chunk(self, settings: dict[str, Any], event: Any) -> None:
+        if isinstance(event, TextDelta):
+            self.seen.append(("stream_chunk", (settings["mark"], event.text)))
+
+    @hookimpl
+    def request_end(self) -> None:
+        self.seen.append(("request_end", None))
+
+
+def test_hooks_get_the_arguments_they_name_in_their_order(upstream):
+    NamesItsOwn.seen.clear()
+    with serving(upstream, {"own": {"mark": 7}}, ("own", NamesItsOwn())) as proxy:
+        reply = proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+        text = proxy.settled(reply.choices[0].message.content)
+        assert text and NamesItsOwn.seen == [
+            ("request_start", (7, "gpt-test")), ("pre_routing", 7),
+            ("post_response", (text, "gpt-test")), ("request_end", None)]
+        NamesItsOwn.seen.clear()
+        stream = proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
+                                                        stream=True)
+        streamed = proxy.settled("".join(c.choices[0].delta.content or ""
+                                         for c in stream if c.choices))
+    chunks = [what for hook, what in NamesItsOwn.seen if hook == "stream_chunk"]
+    assert streamed and chunks and all(mark == 7 for mark, _ in chunks)
+    assert "".join(piece for _, piece in chunks) == streamed
+
+
 def test_short_circuit_stops_the_later_hooks(upstream):
     Recorder.order.clear()
     plugins = [("plain_1", Recorder("plain_1")), ("answerer", Recorder("answerer", True))]
