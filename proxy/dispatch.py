@@ -54,13 +54,16 @@ class Impl:
     what is worked out once (when it is first looked up after plugins change) rather than
     on every call: whether it reports its changes, and how its arguments are picked."""
 
-    __slots__ = ("argnames", "function", "pick", "plugin", "reports")
+    __slots__ = ("argnames", "function", "named", "pick", "plugin", "reports")
 
     def __init__(self, hookimpl: Any, spec: Sequence[str]) -> None:
         self.function = hookimpl.function
         self.argnames: tuple[str, ...] = tuple(hookimpl.argnames)
         self.plugin = hookimpl.plugin
         self.reports: bool = getattr(self.function, _REPORTS, False)
+        # Whether its plugin's name is set in ``current_plugin`` while it runs (see
+        # ``no_plugin_context``).
+        self.named: bool = not getattr(self.function, _UNNAMED, False)
         # The arguments it names, in its order, from those of the hookspec (``spec``, in
         # its order): None when it names them all, in that order (most do), and is given
         # them as they are.
@@ -135,6 +138,20 @@ def reports_changes(function: F) -> F:
     return function
 
 
+_UNNAMED = "hookproxy_no_plugin_context"
+
+
+def no_plugin_context(function: F) -> F:
+    """Marks a sync hook implementation of hookproxy's own that never asks which plugin
+    is running: it does not log, annotate or start tasks through the context
+    (``ctx.log``, ``ctx.annotate``, ``ctx.spawn``, ``app.spawn``), nor start tasks of
+    its own. It is called without its name set in ``current_plugin``, which saves a
+    context-variable set and reset per call (an async one still has it set while it is
+    awaited)."""
+    setattr(function, _UNNAMED, True)
+    return function
+
+
 def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -> None:
     """With ``CHECK_REPORTS``: raises a ``ProxyError`` (a 500 that names the plugin) if an
     implementation marked ``reports_changes`` changed something without saying so, or
@@ -198,7 +215,7 @@ def start_impl(plugin: str, hook: str, impl: Impl, arguments: Arguments) -> Any:
     unreported = not impl.reports and hook in _BEFORE_SENT
     if unreported:
         _distrust(arguments)
-    acting = current_plugin.set(plugin)
+    acting = current_plugin.set(plugin) if impl.named else None
     try:
         pick = impl.pick
         return impl.function(*(arguments if pick is None else pick(arguments)))
@@ -208,7 +225,8 @@ def start_impl(plugin: str, hook: str, impl: Impl, arguments: Arguments) -> Any:
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
     finally:
-        current_plugin.reset(acting)
+        if acting is not None:
+            current_plugin.reset(acting)
         if unreported:
             # What it asked about the request before changing it (content_key) is stale.
             _distrust(arguments)

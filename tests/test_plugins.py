@@ -19,6 +19,7 @@ import pytest
 
 from proxy import DROP, Reject, RequestContext, Response, TextDelta, TextPart, hookimpl
 from proxy.config import ConfigError, parse_config
+from proxy.dispatch import current_plugin, no_plugin_context
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config, wait_for
 
@@ -408,6 +409,30 @@ def test_hooks_get_the_arguments_they_name_in_their_order(upstream):
     chunks = [what for hook, what in NamesItsOwn.seen if hook == "stream_chunk"]
     assert streamed and chunks and all(mark == 7 for mark, _ in chunks)
     assert "".join(piece for _, piece in chunks) == streamed
+
+
+class WhoIsRunning:
+    """Says, from each hook, which plugin ``current_plugin`` names while it runs."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    @hookimpl
+    def request_start(self) -> None:
+        self.seen.append(("request_start", current_plugin.get()))
+
+    @hookimpl
+    @no_plugin_context
+    def pre_routing(self) -> None:
+        self.seen.append(("pre_routing", current_plugin.get()))
+
+
+def test_hooks_run_named_unless_marked_no_plugin_context(upstream):
+    """A hook runs with its plugin's name in ``current_plugin`` (what ctx.log, annotate
+    and spawn read); one of hookproxy's own marked ``no_plugin_context`` runs without."""
+    WhoIsRunning.seen.clear()
+    with serving(upstream, {"who": {}}, ("who", WhoIsRunning())) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+    assert WhoIsRunning.seen == [("request_start", "who"), ("pre_routing", None)]
 
 
 def test_short_circuit_stops_the_later_hooks(upstream):
