@@ -404,7 +404,8 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
                 messages.append({"role": role, "content": [{**extra, "type": "text",
                                                             "text": part.text}]})
             else:
-                _check_block_fields(part, "a system text block")
+                if part.extra:
+                    _check_block_fields(part, "a system text block")
                 messages.append({"role": role, "content": part.text})
     for message in request.messages:
         original = wire_of(message) if same_format else None
@@ -433,12 +434,16 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
         key = "max_completion_tokens" if "max_completion_tokens" in body or (
             wire is not None and "max_tokens" not in wire) else "max_tokens"
         body[key] = request.max_tokens
-    _put(body, "temperature", request.temperature)
-    _put(body, "top_p", request.top_p)
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
     if request.stop:
         body["stop"] = request.stop
-    _put(body, "response_format", request.response_format)
-    _put(body, "user", request.user)
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    if request.user is not None:
+        body["user"] = request.user
     if request.stream:
         body["stream"] = True
         # Always ask for usage: the log needs it; the client gets it only if it asked.
@@ -495,11 +500,6 @@ def _from_anthropic(request: Request) -> dict[str, Any]:
 def _shown(value: object) -> str:
     text = _encode(value).decode()
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _put(body: dict[str, Any], key: str, value: object) -> None:
-    if value is not None:
-        body[key] = value
 
 
 def _check_block_fields(part: Any, what: str) -> None:
