@@ -120,9 +120,16 @@ def decode_request(body: bytes) -> Request:
 
 
 def _add_messages(request: Request, raws: list[msgspec.Raw]) -> None:
+    _remember_system(request, _set_messages(request, raws))
+
+
+def _set_messages(request: Request, raws: list[msgspec.Raw]) -> int:
+    """Decodes ``raws`` into the request's system prompt and messages; returns how many
+    of them the system prompt came from. (A record's preview, never encoded, needs no
+    more: ``_add_messages`` also remembers the system prompt for ``encode_request``.)"""
     request.system, request.messages, leading = _assemble(
         common.messages_by_content(NAME, raws, _checked_unit))
-    _remember_system(request, leading)
+    return leading
 
 
 # A decoded request's system prompt as it came: how many wire messages made it, and its
@@ -161,7 +168,7 @@ def preview_request(peeked: Request, keep_newest: int) -> tuple[Request, int] | 
     """What a record shows of a request ``peek_request`` read; see
     ``common.preview_request``."""
     return common.preview_request(peeked, keep_newest, _DEFERRED, decode_request,
-                                  _add_messages)
+                                  _set_messages)
 
 
 def _request(raw: dict[str, Any]) -> Request:
