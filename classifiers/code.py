@@ -16,6 +16,7 @@ import msgspec
 
 from classifiers.scope import MAX_CHARS, Scope, any_text, max_chars_problem
 from proxy import RequestContext, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import regex
 
@@ -54,6 +55,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
     found = any_text(ctx.request, config.scope, config.max_chars, "code", looks_like_code)

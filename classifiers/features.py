@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from proxy import ImagePart, RequestContext, TextPart, ToolResultPart, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 
 
@@ -25,6 +26,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     request = ctx.request
     kinds = {type(p) for m in request.messages for p in m.content}  # one pass, in C

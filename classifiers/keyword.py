@@ -21,6 +21,7 @@ import msgspec
 
 from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, union_over_texts
 from proxy import RequestContext, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 from proxy.textmatch import keyword_problem, keyword_table
 
@@ -50,6 +51,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
     table = keyword_table(config.table_key)

@@ -17,6 +17,7 @@ import msgspec
 
 from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, scoped_text
 from proxy import RequestContext, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
 
@@ -85,6 +86,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
     text = scoped_text(ctx.request, config.scope, config.max_chars)

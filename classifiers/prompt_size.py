@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from proxy import RequestContext, TextPart, ToolCallPart, ToolResultPart, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 
 CHARS_PER_TOKEN = 4
@@ -49,6 +50,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     tokens = ctx.scratch["estimated_tokens"] = estimate_tokens(ctx)
     return [tag for tag, threshold in settings_as(settings, Settings).thresholds.items()

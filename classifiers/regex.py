@@ -19,6 +19,7 @@ import msgspec
 
 from classifiers.scope import MAX_CHARS, Scope, max_chars_problem, union_over_texts
 from proxy import RequestContext, hookimpl
+from proxy.dispatch import no_plugin_context
 from proxy.settings import regex_error, settings_as, settings_error
 from proxy.textmatch import pattern_set
 
@@ -36,6 +37,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 
 @hookimpl(trylast=True)
+@no_plugin_context
 def classify(ctx: RequestContext, settings: dict[str, Any]) -> list[str]:
     config = settings_as(settings, Settings)
     if not config.tags:

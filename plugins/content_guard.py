@@ -39,6 +39,7 @@ from proxy import (
     hookimpl,
     reports_changes,
 )
+from proxy.dispatch import no_plugin_context
 from proxy.errors import is_error_status
 from proxy.jsontext import readable
 from proxy.memo import memo
@@ -104,6 +105,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 @hookimpl(trylast=True)
 @reports_changes  # changes nothing in the request
+@no_plugin_context
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> Response | None:
     config = settings_as(settings, Settings)
     if config.unreadable == "reject":

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from proxy import RequestContext, Response, TextPart, hookimpl, reports_changes
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 
 
@@ -83,6 +84,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 @hookimpl(trylast=True)
 @reports_changes
+@no_plugin_context
 def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     format_ = ctx.request.response_format or {}

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from proxy import RequestContext, hookimpl, reports_changes
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 
 
@@ -76,6 +77,7 @@ _NO_DEFAULTS = Defaults()
 
 @hookimpl(trylast=True)
 @reports_changes
+@no_plugin_context
 def pre_routing(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     request = ctx.request

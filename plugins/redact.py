@@ -59,6 +59,7 @@ from proxy.canonical import (
     content_key,
     joined_text,
 )
+from proxy.dispatch import no_plugin_context
 from proxy.jsontext import Unescaped, is_json, readable, replace_strings, strings_of
 from proxy.memo import memo
 from proxy.settings import settings_as, settings_error
@@ -340,6 +341,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 @hookimpl(trylast=True)
 @reports_changes
+@no_plugin_context
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     masker = _Masker(config.kinds)
@@ -399,6 +401,7 @@ def _masker(ctx: RequestContext, settings: dict[str, Any]) -> _Masker | None:
 
 @hookimpl(trylast=True)
 @reports_changes
+@no_plugin_context
 def post_response(ctx: RequestContext, response: Response, settings: dict[str, Any]) -> None:
     if "redact" not in ctx.scratch:
         return  # nothing was masked (most requests)
@@ -465,6 +468,7 @@ def _with_piece(event: TextDelta | ToolCallDelta, piece: str) -> StreamEvent:
 
 @hookimpl(trylast=True)
 @reports_changes  # returns new events, never changes one in place
+@no_plugin_context
 def stream_chunk(ctx: RequestContext, event: StreamEvent, settings: dict[str, Any]) -> Any:
     masker = _masker(ctx, settings)
     if masker is None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from proxy import RequestContext, TextPart, hookimpl, reports_changes
+from proxy.dispatch import no_plugin_context
 from proxy.settings import settings_as, settings_error
 
 
@@ -27,6 +28,7 @@ def validate_settings(settings: dict[str, Any]) -> str | None:
 
 @hookimpl(trylast=True)
 @reports_changes
+@no_plugin_context
 def request_start(ctx: RequestContext, settings: dict[str, Any]) -> None:
     config = settings_as(settings, Settings)
     part = TextPart(text=config.text)

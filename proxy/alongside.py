@@ -40,7 +40,7 @@ class Alongside:
 
     async def _check(self, name: str, impl: Any) -> None:
         ctx = self.ctx
-        arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+        arguments = (ctx, ctx.plugin_settings[name])
         try:
             await call_impl(name, HOOK, impl, arguments, self.pipeline._timeout(name))
         except ProxyError as exc:

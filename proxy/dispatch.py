@@ -44,27 +44,39 @@ class HookFailed(Exception):
         super().__init__(f"plugin {plugin!r} {what} in {hook}")
 
 
+Arguments = tuple[Any, ...]
+"""A hook's arguments, in the order its hookspec names them (``(ctx, settings)`` for the
+stages, ``(ctx, response, settings)`` for post_response...)."""
+
+
 class Impl:
     """One hook implementation as hookproxy calls it: what pluggy's HookImpl holds, plus
     what is worked out once (when it is first looked up after plugins change) rather than
     on every call: whether it reports its changes, and how its arguments are picked."""
 
-    __slots__ = ("argnames", "function", "pick", "plugin", "reports")
+    __slots__ = ("argnames", "function", "named", "pick", "plugin", "reports")
 
-    def __init__(self, hookimpl: Any) -> None:
+    def __init__(self, hookimpl: Any, spec: Sequence[str]) -> None:
         self.function = hookimpl.function
         self.argnames: tuple[str, ...] = tuple(hookimpl.argnames)
         self.plugin = hookimpl.plugin
         self.reports: bool = getattr(self.function, _REPORTS, False)
-        # The arguments it names, in its order, from a mapping of those available (an
-        # itemgetter of two or more names gives a tuple; of one, the value alone).
-        self.pick: Callable[[Mapping[str, Any]], Sequence[Any]] = (
-            operator.itemgetter(*self.argnames) if len(self.argnames) > 1
-            else functools.partial(_pick, self.argnames))
+        # Whether its plugin's name is set in ``current_plugin`` while it runs (see
+        # ``no_plugin_context``).
+        self.named: bool = not getattr(self.function, _UNNAMED, False)
+        # The arguments it names, in its order, from those of the hookspec (``spec``, in
+        # its order): None when it names them all, in that order (most do), and is given
+        # them as they are.
+        self.pick: Callable[[Arguments], Sequence[Any]] | None = None
+        if self.argnames != tuple(spec):
+            where = [spec.index(name) for name in self.argnames]
+            # (an itemgetter of two or more positions gives a tuple; of one, the value)
+            self.pick = operator.itemgetter(*where) if len(where) > 1 \
+                else functools.partial(_pick, where)
 
 
-def _pick(names: tuple[str, ...], available: Mapping[str, Any]) -> list[Any]:
-    return [available[name] for name in names]
+def _pick(where: list[int], arguments: Arguments) -> list[Any]:
+    return [arguments[i] for i in where]
 
 
 def implementations(pm: pluggy.PluginManager, hook: str,
@@ -85,7 +97,7 @@ def implementations(pm: pluggy.PluginManager, hook: str,
         if name is not None and name in active:
             impl = _impls.get(hookimpl)
             if impl is None:
-                impl = _impls[hookimpl] = Impl(hookimpl)
+                impl = _impls[hookimpl] = Impl(hookimpl, caller.spec.argnames)
             found.append((name, impl))
     _found[key] = (active, pm, found)
     if len(_found) > 1024:
@@ -126,6 +138,20 @@ def reports_changes(function: F) -> F:
     return function
 
 
+_UNNAMED = "hookproxy_no_plugin_context"
+
+
+def no_plugin_context(function: F) -> F:
+    """Marks a sync hook implementation of hookproxy's own that never asks which plugin
+    is running: it does not log, annotate or start tasks through the context
+    (``ctx.log``, ``ctx.annotate``, ``ctx.spawn``, ``app.spawn``), nor start tasks of
+    its own. It is called without its name set in ``current_plugin``, which saves a
+    context-variable set and reset per call (an async one still has it set while it is
+    awaited)."""
+    setattr(function, _UNNAMED, True)
+    return function
+
+
 def check_reported(ctx: Any, hook: str, plugin: str, changed: bool, said: int) -> None:
     """With ``CHECK_REPORTS``: raises a ``ProxyError`` (a 500 that names the plugin) if an
     implementation marked ``reports_changes`` changed something without saying so, or
@@ -160,17 +186,15 @@ def check_decoded(request: Any) -> None:
 _BEFORE_SENT = frozenset({"request_start", "pre_routing", "alongside_call"})
 
 
-def _unreported(hook: str, impl: Impl, arguments: Mapping[str, Any]) -> None:
+def _unreported(hook: str, impl: Impl, arguments: Arguments) -> None:
     """An implementation that does not report its changes is given the request: what
     was known unchanged must be looked at again."""
     if hook in _BEFORE_SENT and not impl.reports:
         _distrust(arguments)
 
 
-def _distrust(arguments: Mapping[str, Any]) -> None:
-    ctx = arguments.get("ctx")
-    if ctx is not None:
-        ctx.may_have_changed()
+def _distrust(arguments: Arguments) -> None:
+    arguments[0].may_have_changed()  # the context: first of every hook in _BEFORE_SENT
 
 
 # What a hook returns most often (nothing, tags, settings): builtin types, which are never
@@ -184,23 +208,25 @@ def is_awaitable(result: Any) -> bool:
     return type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result)
 
 
-def start_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]) -> Any:
+def start_impl(plugin: str, hook: str, impl: Impl, arguments: Arguments) -> Any:
     """Calls one implementation with the arguments it asks for. Returns its result, or the
     awaitable an async implementation gave (for ``finish_impl``)."""
     # (``_unreported`` written out: this runs for every hook of every request.)
     unreported = not impl.reports and hook in _BEFORE_SENT
     if unreported:
         _distrust(arguments)
-    acting = current_plugin.set(plugin)
+    acting = current_plugin.set(plugin) if impl.named else None
     try:
-        return impl.function(*impl.pick(arguments))
+        pick = impl.pick
+        return impl.function(*(arguments if pick is None else pick(arguments)))
     except ProxyError as exc:
         exc.plugin = exc.plugin or plugin
         raise
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
     finally:
-        current_plugin.reset(acting)
+        if acting is not None:
+            current_plugin.reset(acting)
         if unreported:
             # What it asked about the request before changing it (content_key) is stale.
             _distrust(arguments)
@@ -224,7 +250,7 @@ async def finish_impl(plugin: str, hook: str, result: Any, timeout: float) -> An
         current_plugin.reset(acting)
 
 
-async def finish_call(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any],
+async def finish_call(plugin: str, hook: str, impl: Impl, arguments: Arguments,
                       result: Any, timeout: float) -> Any:
     """The rest of ``call_impl`` once ``start_impl`` has returned an awaitable."""
     try:
@@ -234,7 +260,7 @@ async def finish_call(plugin: str, hook: str, impl: Impl, arguments: Mapping[str
         _unreported(hook, impl, arguments)
 
 
-async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any],
+async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Arguments,
                     timeout: float) -> Any:
     """Calls one implementation and awaits it if it is async.
 
@@ -248,11 +274,11 @@ async def call_impl(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, 
     return await finish_call(plugin, hook, impl, arguments, result, timeout)
 
 
-def call_impl_sync(plugin: str, hook: str, impl: Impl, arguments: Mapping[str, Any]
-                   ) -> Any:
+def call_impl_sync(plugin: str, hook: str, impl: Impl, arguments: Arguments) -> Any:
     """For hooks that must be synchronous (validate_settings)."""
     try:
-        result = impl.function(*impl.pick(arguments))
+        pick = impl.pick
+        result = impl.function(*(arguments if pick is None else pick(arguments)))
     except Exception as exc:
         raise HookFailed(plugin, hook, exc) from exc
     if inspect.isawaitable(result):

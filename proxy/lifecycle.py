@@ -145,7 +145,7 @@ class PluginApp:
         and returned as a message naming the plugin."""
         timeout = host.timeouts.get(name, self.config.server.plugin_timeout)
         try:
-            await call_impl(name, hook, impl, {"app": self, "settings": settings}, timeout)
+            await call_impl(name, hook, impl, (self, settings), timeout)
         except (HookFailed, ProxyError) as exc:
             error = exc.error if isinstance(exc, HookFailed) else exc
             message = (str(exc) if isinstance(exc, HookFailed) else

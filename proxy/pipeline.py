@@ -167,7 +167,7 @@ class Pipeline:
         # with the one before it.
         before: bytes | None = None
         for name, impl in impls:
-            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            arguments = (ctx, ctx.plugin_settings[name])
             reporting = impl.reports
             if before is None and (dispatch.CHECK_REPORTS or not reporting):
                 before = fingerprint(ctx.request)
@@ -242,7 +242,7 @@ class Pipeline:
         results: list[tuple[str, Iterable[str]]] = []
         pending: list[tuple[str, Any]] = []
         for name, impl in impls:
-            arguments = {"ctx": ctx, "settings": ctx.classifier_settings[name]}
+            arguments = (ctx, ctx.classifier_settings[name])
             if name not in self.inline_classifiers and not inspect.iscoroutinefunction(
                     impl.function):
                 # Another package's sync classifier runs in a worker thread of its own pool,
@@ -507,7 +507,7 @@ class Pipeline:
         for name, impl in impls:
             produced: list[StreamEvent] = []
             for item in events:
-                arguments = {"ctx": ctx, "event": item, "settings": ctx.plugin_settings[name]}
+                arguments = (ctx, item, ctx.plugin_settings[name])
                 try:
                     result = start_impl(name, "stream_chunk", impl, arguments)
                     if is_awaitable(result):
@@ -543,7 +543,7 @@ class Pipeline:
             reporting = impl.reports
             before = fingerprint(response) if dispatch.CHECK_REPORTS or not reporting else None
             said = ctx.changes
-            arguments = {"ctx": ctx, "response": response, "settings": ctx.plugin_settings[name]}
+            arguments = (ctx, response, ctx.plugin_settings[name])
             try:
                 result = start_impl(name, "post_response", impl, arguments)
                 if is_awaitable(result):
@@ -697,7 +697,7 @@ class Pipeline:
         for error in list(ctx.errors):
             await self._observe_error(ctx, error)
         for name, impl in implementations(self.pm, "request_end", ctx.plugin_settings):
-            arguments = {"ctx": ctx, "settings": ctx.plugin_settings[name]}
+            arguments = (ctx, ctx.plugin_settings[name])
             try:
                 await call_impl(name, "request_end", impl, arguments, self._timeout(name))
             except (HookFailed, ProxyError) as exc:
@@ -742,7 +742,7 @@ class Pipeline:
 
     async def _observe_error(self, ctx: RequestContext, error: PipelineError) -> None:
         for name, impl in implementations(self.pm, "on_error", ctx.plugin_settings):
-            arguments = {"ctx": ctx, "error": error, "settings": ctx.plugin_settings[name]}
+            arguments = (ctx, error, ctx.plugin_settings[name])
             try:
                 await call_impl(name, "on_error", impl, arguments, self._timeout(name))
             except (HookFailed, ProxyError) as exc:

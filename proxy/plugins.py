@@ -261,8 +261,7 @@ class PluginHost:
         """What the plugin's validate_settings hook says is wrong, or None."""
         for plugin, impl in implementations(self.pm, "validate_settings", {name: settings}):
             try:
-                problem = call_impl_sync(plugin, "validate_settings", impl,
-                                         {"settings": settings})
+                problem = call_impl_sync(plugin, "validate_settings", impl, (settings,))
             except HookFailed as exc:
                 return f"plugin {plugin!r} rejected its settings: {exc.error}"
             if problem:

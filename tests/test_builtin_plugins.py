@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 
@@ -10,11 +11,42 @@ import openai
 import pytest
 
 from plugins.json_repair import repair_json
+from proxy import dispatch
+from proxy.plugins import SELF, PluginHost
 from tests.test_plugins import HI, serving
 
 
 def _text(stream) -> str:
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+# What reads ``current_plugin``, or starts a task that would inherit it.
+_NAMED_USES = ("ctx.log", ".log.", ".annotate(", ".spawn(", "create_task", "ensure_future",
+               "TaskGroup", "current_plugin")
+
+
+def test_builtin_hooks_run_without_the_plugin_context_only_where_nothing_asks_for_it():
+    """The built-in hooks marked ``no_plugin_context`` (those on every request's path)
+    run without their name in ``current_plugin``: their modules use nothing that reads it."""
+    host = PluginHost()
+    host.discover()
+    marked = []
+    for name, info in host.installed.items():
+        plugin = host.pm.get_plugin(name)
+        for caller in host.pm.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and getattr(impl.function, dispatch._UNNAMED, False):
+                    assert info.package == SELF, f"{name}: only hookproxy's own hooks"
+                    marked.append(impl.function)
+    assert {f"{f.__module__}.{f.__name__}" for f in marked} >= {
+        "plugins.system_prompt.request_start", "plugins.param_limits.pre_routing",
+        "plugins.redact.request_start", "plugins.redact.post_response",
+        "classifiers.code.classify", "classifiers.keyword.classify"}
+    for function in marked:
+        assert not inspect.iscoroutinefunction(function), function.__qualname__
+        source = inspect.getsource(inspect.getmodule(function))
+        used = [use for use in _NAMED_USES if use in source]
+        assert not used, f"{function.__module__} uses {used}: drop its no_plugin_context"
 
 
 # --- system_prompt ----------------------------------------------------------------------

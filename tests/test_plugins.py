@@ -19,6 +19,7 @@ import pytest
 
 from proxy import DROP, Reject, RequestContext, Response, TextDelta, TextPart, hookimpl
 from proxy.config import ConfigError, parse_config
+from proxy.dispatch import current_plugin, no_plugin_context
 from proxy.plugins import PluginHost
 from tests.harness import ProxyServer, upstream_config, wait_for
 
@@ -363,6 +364,75 @@ def test_a_plugin_reads_the_clients_headers(upstream):
     assert headers["content-type"] == "application/json"
     assert headers["host"].startswith("127.0.0.1")
     assert all(name == name.lower() for name in headers)
+
+
+class NamesItsOwn:
+    """Hooks that name the arguments they want in an order of their own, or only some."""
+
+    seen: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def request_start(self, settings: dict[str, Any], ctx: RequestContext) -> None:
+        self.seen.append(("request_start", (settings["mark"], ctx.request.model)))
+
+    @hookimpl
+    def pre_routing(self, settings: dict[str, Any]) -> None:
+        self.seen.append(("pre_routing", settings["mark"]))
+
+    @hookimpl
+    def post_response(self, response: Response, ctx: RequestContext) -> None:
+        self.seen.append(("post_response", (response.text, ctx.request.model)))
+
+    @hookimpl
+    def stream_chunk(self, settings: dict[str, Any], event: Any) -> None:
+        if isinstance(event, TextDelta):
+            self.seen.append(("stream_chunk", (settings["mark"], event.text)))
+
+    @hookimpl
+    def request_end(self) -> None:
+        self.seen.append(("request_end", None))
+
+
+def test_hooks_get_the_arguments_they_name_in_their_order(upstream):
+    NamesItsOwn.seen.clear()
+    with serving(upstream, {"own": {"mark": 7}}, ("own", NamesItsOwn())) as proxy:
+        reply = proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+        text = proxy.settled(reply.choices[0].message.content)
+        assert text and NamesItsOwn.seen == [
+            ("request_start", (7, "gpt-test")), ("pre_routing", 7),
+            ("post_response", (text, "gpt-test")), ("request_end", None)]
+        NamesItsOwn.seen.clear()
+        stream = proxy.openai().chat.completions.create(model="gpt-test", messages=HI,
+                                                        stream=True)
+        streamed = proxy.settled("".join(c.choices[0].delta.content or ""
+                                         for c in stream if c.choices))
+    chunks = [what for hook, what in NamesItsOwn.seen if hook == "stream_chunk"]
+    assert streamed and chunks and all(mark == 7 for mark, _ in chunks)
+    assert "".join(piece for _, piece in chunks) == streamed
+
+
+class WhoIsRunning:
+    """Says, from each hook, which plugin ``current_plugin`` names while it runs."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    @hookimpl
+    def request_start(self) -> None:
+        self.seen.append(("request_start", current_plugin.get()))
+
+    @hookimpl
+    @no_plugin_context
+    def pre_routing(self) -> None:
+        self.seen.append(("pre_routing", current_plugin.get()))
+
+
+def test_hooks_run_named_unless_marked_no_plugin_context(upstream):
+    """A hook runs with its plugin's name in ``current_plugin`` (what ctx.log, annotate
+    and spawn read); one of hookproxy's own marked ``no_plugin_context`` runs without."""
+    WhoIsRunning.seen.clear()
+    with serving(upstream, {"who": {}}, ("who", WhoIsRunning())) as proxy:
+        proxy.openai().chat.completions.create(model="gpt-test", messages=HI)
+    assert WhoIsRunning.seen == [("request_start", "who"), ("pre_routing", None)]
 
 
 def test_short_circuit_stops_the_later_hooks(upstream):

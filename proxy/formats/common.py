@@ -197,7 +197,7 @@ def peek_request(body: bytes, deferred: AbstractSet[str],
 
 def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str],
                     decode: Callable[[bytes], Request],
-                    add_messages: Callable[[Request, list[msgspec.Raw]], None]
+                    add_messages: Callable[[Request, list[msgspec.Raw]], object]
                     ) -> tuple[Request, int] | None:
     """The request ``peek_request`` left undecoded (``peeked``: its top-level fields) with
     only its first and ``keep_newest`` newest messages decoded (what a record shows of a

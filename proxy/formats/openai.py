@@ -41,6 +41,7 @@ from proxy.canonical import (
     ToolResultPart,
     Usage,
     WireEvent,
+    fingerprint,
     remember_wire,
     unchanged,
     wire_of,
@@ -119,8 +120,27 @@ def decode_request(body: bytes) -> Request:
 
 
 def _add_messages(request: Request, raws: list[msgspec.Raw]) -> None:
-    request.system, request.messages = _assemble(
+    _remember_system(request, _set_messages(request, raws))
+
+
+def _set_messages(request: Request, raws: list[msgspec.Raw]) -> int:
+    """Decodes ``raws`` into the request's system prompt and messages; returns how many
+    of them the system prompt came from. (A record's preview, never encoded, needs no
+    more: ``_add_messages`` also remembers the system prompt for ``encode_request``.)"""
+    request.system, request.messages, leading = _assemble(
         common.messages_by_content(NAME, raws, _checked_unit))
+    return leading
+
+
+# A decoded request's system prompt as it came: how many wire messages made it, and its
+# fingerprint then. ``encode_request`` sends those messages as they came while the
+# system prompt is unchanged, and knows when it is not without decoding them again.
+_SYSTEM_AS_DECODED = "system_as_decoded"
+
+
+def _remember_system(request: Request, leading: int) -> None:
+    if leading:
+        request.__dict__[_SYSTEM_AS_DECODED] = (leading, fingerprint(request.system))
 
 
 # Every top-level field of the API's reference (and hookproxy's own): a body with none
@@ -148,7 +168,7 @@ def preview_request(peeked: Request, keep_newest: int) -> tuple[Request, int] | 
     """What a record shows of a request ``peek_request`` read; see
     ``common.preview_request``."""
     return common.preview_request(peeked, keep_newest, _DEFERRED, decode_request,
-                                  _add_messages)
+                                  _set_messages)
 
 
 def _request(raw: dict[str, Any]) -> Request:
@@ -156,7 +176,7 @@ def _request(raw: dict[str, Any]) -> Request:
         wire = msgspec.convert(raw, _ChatRequest)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"Invalid request: {exc}") from None
-    system, messages = _decode_messages(raw["messages"])
+    system, messages, leading = _decode_messages(raw["messages"])
     extra = known_extra(raw, _REQUEST_FIELDS)
     choice = _decode_tool_choice(wire.tool_choice)
     if choice is None and wire.tool_choice is not None:
@@ -180,23 +200,27 @@ def _request(raw: dict[str, Any]) -> Request:
         extra=extra,
     )
     remember_wire(request, raw)
+    _remember_system(request, leading)
     return request
 
 
-def _decode_messages(raws: list[dict[str, Any]]) -> tuple[list[TextPart], list[Message]]:
+def _decode_messages(raws: list[dict[str, Any]]
+                     ) -> tuple[list[TextPart], list[Message], int]:
     """The leading system/developer messages as the system prompt, and the messages;
-    each message remembers the wire message(s) it came from."""
+    each message remembers the wire message(s) it came from. (As ``_assemble``.)"""
     return _assemble([(_unit(raw, i), raw, None) for i, raw in enumerate(raws)])
 
 
 def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
-              ) -> tuple[list[TextPart], list[Message]]:
+              ) -> tuple[list[TextPart], list[Message], int]:
     """The system prompt and the messages from each wire message decoded on its own
     (``_unit``, with its wire JSON and maybe its fingerprint): the leading system/developer
-    messages become the system prompt, and consecutive tool results one user turn."""
+    messages become the system prompt, and consecutive tool results one user turn. Also
+    how many wire messages the system prompt came from."""
     system: list[TextPart] = []
     messages: list[Message] = []
     leading = True
+    count = 0
     after_result = False  # whether the last message is tool results
     merged: dict[int, Message] = {}
     for i, (message, raw, printed) in enumerate(units):
@@ -209,6 +233,7 @@ def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
                                      "hold text")
                 system.append(TextPart(text=part.text, extra={
                     **part.extra, **({"role": "developer"} if developer else {})}))
+            count = i + 1
             continue
         leading = False
         result = _is_tool_result(message)
@@ -224,7 +249,7 @@ def _assemble(units: Sequence[tuple[Message, Any, bytes | None]]
         after_result = result
     for message in merged.values():
         remember_wire(message, wire_of(message))  # its fingerprint as merged
-    return system, messages
+    return system, messages, count
 
 
 def _is_tool_result(message: Message) -> bool:
@@ -374,9 +399,10 @@ def _decode_tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | Non
 def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
     messages: list[dict[str, Any]] = []
     wire: dict[str, Any] | None = wire_of(request) if same_format else None
-    leading = _leading_system(wire["messages"]) if wire is not None else []
-    if leading and _decode_messages(leading)[0] == request.system:
-        messages.extend(leading)
+    as_decoded = request.__dict__.get(_SYSTEM_AS_DECODED)
+    if wire is not None and as_decoded is not None and \
+            fingerprint(request.system) == as_decoded[1]:
+        messages.extend(wire["messages"][:as_decoded[0]])  # as they came
     else:
         for part in request.system:
             role = part.extra.get("role", "system")
@@ -385,7 +411,8 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
                 messages.append({"role": role, "content": [{**extra, "type": "text",
                                                             "text": part.text}]})
             else:
-                _check_block_fields(part, "a system text block")
+                if part.extra:
+                    _check_block_fields(part, "a system text block")
                 messages.append({"role": role, "content": part.text})
     for message in request.messages:
         original = wire_of(message) if same_format else None
@@ -414,12 +441,16 @@ def encode_request(request: Request, model: str, *, same_format: bool) -> bytes:
         key = "max_completion_tokens" if "max_completion_tokens" in body or (
             wire is not None and "max_tokens" not in wire) else "max_tokens"
         body[key] = request.max_tokens
-    _put(body, "temperature", request.temperature)
-    _put(body, "top_p", request.top_p)
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
     if request.stop:
         body["stop"] = request.stop
-    _put(body, "response_format", request.response_format)
-    _put(body, "user", request.user)
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    if request.user is not None:
+        body["user"] = request.user
     if request.stream:
         body["stream"] = True
         # Always ask for usage: the log needs it; the client gets it only if it asked.
@@ -437,16 +468,6 @@ def stream_body(request: Request, raw_body: bytes) -> bytes:
     body = dict(wire)
     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return _encode(body)
-
-
-def _leading_system(raws: list[dict[str, Any] | msgspec.Raw]) -> list[dict[str, Any]]:
-    leading = []
-    for item in raws:
-        raw = common.decode_raw(item) if isinstance(item, msgspec.Raw) else item
-        if raw.get("role") not in ("system", "developer"):
-            break
-        leading.append(raw)
-    return leading
 
 
 def _from_anthropic(request: Request) -> dict[str, Any]:
@@ -486,11 +507,6 @@ def _from_anthropic(request: Request) -> dict[str, Any]:
 def _shown(value: object) -> str:
     text = _encode(value).decode()
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _put(body: dict[str, Any], key: str, value: object) -> None:
-    if value is not None:
-        body[key] = value
 
 
 def _check_block_fields(part: Any, what: str) -> None:
