@@ -120,8 +120,6 @@ async def body_late(http: HttpRequest, exc: Exception) -> PlainTextResponse:
     return PlainTextResponse(exc.message, status_code=exc.status, headers=exc.headers)
 
 
-
-
 def fast_send(send: Send) -> Send:
     """``send``, or, when it is a uvicorn request cycle's own, one for this request that
     starts an answer with ``CheckedHeaders`` faster (``_send``). Made per request and held
@@ -225,8 +223,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_late = False
         # Between a request's headers and the end of its body.
         self._in_body = False
-        # Set when the parser failed: nothing more is read, and this answer goes out once
-        # the requests before are answered.
+        # Set when the parser failed: what follows is read but not parsed, and this answer
+        # goes out once the requests before are answered.
         self._stopped = False
         # (Called with True if the client leaves first: then only its record is written.)
         self._refusal: Callable[[bool], None] | None = None
@@ -404,7 +402,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # As uvicorn's, but headers past the cap get a 431, and what cannot be parsed a
         # 400 saying why, both in the client's format (with a record, for the API).
         if self._stopped:
-            return  # the parser failed: what follows is not read
+            return  # the parser failed: what follows is dropped unparsed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
