@@ -88,11 +88,9 @@ def any_text(request: Request, scope: Scope, max_chars: int, what: Hashable,
 def union_over_texts(request: Request, scope: Scope, max_chars: int, what: Hashable,
                      find: Callable[[str], frozenset[str]]) -> set[str]:
     """Everything ``find`` returns for the texts in scope, each text's answer memoized."""
-    texts = scoped_texts(request, scope, max_chars)
-    if len(texts) == 1:  # a one-message request
-        return set(memo.get_or_compute(what, texts[0], find))
     found: set[str] = set()
-    for each in memo.get_or_compute_all(what, texts, find):
+    for each in memo.get_or_compute_all(what, scoped_texts(request, scope, max_chars),
+                                         find):
         found |= each
     return found
 

@@ -40,7 +40,7 @@ from proxy.canonical import (
 )
 from proxy.context import PipelineError, RequestContext
 from proxy.endpoints import JSON, response_headers, when_sent
-from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError
+from proxy.errors import BadRequest, ProxyError, Untranslatable, UpstreamError, check_message_count
 from proxy.formats import openai as openai_format
 from proxy.formats.common import decode_json, known_extra
 from proxy.providers import Provider
@@ -88,9 +88,8 @@ def decode_request(body: bytes, max_inputs: int | None = None) -> Request:
     else:
         raise BadRequest("Invalid request: `$.input` must be a string, a list of strings or "
                          "a list of token arrays, and not empty")
-    if max_inputs is not None and len(inputs) > max_inputs:
-        raise BadRequest(f"Too many messages: {len(inputs)} (at most {max_inputs})",
-                         code="too_many_messages")
+    if max_inputs is not None:
+        check_message_count(len(inputs), max_inputs)
     messages = [Message(role="user", content=[_input_part(item, i)])
                 for i, item in enumerate(inputs)]
     request = Request(model=model, messages=messages,

@@ -46,6 +46,13 @@ class BadRequest(ProxyError):
         super().__init__(400, message, code=code, stage="request")
 
 
+def check_message_count(count: int, limit: int) -> None:
+    """A request of more than ``limit`` messages (``[server].max_messages``) is a 400."""
+    if count > limit:
+        raise BadRequest(f"Too many messages: {count} (at most {limit})",
+                         code="too_many_messages")
+
+
 class UpstreamError(ProxyError):
     """A provider failed. ``upstream_status`` is what the provider said (0: no answer)."""
 

@@ -95,6 +95,8 @@ class Memo:
     def get_or_compute_all(self, what: Hashable, texts: Sequence[Text],
                            compute: Callable[[Text], T]) -> list[T]:
         """``get_or_compute`` for each of ``texts``, looked up under one lock."""
+        if len(texts) == 1:  # most requests: one lookup, no lists
+            return [self.get_or_compute(what, texts[0], compute)]
         long = [text for text in texts if len(text) >= MIN_CHARS]
         kept = iter(self.lookup_all(what, long))
         results = []

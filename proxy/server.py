@@ -50,7 +50,7 @@ from proxy.endpoints import (
     when_sent,
     with_headers,
 )
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, ProxyError, check_message_count
 from proxy.feed import shared_feed
 from proxy.formats import anthropic as anthropic_format
 from proxy.formats import openai as openai_format
@@ -347,7 +347,7 @@ class Gateway:
             except (TypeError, AttributeError, ValueError, KeyError) as exc:
                 # A shape the decoder did not foresee is still the client's error.
                 raise BadRequest(f"Invalid request: {type(exc).__name__}: {exc}") from None
-            _check_count(len(request.messages), limit)
+            check_message_count(len(request.messages), limit)
             request.headers = headers
             if dispatch.CHECK_REPORTS:
                 dispatch.check_decoded(request)
@@ -362,7 +362,7 @@ class Gateway:
             request = decoded()
         else:
             request, count = peeked
-            _check_count(count, limit)
+            check_message_count(count, limit)
             request.headers = headers
         check_parameters(request, wire.NAME)
         own_field = request.extra.pop("hookproxy", None)
@@ -523,12 +523,6 @@ def _left_error() -> ProxyError:
 
 async def _no_icon(http: HttpRequest) -> HttpResponse:
     return HttpResponse(status_code=204, headers={"cache-control": "max-age=86400"})
-
-
-def _check_count(count: int, limit: int) -> None:
-    if count > limit:
-        raise BadRequest(f"Too many messages: {count} (at most {limit})",
-                         code="too_many_messages")
 
 
 def _too_large(limit: int) -> ProxyError:

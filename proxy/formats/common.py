@@ -212,9 +212,7 @@ def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str
     messages = fields.get("messages") if fields is not None else None
     if fields is None or not isinstance(messages, list):
         return None
-    kept = messages if len(messages) <= keep_newest + 1 else \
-        [messages[0], *messages[-keep_newest:]]
-    omitted = len(messages) - len(kept)
+    kept, omitted = _kept(messages, keep_newest)
     if not any(key in fields for key in deferred if key != "messages"):
         request = copy.copy(peeked)
         try:
@@ -226,6 +224,14 @@ def preview_request(peeked: Request, keep_newest: int, deferred: AbstractSet[str
     request.headers = peeked.headers
     request.extra.pop("hookproxy", None)  # read already, as peeked's was
     return request, omitted
+
+
+def _kept(messages: list[Any], keep_newest: int) -> tuple[list[Any], int]:
+    """What a record shows of ``messages``: the first and the ``keep_newest`` newest, and
+    how many others there are."""
+    kept = messages if len(messages) <= keep_newest + 1 else \
+        [messages[0], *messages[-keep_newest:]]
+    return kept, len(messages) - len(kept)
 
 
 def as_sent(peeked: Request, keep_newest: int, reason: str) -> tuple[dict[str, Any], int]:
@@ -241,9 +247,7 @@ def as_sent(peeked: Request, keep_newest: int, reason: str) -> tuple[dict[str, A
     messages = fields.get("messages")
     omitted = 0
     if isinstance(messages, list):
-        kept = messages if len(messages) <= keep_newest + 1 else \
-            [messages[0], *messages[-keep_newest:]]
-        omitted = len(messages) - len(kept)
+        kept, omitted = _kept(messages, keep_newest)
         view["messages"] = [_decode(raw) if isinstance(raw, msgspec.Raw) else raw
                             for raw in kept]
     view["not_decoded"] = reason
